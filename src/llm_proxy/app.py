@@ -1,0 +1,86 @@
+"""Composition root: build every service from settings and wire them into one aiohttp app."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from aiohttp import web
+
+from .auth.none import NoAuth
+from .auth.policy import RulePolicy
+from .config import LoadedConfig
+from .core.gateway import Gateway
+from .core.routing import Router
+from .core.usage_memory import MemoryUsageSink
+from .ports import Authenticator, UsageSink
+from .providers.base import Provider
+from .providers.http import UpstreamClient
+from .providers.registry import build_provider
+from .web.routes import add_routes, gateway_middleware
+from .web.state import SERVICES, Services
+
+log = logging.getLogger("llm_proxy")
+
+
+def build_authenticator(loaded: LoadedConfig) -> Authenticator:
+    mode = loaded.settings.auth.mode
+    if mode == "none":
+        return NoAuth()
+    raise ValueError(f"auth mode '{mode}' is not available in this build")
+
+
+def build_usage_sink(loaded: LoadedConfig) -> UsageSink:
+    return MemoryUsageSink()
+
+
+def create_app(
+    loaded: LoadedConfig,
+    *,
+    authenticator: Authenticator | None = None,
+    usage: UsageSink | None = None,
+) -> web.Application:
+    settings = loaded.settings
+    providers: dict[str, Provider] = {}
+    status: dict[str, dict[str, object]] = {}
+    client = UpstreamClient()
+    for ps in settings.providers:
+        reason = loaded.disabled_providers.get(ps.id)
+        if reason is None:
+            provider = build_provider(ps)
+            missing = provider.missing_credentials()
+            if missing:
+                reason = "missing credentials: " + ", ".join(missing)
+            else:
+                providers[ps.id] = provider
+                client.register(ps)
+        status[ps.id] = {"ok": reason is None, "type": ps.type, **({"reason": reason} if reason else {})}
+    router = Router(settings, providers, {**loaded.disabled_providers, **{
+        k: str(v["reason"]) for k, v in status.items() if not v["ok"]}}, int(time.time()))
+    policy = RulePolicy(settings.auth.policy)
+    services = Services(
+        loaded=loaded,
+        router=router,
+        gateway=Gateway(router, client, policy),
+        authenticator=authenticator or build_authenticator(loaded),
+        policy=policy,
+        usage=usage or build_usage_sink(loaded),
+        provider_status=status,
+    )
+    app = web.Application(middlewares=[gateway_middleware], client_max_size=settings.server.max_body_bytes)
+    app[SERVICES] = services
+    add_routes(app, services)
+
+    async def lifecycle(app: web.Application) -> object:
+        await client.start()
+        await services.usage.start()
+        await services.authenticator.start()
+        services.started = True
+        yield
+        services.draining = True
+        await services.authenticator.close()
+        await client.close()
+        await services.usage.close()  # last: flushes every event recorded by in-flight requests
+
+    app.cleanup_ctx.append(lifecycle)
+    return app

@@ -1,0 +1,266 @@
+"""Command line: serve | check-config | emulator | --version (thin: parses, then calls app/config)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .config import LoadedConfig, load_config, load_config_text
+from .errors import ConfigError
+
+log = logging.getLogger("llm_proxy")
+
+
+def _print_problems(path: str, err: ConfigError) -> None:
+    print(f"llm-proxy: configuration {path} has {len(err.problems)} problem(s):", file=sys.stderr)
+    for p in err.problems:
+        print(f"  - {p}", file=sys.stderr)
+
+
+def _load(path: str) -> LoadedConfig:
+    try:
+        return load_config(path)
+    except ConfigError as err:
+        _print_problems(path, err)
+        raise SystemExit(1) from None
+
+
+def _report(loaded: LoadedConfig) -> None:
+    for w in loaded.warnings:
+        log.warning(w)
+    for n in loaded.notes:
+        log.info(n)
+    for pid, reason in loaded.disabled_providers.items():
+        log.warning("provider disabled", extra={"provider": pid, "reason": reason})
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        loaded = load_config(args.path)
+    except ConfigError as err:
+        _print_problems(args.path, err)
+        return 1
+    from .app import create_app  # validates that every provider can be built
+
+    try:
+        create_app(loaded)
+    except ValueError as exc:
+        print(f"llm-proxy: configuration {args.path} has 1 problem(s):\n  - {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.path}: OK ({loaded.source} format)")
+    print(f"  providers: {', '.join(p.id + ' (' + p.type + ')' for p in loaded.settings.providers) or 'none'}")
+    print(f"  models: {', '.join(m.id for m in loaded.settings.models) or 'none'}")
+    print(f"  auth: {loaded.settings.auth.mode}")
+    for pid, reason in loaded.disabled_providers.items():
+        print(f"  disabled provider {pid}: {reason}")
+    for w in loaded.warnings:
+        print(f"  warning: {w}")
+    return 0
+
+
+DEV_CONFIG = """
+server:
+  port: 8321
+providers:
+  - id: openai
+    type: openai
+    base_url: {base_url}
+    api_key: {api_key}
+models:
+  - id: openai/gpt-4o
+    provider: openai
+    upstream_model: gpt-4o
+    aliases: [proxied-model]
+  - id: openai/gpt-4o-mini
+    provider: openai
+    upstream_model: gpt-4o-mini
+  - id: openai/text-embedding-3-small
+    provider: openai
+    upstream_model: text-embedding-3-small
+    type: embedding
+default_model: openai/gpt-4o
+auth:
+  mode: none
+  allow_unauthenticated: true
+database:
+  url: ${{env.DATABASE_URL:=sqlite+aiosqlite:///./var/llm-proxy.db}}
+usage:
+  spool_dir: ./var/spool
+"""
+
+
+def _dev_config(emulator_url: str | None) -> LoadedConfig:
+    if emulator_url:
+        text = DEV_CONFIG.format(base_url=emulator_url, api_key="emulator")
+    else:
+        text = DEV_CONFIG.format(base_url="https://api.openai.com/v1", api_key="${env.OPENAI_API_KEY}")
+    return load_config_text(text, path="<dev>")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .logs import setup_logging
+
+    setup_logging(args.log_level)
+    if args.config:
+        loaded = _load(args.config)
+    elif args.dev:
+        loaded = None
+    else:
+        print("llm-proxy serve: --config PATH is required (or --dev for a local setup)", file=sys.stderr)
+        return 2
+    if loaded is not None:
+        _report(loaded)
+        settings = loaded.settings
+        host = args.host or settings.server.host
+        port = args.port if args.port is not None else settings.server.port
+        workers = args.workers or settings.server.workers
+        if settings.auth.mode == "none":
+            log.warning("AUTHENTICATION IS DISABLED (auth.mode none): every caller is anonymous")
+            if not _is_loopback(host) and not settings.server.allow_non_loopback_unauthenticated:
+                print(
+                    f"llm-proxy: refusing to serve without authentication on non-loopback address {host}; "
+                    "set server.allow_non_loopback_unauthenticated: true to allow it",
+                    file=sys.stderr,
+                )
+                return 1
+    else:
+        host = args.host or "127.0.0.1"
+        port = args.port if args.port is not None else 8321
+        workers = 1
+    if workers > 1:
+        return _serve_workers(args, loaded, host, port, workers)
+    _install_uvloop()
+    asyncio.run(_serve_one(loaded, host, port, reuse_port=False))
+    return 0
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:  # pragma: no cover - uvloop is a pinned dependency on Linux
+        pass
+
+
+async def _serve_one(loaded: LoadedConfig | None, host: str, port: int, reuse_port: bool) -> None:
+    from .app import create_app
+    from .web.server import serve
+
+    emulator = None
+    if loaded is None:  # --dev
+        if os.environ.get("OPENAI_API_KEY"):
+            loaded = _dev_config(None)
+            log.warning("dev mode: proxying to OpenAI with OPENAI_API_KEY")
+        else:
+            from .emulator import start_emulator
+
+            emulator = await start_emulator()
+            loaded = _dev_config(emulator.base_url)
+            banner = (
+                "NO OPENAI_API_KEY SET: replies come from the bundled emulator at "
+                f"{emulator.base_url} (not a real model). Export OPENAI_API_KEY to proxy to OpenAI."
+            )
+            print("\n" + "!" * len(banner) + "\n" + banner + "\n" + "!" * len(banner) + "\n", file=sys.stderr)
+            log.warning(banner)
+        _report(loaded)
+    try:
+        app = create_app(loaded)
+    except ValueError as exc:
+        raise SystemExit(f"llm-proxy: {exc}") from None
+    try:
+        await serve(app, host, port, reuse_port=reuse_port)
+    finally:
+        if emulator is not None:
+            await emulator.close()
+
+
+def _worker(config_path: str, host: str, port: int, log_level: str) -> None:
+    from .logs import setup_logging
+
+    setup_logging(log_level)
+    loaded = _load(config_path)
+    _install_uvloop()
+    asyncio.run(_serve_one(loaded, host, port, reuse_port=True))
+
+
+def _serve_workers(args: argparse.Namespace, loaded: LoadedConfig | None, host: str, port: int, n: int) -> int:
+    if loaded is None or not args.config:
+        print("llm-proxy: --workers needs --config", file=sys.stderr)
+        return 2
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(args.config, host, port, args.log_level)) for _ in range(n)]
+    for p in procs:
+        p.start()
+
+    def forward(signum: int, _frame: object) -> None:
+        for p in procs:
+            if p.pid and p.is_alive():
+                os.kill(p.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    code = 0
+    for p in procs:
+        p.join()
+        code = code or (p.exitcode or 0)
+    return code
+
+
+def cmd_emulator(args: argparse.Namespace) -> int:
+    from .emulator import main as emulator_main
+
+    emulator_main(args.host, args.port, args.api_key or os.environ.get("EMULATOR_API_KEY"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-proxy", description="OpenAI-compatible LLM gateway")
+    parser.add_argument("--version", action="version", version=f"llm-proxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the proxy")
+    p.add_argument("--config", help="native config YAML or llama-stack run.yaml")
+    p.add_argument("--dev", action="store_true", help="local setup: OpenAI if OPENAI_API_KEY is set, else the emulator")
+    p.add_argument("--host", default=None, help="bind address (default from config, else 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default from config, else 8321)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (SO_REUSEPORT)")
+    p.add_argument("--log-level", default=os.environ.get("LLM_PROXY_LOG_LEVEL", "INFO"))
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("check-config", help="validate a config file and report every problem")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("emulator", help="run the scriptable OpenAI-compatible fake upstream")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-key", default=None, help="require this bearer key (default $EMULATOR_API_KEY)")
+    p.set_defaults(func=cmd_emulator)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

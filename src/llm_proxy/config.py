@@ -1,0 +1,698 @@
+"""The one place that reads configuration: native YAML or llama-stack run.yaml, with ${env.X} substitution."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import quote, urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+# --------------------------------------------------------------------------------------------------
+# Provider types. The registry in providers/ must implement every canonical type listed here.
+# --------------------------------------------------------------------------------------------------
+
+CANONICAL_PROVIDER_TYPES: tuple[str, ...] = (
+    "openai",
+    "openai_compat",
+    "vllm",
+    "ollama",
+    "groq",
+    "together",
+    "fireworks",
+    "azure",
+    "anthropic",
+    "gemini",
+    "bedrock",
+)
+
+PROVIDER_TYPE_ALIASES: dict[str, str] = {
+    **{t: t for t in CANONICAL_PROVIDER_TYPES},
+    **{f"remote::{t}": t for t in CANONICAL_PROVIDER_TYPES},
+    "openai-compat": "openai_compat",
+    "remote::openai-compat": "openai_compat",
+    "remote::passthrough": "openai_compat",
+    "azure-openai": "azure",
+    "azure_openai": "azure",
+    "remote::azure-openai": "azure",
+    "google": "gemini",
+    "remote::google": "gemini",
+}
+
+# Types that cannot work without a credential; the others (local servers) may run keyless.
+KEYED_TYPES = frozenset({"openai", "azure", "anthropic", "gemini", "groq", "together", "fireworks"})
+
+DEFAULT_KEY_ENV: dict[str, tuple[str, ...]] = {
+    "openai": ("OPENAI_API_KEY",),
+    "azure": ("AZURE_OPENAI_API_KEY",),
+    "anthropic": ("ANTHROPIC_API_KEY",),
+    "gemini": ("GEMINI_API_KEY", "GOOGLE_API_KEY"),
+    "groq": ("GROQ_API_KEY",),
+    "together": ("TOGETHER_API_KEY",),
+    "fireworks": ("FIREWORKS_API_KEY",),
+}
+
+DEFAULT_BASE_URL: dict[str, str] = {
+    "openai": "https://api.openai.com/v1",
+    "vllm": "http://localhost:8000/v1",
+    "ollama": "http://localhost:11434/v1",
+    "groq": "https://api.groq.com/openai/v1",
+    "together": "https://api.together.xyz/v1",
+    "fireworks": "https://api.fireworks.ai/inference/v1",
+    "anthropic": "https://api.anthropic.com",
+    "gemini": "https://generativelanguage.googleapis.com",
+}
+
+
+def normalize_provider_type(raw: str) -> str | None:
+    return PROVIDER_TYPE_ALIASES.get(raw.strip().lower())
+
+
+def provider_key_env_name(provider_id: str) -> str:
+    """`<PROVIDER_ID>_API_KEY`, made a valid environment variable name."""
+    return re.sub(r"[^A-Z0-9_]", "_", provider_id.upper()) + "_API_KEY"
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings models. extra="allow" so unknown keys can be reported as warnings instead of dropped.
+# --------------------------------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=False, populate_by_name=True)
+
+
+class TimeoutSettings(_Model):
+    connect: float = 10.0
+    first_byte: float = 300.0
+    idle: float = 120.0
+    total: float = 900.0
+
+
+class ServerSettings(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(8321, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=64)
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    drain_delay_seconds: float = Field(5.0, ge=0)
+    shutdown_grace_seconds: float = Field(25.0, ge=0)
+    access_log: bool = True
+    allow_non_loopback_unauthenticated: bool = False
+
+
+class ProviderSettings(_Model):
+    id: str
+    type: str
+    base_url: str | None = None
+    api_key: str | None = Field(default=None, repr=False)
+    api_key_file: str | None = None
+    api_version: str | None = None
+    region: str | None = None
+    aws_access_key_id: str | None = Field(default=None, repr=False)
+    aws_secret_access_key: str | None = Field(default=None, repr=False)
+    aws_session_token: str | None = Field(default=None, repr=False)
+    headers: dict[str, str] = Field(default_factory=dict)
+    verify_tls: bool = True
+    tls_cafile: str | None = None
+    timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
+    max_connections: int = Field(256, ge=1)
+    # Route `<id>/<anything>` to upstream model `<anything>` even when not registered.
+    passthrough_models: bool = False
+
+
+class ModelSettings(_Model):
+    id: str
+    provider: str
+    upstream_model: str
+    aliases: list[str] = Field(default_factory=list)
+    type: Literal["llm", "embedding"] = "llm"
+    timeouts: TimeoutSettings | None = None
+
+
+DEFAULT_ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"]
+
+
+class OIDCIssuerSettings(_Model):
+    issuer: str
+    jwks_uri: str | None = None
+    audiences: list[str] = Field(default_factory=list)
+    algorithms: list[str] = Field(default_factory=lambda: list(DEFAULT_ALGORITHMS))
+    leeway_seconds: float = Field(30.0, ge=0)
+    accept_azp: bool = False
+
+
+class OIDCSettings(_Model):
+    issuers: list[OIDCIssuerSettings] = Field(default_factory=list)
+    verify_tls: bool = True
+    tls_cafile: str | None = None
+    key_recheck_period: float = Field(3600.0, gt=0)
+    stale_keys_seconds: float = Field(24 * 3600.0, ge=0)
+    min_refresh_interval: float = Field(10.0, ge=0)
+    claims_mapping: dict[str, str] = Field(default_factory=dict)
+    client_id: str | None = None  # for resource_access.<client>.roles
+
+
+class TrustedHeaderSettings(_Model):
+    subject_header: str = "x-forwarded-user"
+    username_header: str | None = "x-forwarded-preferred-username"
+    email_header: str | None = "x-forwarded-email"
+    groups_header: str | None = "x-forwarded-groups"
+    roles_header: str | None = "x-forwarded-roles"
+    secret_header: str = "x-llm-proxy-secret"
+    secret: str | None = Field(default=None, repr=False)
+    trusted_networks: list[str] = Field(default_factory=list)
+
+
+class PolicyMatch(_Model):
+    roles: list[str] = Field(default_factory=list)
+    groups: list[str] = Field(default_factory=list)
+    scopes: list[str] = Field(default_factory=list)
+    subjects: list[str] = Field(default_factory=list)
+
+
+class PolicyRule(_Model):
+    match: PolicyMatch = Field(default_factory=PolicyMatch)
+    models: list[str] = Field(default_factory=list)
+    admin: bool = False
+
+
+class PolicySettings(_Model):
+    rules: list[PolicyRule] = Field(default_factory=list)
+    default_allow_all_models: bool = True
+
+
+class AuthSettings(_Model):
+    mode: Literal["none", "oidc", "trusted_header"] = "none"
+    allow_unauthenticated: bool = False
+    oidc: OIDCSettings = Field(default_factory=OIDCSettings)
+    trusted_header: TrustedHeaderSettings = Field(default_factory=TrustedHeaderSettings)
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+    token_cache_size: int = Field(10000, ge=0)
+
+
+class DatabaseSettings(_Model):
+    url: str = "sqlite+aiosqlite:///./var/llm-proxy.db"
+
+
+class UsageSettings(_Model):
+    enabled: bool = True
+    spool_dir: str = "./var/spool"
+    batch_size: int = Field(1000, ge=1)
+    flush_interval_seconds: float = Field(0.25, gt=0)
+    queue_size: int = Field(20000, ge=1)
+    store_completions: bool = False
+
+
+class Settings(_Model):
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    providers: list[ProviderSettings] = Field(default_factory=list)
+    models: list[ModelSettings] = Field(default_factory=list)
+    default_model: str | None = None
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    usage: UsageSettings = Field(default_factory=UsageSettings)
+    redis_url: str | None = None
+
+
+@dataclass
+class LoadedConfig:
+    """The outcome of loading: settings plus everything worth telling the operator."""
+
+    settings: Settings
+    source: str  # "native" | "llama-stack"
+    path: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    disabled_providers: dict[str, str] = field(default_factory=dict)  # id -> reason
+
+
+# --------------------------------------------------------------------------------------------------
+# Environment substitution
+# --------------------------------------------------------------------------------------------------
+
+_ENV_RE = re.compile(r"\$\{env\.([A-Za-z_][A-Za-z0-9_]*)(?:(:=|:\+|:)([^}]*))?\}")
+
+
+@dataclass
+class _Subst:
+    env: Mapping[str, str]
+    unset: list[tuple[str, str]] = field(default_factory=list)  # (path, var)
+    broken: set[str] = field(default_factory=set)
+
+    def string(self, value: str, path: str) -> str | None:
+        whole = _ENV_RE.fullmatch(value)
+
+        def repl(m: re.Match[str]) -> str:
+            name, op, arg = m.group(1), m.group(2), m.group(3)
+            current = self.env.get(name)
+            if op == ":+":
+                return (arg or "") if current else ""
+            if op in (":=", ":"):
+                if op == ":":
+                    self.broken.add(name)
+                return current if current else (arg or "")
+            if current is None:
+                self.unset.append((path, name))
+                return ""
+            return current
+
+        before = len(self.unset)
+        out = _ENV_RE.sub(repl, value)
+        if len(self.unset) > before:
+            return out  # already reported as unset; "" keeps the field's type so other checks still run
+        # A value that was only a substitution and came out empty means "not set" (llama-stack does the same).
+        if whole is not None and out == "":
+            return None
+        return out
+
+    def walk(self, node: Any, path: str) -> Any:
+        if isinstance(node, str):
+            return self.string(node, path)
+        if isinstance(node, list):
+            return [self.walk(v, f"{path}[{i}]") for i, v in enumerate(node)]
+        if isinstance(node, dict):
+            return {k: self.walk(v, f"{path}.{k}" if path else str(k)) for k, v in node.items()}
+        return node
+
+
+def _broken_form_lines(text: str) -> list[tuple[int, str]]:
+    out = []
+    for no, line in enumerate(text.splitlines(), 1):
+        for m in _ENV_RE.finditer(line):
+            if m.group(2) == ":":
+                out.append((no, m.group(0)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# llama-stack run.yaml -> native dict
+# --------------------------------------------------------------------------------------------------
+
+_LS_IGNORED_TOP = {
+    "version",
+    "image_name",
+    "apis",
+    "external_providers_dir",
+    "telemetry",
+    "conversations_store",
+    "metadata_store",
+    "inference_store",
+    "logging",
+    "vector_stores",
+    "safety",
+    "benchmarks",
+    "shields",
+    "vector_dbs",
+    "datasets",
+    "scoring_fns",
+    "tool_groups",
+}
+_LS_RESOURCE_IGNORED = {"shields", "vector_dbs", "datasets", "scoring_fns", "benchmarks", "tool_groups"}
+
+
+def _is_llama_stack(doc: Mapping[str, Any]) -> bool:
+    return isinstance(doc.get("providers"), dict) or "apis" in doc or "image_name" in doc
+
+
+def _sql_backend_url(backend: Mapping[str, Any]) -> str | None:
+    kind = str(backend.get("type", ""))
+    if kind in ("sql_postgres", "postgres"):
+        user = quote(str(backend.get("user") or "postgres"), safe="")
+        password = backend.get("password")
+        auth = f"{user}:{quote(str(password), safe='')}" if password else user
+        host = backend.get("host") or "localhost"
+        port = backend.get("port") or 5432
+        db = backend.get("db") or "llamastack"
+        return f"postgresql+asyncpg://{auth}@{host}:{port}/{db}"
+    if kind in ("sql_sqlite", "sqlite"):
+        return f"sqlite+aiosqlite:///{backend.get('db_path') or './var/llm-proxy.db'}"
+    return None
+
+
+def _from_llama_stack(doc: dict[str, Any], warnings: list[str], notes: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in doc:
+        if key in _LS_IGNORED_TOP:
+            notes.append(f"llama-stack key '{key}' is not used by llm-proxy (ignored)")
+        elif key not in ("providers", "registered_resources", "models", "server", "storage"):
+            warnings.append(f"unknown key '{key}' in llama-stack config (ignored)")
+
+    providers: list[dict[str, Any]] = []
+    prov_section = doc.get("providers") or {}
+    if isinstance(prov_section, dict):
+        for api, entries in prov_section.items():
+            if api != "inference":
+                notes.append(f"llama-stack providers.{api} is not used by llm-proxy (ignored)")
+                continue
+            for i, entry in enumerate(entries or []):
+                if not isinstance(entry, dict):
+                    warnings.append(f"providers.inference[{i}] is not a mapping (ignored)")
+                    continue
+                cfg = dict(entry.get("config") or {})
+                p: dict[str, Any] = {"id": entry.get("provider_id"), "type": entry.get("provider_type")}
+                for k in list(entry):
+                    if k not in ("provider_id", "provider_type", "config", "module"):
+                        warnings.append(f"unknown key 'providers.inference[{i}].{k}' (ignored)")
+                if "url" in cfg and "base_url" not in cfg:
+                    cfg["base_url"] = cfg.pop("url")
+                if "region_name" in cfg and "region" not in cfg:
+                    cfg["region"] = cfg.pop("region_name")
+                if "api_base" in cfg and "base_url" not in cfg:
+                    cfg["base_url"] = cfg.pop("api_base")
+                for k in ("tls_verify",):
+                    if k in cfg:
+                        cfg["verify_tls"] = cfg.pop(k)
+                for k in ("refresh_models", "allowed_models", "max_tokens"):
+                    if k in cfg:
+                        notes.append(f"providers.inference[{i}].config.{k} is not used by llm-proxy (ignored)")
+                        cfg.pop(k)
+                p.update(cfg)
+                providers.append(p)
+    out["providers"] = providers
+
+    resources = doc.get("registered_resources") or {}
+    models_raw: list[Any] = []
+    if isinstance(resources, dict):
+        models_raw.extend(resources.get("models") or [])
+        for k in resources:
+            if k in _LS_RESOURCE_IGNORED:
+                if resources[k]:
+                    notes.append(f"registered_resources.{k} is not used by llm-proxy (ignored)")
+            elif k != "models":
+                warnings.append(f"unknown key 'registered_resources.{k}' (ignored)")
+    models_raw.extend(doc.get("models") or [])
+    models: list[dict[str, Any]] = []
+    with_models: set[str] = set()
+    for i, m in enumerate(models_raw):
+        if not isinstance(m, dict):
+            warnings.append(f"models[{i}] is not a mapping (ignored)")
+            continue
+        pid = m.get("provider_id")
+        mid = str(m.get("model_id") or "")
+        upstream = str(m.get("provider_model_id") or "")
+        if not upstream:
+            upstream = mid.split("/", 1)[1] if pid and mid.startswith(f"{pid}/") else mid
+        public = f"{pid}/{upstream}" if pid else mid
+        aliases = [mid] if mid and mid != public else []
+        mtype = str(m.get("model_type") or "llm")
+        for k in m:
+            if k not in ("model_id", "provider_id", "provider_model_id", "model_type", "metadata"):
+                warnings.append(f"unknown key 'models[{i}].{k}' (ignored)")
+        models.append(
+            {
+                "id": public,
+                "provider": pid,
+                "upstream_model": upstream,
+                "aliases": aliases,
+                "type": "embedding" if mtype == "embedding" else "llm",
+            }
+        )
+        if pid:
+            with_models.add(str(pid))
+    out["models"] = models
+    # llama-stack lists a provider's models dynamically when none are registered; the closest
+    # equivalent here is to pass `<provider_id>/<model>` through to the upstream unchanged.
+    for p in providers:
+        if p.get("id") not in with_models:
+            p.setdefault("passthrough_models", True)
+
+    server = dict(doc.get("server") or {})
+    auth_cfg = server.pop("auth", None)
+    native_server: dict[str, Any] = {}
+    for k, v in server.items():
+        if k in ("port", "host", "workers"):
+            native_server[k] = v
+        elif k in ("tls_certfile", "tls_keyfile", "tls_cafile", "disable_ipv6", "quota", "cors"):
+            warnings.append(f"server.{k} is not supported by llm-proxy (ignored)")
+        else:
+            warnings.append(f"unknown key 'server.{k}' (ignored)")
+    out["server"] = native_server
+    if isinstance(auth_cfg, dict):
+        out["auth"] = _ls_auth(auth_cfg, warnings)
+    else:
+        # llama-stack serves without authentication when server.auth is absent (the operator's later
+        # topology puts an authenticating hub in front). Keep that behaviour for drop-in use, loudly.
+        warnings.append(
+            "llama-stack config has no server.auth: serving WITHOUT authentication, as llama-stack does; "
+            "put an authenticating gateway in front or add server.auth"
+        )
+        out["auth"] = {"mode": "none", "allow_unauthenticated": True}
+        native_server["allow_non_loopback_unauthenticated"] = True
+
+    storage = doc.get("storage")
+    if isinstance(storage, dict):
+        backends = storage.get("backends") or {}
+        stores = storage.get("stores") or {}
+        inference = stores.get("inference") if isinstance(stores, dict) else None
+        name = inference.get("backend") if isinstance(inference, dict) else None
+        chosen = backends.get(name) if name and isinstance(backends, dict) else None
+        if chosen is None and isinstance(backends, dict):
+            chosen = next(
+                (b for b in backends.values() if isinstance(b, dict) and str(b.get("type", "")).startswith("sql_")),
+                None,
+            )
+        if isinstance(chosen, dict):
+            url = _sql_backend_url(chosen)
+            if url:
+                out["database"] = {"url": url}
+            else:
+                warnings.append(f"storage backend type '{chosen.get('type')}' is not supported (ignored)")
+    return out
+
+
+def _ls_auth(auth_cfg: Mapping[str, Any], warnings: list[str]) -> dict[str, Any]:
+    pc = auth_cfg.get("provider_config") or {}
+    for k in auth_cfg:
+        if k not in ("provider_config", "access_policy", "route_policy"):
+            warnings.append(f"unknown key 'server.auth.{k}' (ignored)")
+    if auth_cfg.get("access_policy"):
+        warnings.append("server.auth.access_policy is not supported; use llm-proxy's auth.policy (ignored)")
+    kind = pc.get("type")
+    if kind != "oauth2_token":
+        warnings.append(f"server.auth.provider_config.type '{kind}' is not supported; only oauth2_token is")
+        return {"mode": "oidc"}
+    jwks = pc.get("jwks") or {}
+    issuer: dict[str, Any] = {"issuer": pc.get("issuer")}
+    if isinstance(jwks, dict) and jwks.get("uri"):
+        issuer["jwks_uri"] = jwks["uri"]
+    aud = pc.get("audience")
+    if aud:
+        issuer["audiences"] = [aud] if isinstance(aud, str) else list(aud)
+    oidc: dict[str, Any] = {"issuers": [issuer]}
+    for k in ("verify_tls", "tls_cafile", "claims_mapping"):
+        if k in pc:
+            oidc[k] = pc[k]
+    if isinstance(jwks, dict) and jwks.get("key_recheck_period"):
+        oidc["key_recheck_period"] = jwks["key_recheck_period"]
+    for k in pc:
+        if k not in ("type", "jwks", "issuer", "audience", "verify_tls", "tls_cafile", "claims_mapping"):
+            warnings.append(f"unknown key 'server.auth.provider_config.{k}' (ignored)")
+    return {"mode": "oidc", "oidc": oidc}
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _collect_extras(model: BaseModel, path: str, warnings: list[str]) -> None:
+    for key in model.model_extra or {}:
+        warnings.append(f"unknown key '{path}{key}' (ignored)")
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            _collect_extras(value, f"{path}{name}.", warnings)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, BaseModel):
+                    _collect_extras(item, f"{path}{name}[{i}].", warnings)
+
+
+def _check_url(url: str | None, what: str, problems: list[str]) -> None:
+    if url is None:
+        return
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        problems.append(f"{what}: '{url}' is not an http(s) URL")
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> LoadedConfig:
+    """Load and validate a config file. Raises ConfigError listing every problem found."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read config file {p}: {exc.strerror}"]) from None
+    return load_config_text(text, env=env, path=str(p))
+
+
+def load_config_text(text: str, env: Mapping[str, str] | None = None, path: str | None = None) -> LoadedConfig:
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    warnings: list[str] = []
+    notes: list[str] = []
+    where = path or "<config>"
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError([f"{where}: invalid YAML{at}: {getattr(exc, 'problem', exc)}"]) from None
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError([f"{where}: top level must be a mapping"])
+
+    for line, expr in _broken_form_lines(text):
+        warnings.append(
+            f"{where}:{line}: '{expr}' uses ':' without '='; treated as ':=' (a default). Write "
+            f"'${{env.NAME:=default}}'"
+        )
+
+    subst = _Subst(env)
+    doc = subst.walk(doc, "")
+    source = "native"
+    if _is_llama_stack(doc):
+        source = "llama-stack"
+        doc = _from_llama_stack(doc, warnings, notes)
+
+    # Map unset variables to the provider they belong to: that provider is disabled, not fatal.
+    disabled: dict[str, str] = {}
+    prov_list = doc.get("providers") or []
+    for upath, var in subst.unset:
+        idx = _provider_index(upath, source, doc)
+        if idx is not None and isinstance(prov_list, list) and idx < len(prov_list):
+            pid = str(prov_list[idx].get("id") or f"#{idx}")
+            disabled.setdefault(pid, f"environment variable {var} is not set")
+        else:
+            problems.append(f"environment variable {var} is not set (used at '{upath}')")
+
+    settings = _validate_sections(doc, problems)
+    _collect_extras(settings, "", warnings)
+    _validate(settings, problems, disabled, env)
+    if problems:
+        raise ConfigError(problems)
+    return LoadedConfig(settings, source, path, warnings, notes, disabled)
+
+
+def _pydantic_problems(exc: ValidationError, prefix: str, problems: list[str]) -> None:
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        problems.append(f"{prefix}{'.' if prefix and loc else ''}{loc}: {err['msg']}")
+
+
+_LIST_ITEMS: dict[str, type[BaseModel]] = {"providers": ProviderSettings, "models": ModelSettings}
+
+
+def _validate_sections(doc: dict[str, Any], problems: list[str]) -> Settings:
+    """Validate section by section (and list items one by one) so one bad value hides no other problem."""
+    values: dict[str, Any] = {}
+    for key, raw in doc.items():
+        item_model = _LIST_ITEMS.get(key)
+        if item_model is not None and isinstance(raw, list):
+            items = []
+            for i, item in enumerate(raw):
+                try:
+                    items.append(item_model.model_validate(item))
+                except ValidationError as exc:
+                    _pydantic_problems(exc, f"{key}[{i}]", problems)
+            values[key] = items
+            continue
+        values[key] = raw
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        _pydantic_problems(exc, "", problems)
+        # Keep going with defaults for the broken sections so later checks still run.
+        bad = {str(e["loc"][0]) for e in exc.errors() if e["loc"]}
+        return Settings.model_validate({k: v for k, v in values.items() if k not in bad})
+
+
+def _provider_index(upath: str, source: str, doc: Mapping[str, Any]) -> int | None:
+    m = re.match(r"^providers(?:\.inference)?\[(\d+)\]", upath)
+    if not m:
+        return None
+    idx = int(m.group(1))
+    if source == "llama-stack" and not upath.startswith("providers.inference"):
+        return None
+    return idx
+
+
+def _validate(settings: Settings, problems: list[str], disabled: dict[str, str], env: Mapping[str, str]) -> None:
+    seen_providers: set[str] = set()
+    known = ", ".join(sorted(PROVIDER_TYPE_ALIASES))
+    for i, p in enumerate(settings.providers):
+        if not p.id:
+            problems.append(f"providers[{i}]: id is empty")
+        if p.id in seen_providers:
+            problems.append(f"providers[{i}]: duplicate provider id '{p.id}'")
+        seen_providers.add(p.id)
+        canonical = normalize_provider_type(p.type or "")
+        if canonical is None:
+            problems.append(f"providers[{i}] ('{p.id}'): unknown provider type '{p.type}'; known types: {known}")
+            continue
+        p.type = canonical
+        if p.base_url is None:
+            p.base_url = DEFAULT_BASE_URL.get(canonical)
+        if canonical in ("azure", "openai_compat") and not p.base_url and p.id not in disabled:
+            problems.append(f"providers[{i}] ('{p.id}'): base_url is required for type {canonical}")
+        _check_url(p.base_url, f"providers[{i}] ('{p.id}') base_url", problems)
+        if p.base_url:
+            p.base_url = p.base_url.rstrip("/")
+        if not p.api_key and not p.api_key_file:
+            # Default credential names, then the <PROVIDER_ID>_API_KEY fallback.
+            for name in (*DEFAULT_KEY_ENV.get(canonical, ()), provider_key_env_name(p.id)):
+                if env.get(name):
+                    p.api_key = env[name]
+                    break
+        if canonical in KEYED_TYPES and not p.api_key and not p.api_key_file and p.id not in disabled:
+            names = " or ".join((*DEFAULT_KEY_ENV.get(canonical, ()), provider_key_env_name(p.id)))
+            disabled[p.id] = f"no API key (set {names}, api_key or api_key_file)"
+        if canonical == "bedrock" and not p.region:
+            p.region = env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION") or "us-east-1"
+
+    seen_models: dict[str, str] = {}
+    for i, m in enumerate(settings.models):
+        if m.provider not in seen_providers:
+            problems.append(f"models[{i}] ('{m.id}'): unknown provider '{m.provider}'")
+        for name in (m.id, *m.aliases):
+            if name in seen_models:
+                problems.append(f"models[{i}]: duplicate model id '{name}' (also {seen_models[name]})")
+            seen_models[name] = f"models[{i}]"
+        if not m.upstream_model:
+            problems.append(f"models[{i}] ('{m.id}'): upstream_model is empty")
+    if settings.default_model and settings.default_model not in seen_models:
+        problems.append(f"default_model '{settings.default_model}' is not a configured model id")
+
+    auth = settings.auth
+    if auth.mode == "none" and not auth.allow_unauthenticated:
+        problems.append(
+            "auth.mode is 'none' but auth.allow_unauthenticated is not true; "
+            "set auth.mode to oidc or trusted_header, or allow unauthenticated access explicitly"
+        )
+    if auth.mode == "oidc":
+        if not auth.oidc.issuers:
+            problems.append("auth.oidc.issuers: at least one trusted issuer is required for mode oidc")
+        for i, iss in enumerate(auth.oidc.issuers):
+            _check_url(iss.issuer, f"auth.oidc.issuers[{i}].issuer", problems)
+            _check_url(iss.jwks_uri, f"auth.oidc.issuers[{i}].jwks_uri", problems)
+            if not iss.audiences:
+                problems.append(f"auth.oidc.issuers[{i}].audiences: at least one audience is required")
+            bad = [a for a in iss.algorithms if a.upper() == "NONE" or a.upper().startswith("HS")]
+            if bad:
+                problems.append(f"auth.oidc.issuers[{i}].algorithms: {bad} are not allowed (asymmetric only)")
+        if auth.oidc.tls_cafile and not Path(auth.oidc.tls_cafile).is_file():
+            problems.append(f"auth.oidc.tls_cafile: file '{auth.oidc.tls_cafile}' does not exist")
+    if auth.mode == "trusted_header":
+        th = auth.trusted_header
+        if not th.secret and not th.trusted_networks:
+            problems.append("auth.trusted_header: set a shared secret or trusted_networks (or both)")
+    if settings.database.url and "://" not in settings.database.url:
+        problems.append(f"database.url: '{settings.database.url}' is not a database URL")

@@ -1,0 +1,1 @@
+"""Use cases: routing a request, calling the provider, recording usage."""

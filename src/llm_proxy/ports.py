@@ -1,0 +1,40 @@
+"""Protocols for the pluggable services the gateway talks to (auth, usage ledger)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from .types import Principal, UsageEvent
+
+
+class Authenticator(Protocol):
+    """Turns request headers into a Principal, or raises Unauthorized / AuthUnavailable."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def authenticate(self, headers: Mapping[str, str], peer: str | None) -> Principal: ...
+
+    def health(self) -> dict[str, Any]:
+        """{"ok": bool, ...details}; used by readiness."""
+        ...
+
+
+class Policy(Protocol):
+    def may_use(self, principal: Principal, model_id: str) -> bool: ...
+
+    def is_admin(self, principal: Principal) -> bool: ...
+
+
+class UsageSink(Protocol):
+    """Receives one UsageEvent per finished request. record() never blocks and never drops."""
+
+    def record(self, event: UsageEvent) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def health(self) -> dict[str, Any]: ...

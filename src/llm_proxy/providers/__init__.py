@@ -1,0 +1,1 @@
+"""Upstream providers: one translator per wire format, one signer per credential scheme."""

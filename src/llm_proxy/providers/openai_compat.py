@@ -1,0 +1,197 @@
+"""Translator and signer for OpenAI-compatible upstreams (OpenAI, vLLM, Ollama, Groq, any base_url)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from ..config import ProviderSettings
+from ..errors import ProxyError, RateLimited, UpstreamError
+from ..types import Usage
+from .base import Endpoint, Target, UpstreamRequest
+from .credentials import KeySource, scrub
+from .sse import SSESplitter, frame
+
+_PATHS: dict[str, str] = {
+    "chat.completions": "/chat/completions",
+    "completions": "/completions",
+    "embeddings": "/embeddings",
+}
+
+# The first `"model": "..."` key of a chunk, matched on bytes so the hot path need not parse JSON.
+_MODEL_KEY = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
+_USAGE_OBJ = re.compile(rb'"usage"\s*:\s*\{')
+
+
+def rewrite_model(payload: bytes, model_json: bytes) -> bytes:
+    """Replace the top-level `model` value of a JSON object, without a full parse when safe."""
+    m = _MODEL_KEY.search(payload)
+    if m is not None:
+        head = payload[1 : m.start()]
+        if b"{" not in head and b"[" not in head:  # key sits at depth 1
+            return payload[: m.start()] + b'"model":' + model_json + payload[m.end() :]
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return payload
+    if isinstance(data, dict) and "model" in data:
+        data["model"] = orjson.loads(model_json)
+        return orjson.dumps(data)
+    return payload
+
+
+def error_from_openai_body(
+    status: int, headers: Mapping[str, str], raw: bytes, provider_id: str, secrets: list[str | None]
+) -> ProxyError:
+    """Shared mapping of an OpenAI-shaped error body to a ProxyError keeping status and message."""
+    message = f"Upstream provider '{provider_id}' returned HTTP {status}"
+    etype: str | None = None
+    code: str | None = None
+    param: str | None = None
+    try:
+        data = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        data = None
+    err = data.get("error") if isinstance(data, dict) else None
+    if isinstance(err, dict):
+        if isinstance(err.get("message"), str) and err["message"]:
+            message = scrub(err["message"], secrets)[:2000]
+        etype = err.get("type") if isinstance(err.get("type"), str) else None
+        code = str(err["code"]) if err.get("code") is not None else None
+        param = err.get("param") if isinstance(err.get("param"), str) else None
+    elif isinstance(err, str):
+        message = scrub(err, secrets)[:2000]
+    return map_status(status, headers, message, etype, code, param, provider_id)
+
+
+def map_status(
+    status: int,
+    headers: Mapping[str, str],
+    message: str,
+    etype: str | None,
+    code: str | None,
+    param: str | None,
+    provider_id: str,
+) -> ProxyError:
+    if status in (401, 403):
+        # A 401 from the proxy means "your token is bad"; an upstream credential problem is ours.
+        return UpstreamError(
+            f"Upstream provider '{provider_id}' rejected the proxy's credentials (HTTP {status})",
+            status=502,
+            type="api_error",
+            code="upstream_auth_failed",
+        )
+    out_headers: dict[str, str] = {}
+    for h in ("retry-after", "retry-after-ms"):
+        v = headers.get(h)
+        if v:
+            out_headers[h] = v
+    if status == 429:
+        return RateLimited(message, type=etype or "rate_limit_error", code=code or "rate_limit_exceeded",
+                           param=param, headers=out_headers)
+    default_type = "invalid_request_error" if 400 <= status < 500 else "api_error"
+    return UpstreamError(message, status=status if 400 <= status < 600 else 502, type=etype or default_type,
+                         code=code, param=param, headers=out_headers)
+
+
+class OpenAIStreamDecoder:
+    """Passes OpenAI chunks through, rewriting `model` and lifting the usage chunk."""
+
+    __slots__ = ("_model_json", "_split", "_want_usage", "usage")
+
+    def __init__(self, public_model: str, client_wants_usage: bool) -> None:
+        self._split = SSESplitter()
+        self._model_json = orjson.dumps(public_model)
+        self._want_usage = client_wants_usage
+        self.usage: Usage | None = None
+
+    def feed(self, data: bytes) -> list[bytes]:
+        return self._frames(self._split.feed(data))
+
+    def close(self) -> list[bytes]:
+        return self._frames(self._split.close())
+
+    def _frames(self, events: list[tuple[bytes | None, bytes]]) -> list[bytes]:
+        out: list[bytes] = []
+        for _name, payload in events:
+            if payload == b"[DONE]" or not payload:
+                continue
+            if _USAGE_OBJ.search(payload) is not None:
+                kept = self._usage_chunk(payload)
+                if kept is not None:
+                    out.append(frame(kept))
+                continue
+            out.append(frame(rewrite_model(payload, self._model_json)))
+        return out
+
+    def _usage_chunk(self, payload: bytes) -> bytes | None:
+        try:
+            data = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return payload
+        if not isinstance(data, dict):
+            return payload
+        self.usage = Usage.from_openai(data.get("usage")) or self.usage
+        if "model" in data:
+            data["model"] = orjson.loads(self._model_json)
+        if not self._want_usage:
+            if not data.get("choices"):
+                return None  # the extra chunk we asked for on the client's behalf
+            data.pop("usage", None)
+        return orjson.dumps(data)
+
+
+class OpenAICompatProvider:
+    """Forwards the client's JSON with the few edits it needs; the usual case costs one parse and one dump."""
+
+    def __init__(self, settings: ProviderSettings) -> None:
+        self.settings = settings
+        self.id = settings.id
+        self.type = settings.type
+        self.base_url = (settings.base_url or "").rstrip("/")
+        self.key = KeySource(settings.api_key, settings.api_key_file)
+        self._static_headers = {"content-type": "application/json", **settings.headers}
+
+    def missing_credentials(self) -> list[str]:
+        return []
+
+    def build_request(
+        self, endpoint: Endpoint, body: dict[str, Any], target: Target, stream: bool
+    ) -> UpstreamRequest:
+        body["model"] = target.upstream_model
+        if stream and endpoint != "embeddings":
+            opts = body.get("stream_options")
+            # Always ask for usage so the ledger gets token counts; the decoder hides it again if
+            # the client did not ask.
+            body["stream_options"] = {**opts, "include_usage": True} if isinstance(opts, dict) else {
+                "include_usage": True
+            }
+        return UpstreamRequest(
+            "POST", self.base_url + _PATHS[endpoint], dict(self._static_headers), orjson.dumps(body), stream
+        )
+
+    async def sign(self, request: UpstreamRequest) -> None:
+        key = self.key.get()
+        if key:
+            request.headers["authorization"] = "Bearer " + key
+
+    def parse_response(self, endpoint: Endpoint, raw: bytes, target: Target) -> tuple[bytes, Usage | None]:
+        data = orjson.loads(raw)
+        if not isinstance(data, dict):
+            raise UpstreamError(f"Upstream provider '{self.id}' returned an unexpected body", status=502)
+        if "model" in data or endpoint != "embeddings":
+            data["model"] = target.public_model
+        return orjson.dumps(data), Usage.from_openai(data.get("usage"))
+
+    def stream_decoder(self, endpoint: Endpoint, target: Target, client_wants_usage: bool) -> OpenAIStreamDecoder:
+        return OpenAIStreamDecoder(target.public_model, client_wants_usage)
+
+    def parse_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ProxyError:
+        return error_from_openai_body(status, headers, raw, self.id, [self.key.get()])
+
+
+def create(settings: ProviderSettings) -> OpenAICompatProvider:
+    return OpenAICompatProvider(settings)

@@ -1,0 +1,84 @@
+"""Frozen value types shared by every layer (no I/O, no framework imports)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling. Built by auth/, read by core/ and the usage ledger."""
+
+    subject: str
+    username: str | None = None
+    email: str | None = None
+    groups: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
+    scopes: tuple[str, ...] = ()
+    issuer: str | None = None
+    auth_method: str = "none"
+    is_admin: bool = False
+
+
+ANONYMOUS = Principal(subject="anonymous", username="anonymous", auth_method="none")
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token counts as reported by the upstream (never computed by tokenizing)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cached_tokens: int | None = None
+
+    @classmethod
+    def from_openai(cls, data: Any) -> Usage | None:
+        if not isinstance(data, dict):
+            return None
+        prompt = int(data.get("prompt_tokens") or 0)
+        completion = int(data.get("completion_tokens") or 0)
+        total = int(data.get("total_tokens") or (prompt + completion))
+        cached = None
+        details = data.get("prompt_tokens_details")
+        if isinstance(details, dict) and details.get("cached_tokens") is not None:
+            cached = int(details["cached_tokens"])
+        return cls(prompt, completion, total, cached)
+
+    def to_openai(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+        if self.cached_tokens is not None:
+            out["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEvent:
+    """One finished request, as the ledger stores it. request_id is the idempotency key."""
+
+    request_id: str
+    started_at: float  # unix seconds
+    ended_at: float
+    endpoint: str
+    status: int
+    subject: str | None = None
+    username: str | None = None
+    model: str | None = None  # public id the client asked for
+    provider_id: str | None = None
+    upstream_model: str | None = None
+    streamed: bool = False
+    error_type: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    cached_tokens: int | None = None
+    latency_ms: float | None = None
+    ttft_ms: float | None = None
+    upstream_latency_ms: float | None = None
+    attempts: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)

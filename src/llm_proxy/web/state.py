@@ -1,0 +1,60 @@
+"""The services one running app holds (built by app.py, read by handlers)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from ..config import LoadedConfig
+from ..core.gateway import Gateway
+from ..core.routing import Router
+from ..ports import Authenticator, Policy, UsageSink
+
+
+@dataclass
+class Services:
+    loaded: LoadedConfig
+    router: Router
+    gateway: Gateway
+    authenticator: Authenticator
+    policy: Policy
+    usage: UsageSink
+    provider_status: dict[str, dict[str, Any]]
+    started_at: float = field(default_factory=time.time)
+    draining: bool = False
+    started: bool = False
+
+    def __post_init__(self) -> None:
+        s = self.loaded.settings
+        self.max_body_bytes = s.server.max_body_bytes
+        self.access_log = s.server.access_log
+
+    def readiness(self) -> dict[str, Any]:
+        checks: dict[str, Any] = {}
+        checks["config"] = {"ok": True, "source": self.loaded.source, "warnings": len(self.loaded.warnings)}
+        checks["started"] = {"ok": self.started}
+        checks["draining"] = {"ok": not self.draining}
+        auth = self.authenticator.health()
+        checks["auth"] = auth
+        checks["usage"] = self.usage.health()
+        checks["providers"] = {
+            "ok": any(p["ok"] for p in self.provider_status.values()) if self.provider_status else False,
+            "providers": self.provider_status,
+        }
+        # The ledger spools when the database is away, so it never blocks readiness; providers with
+        # missing keys are reported (APIKeysConfigured) but one usable provider is enough to serve.
+        required = ("config", "started", "draining", "auth", "providers")
+        ok = all(bool(checks[k].get("ok")) for k in required)
+        failing = [k for k in required if not checks[k].get("ok")]
+        return {"status": "OK" if ok else "NOT_READY", "failing": failing, "checks": checks}
+
+    def client_config(self) -> dict[str, str]:
+        s = self.loaded.settings
+        model = s.default_model or (s.models[0].id if s.models else "")
+        return {"model": model, "enabled": "true" if model else "false"}
+
+
+SERVICES = web.AppKey("services", Services)
