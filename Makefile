@@ -8,7 +8,7 @@ CONFIG ?=
 HOST   ?= 127.0.0.1
 PORT   ?= 8321
 
-.PHONY: run test bootstrap lint typecheck bench clean node-deps
+.PHONY: run test bootstrap lint typecheck bench clean node-deps schema
 
 $(STAMP): $(LOCK) pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ lint: bootstrap
 
 bench: bootstrap
 	$(BIN)/python bench/run.py
+
+schema: bootstrap
+	$(BIN)/python -c "import json; from llm_proxy.config import json_schema; open('src/llm_proxy/schema/config.schema.json','w').write(json.dumps(json_schema(), indent=2, sort_keys=True)+'\\n')"
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -78,6 +78,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 DEV_CONFIG = """
 server:
   port: 8321
+  drain_delay_seconds: 0
 providers:
   - id: openai
     type: openai

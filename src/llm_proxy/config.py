@@ -696,3 +696,11 @@ def _validate(settings: Settings, problems: list[str], disabled: dict[str, str],
             problems.append("auth.trusted_header: set a shared secret or trusted_networks (or both)")
     if settings.database.url and "://" not in settings.database.url:
         problems.append(f"database.url: '{settings.database.url}' is not a database URL")
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of the native config format (published as schema/config.schema.json)."""
+    schema = Settings.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "llm-proxy configuration"
+    return schema

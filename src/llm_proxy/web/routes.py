@@ -67,7 +67,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     finally:
         if ctx.endpoint is not None:
             svc.usage.record(ctx.to_event())
-        if svc.access_log:
+        if svc.access_log and not request.path.startswith("/v1/health"):  # probes would flood the log
             log.info(
                 "request",
                 extra={
