@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 from typing import Any
 
 import orjson
@@ -120,8 +121,10 @@ def _proxy(endpoint: Endpoint) -> Handler:
         await resp.prepare(request)
         ctx.status = 200
         try:
-            async for f in result.frames():
-                await resp.write(f)
+            # aclosing: the upstream is released the moment we stop, not when the generator is collected.
+            async with aclosing(result.frames()) as frames:
+                async for f in frames:
+                    await resp.write(f)
             await resp.write(DONE)
         except ProxyError as exc:
             # Headers are gone: the status cannot change. Tell the client in-band and end the stream.
