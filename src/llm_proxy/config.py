@@ -125,15 +125,54 @@ class ProviderSettings(_Model):
     max_connections: int = Field(256, ge=1)
     # Route `<id>/<anything>` to upstream model `<anything>` even when not registered.
     passthrough_models: bool = False
+    # Provider-specific options.
+    auth: Literal["api_key", "entra"] | None = None  # azure: "entra" sends the token as a bearer
+    sampling_params: bool = False  # anthropic: forward temperature/top_p (newer models reject them)
+    default_max_tokens: int | None = Field(default=None, ge=1)  # anthropic: when the client sets none
+
+
+class RetrySettings(_Model):
+    """Per-request retry budget. Connect errors, timeouts, 5xx and 429 are retried; 4xx never."""
+
+    max_attempts: int = Field(default=3, ge=1, le=20)  # attempts in all, the first one included
+    base_delay: float = Field(default=0.2, ge=0)  # seconds; doubles per retry of a deployment already tried, jittered
+    max_delay: float = Field(default=5.0, ge=0)
+    # Seconds from the start of routing: no attempt, backoff or retry-after wait goes past it, and each
+    # attempt's wait for its first byte is cut there. A stream that has started is bounded by timeouts.total.
+    deadline: float | None = Field(default=60.0, gt=0)
+
+
+class CircuitBreakerSettings(_Model):
+    """A deployment failing `failure_threshold` times in a row leaves rotation for `cooldown` seconds, then
+    gets a single probe request (half-open) before it is trusted again."""
+
+    failure_threshold: int = Field(default=3, ge=1)
+    cooldown: float = Field(default=30.0, ge=0)
+
+
+class DeploymentSettings(_Model):
+    """One place a model is served: a provider instance and that provider's name for the model."""
+
+    provider: str
+    upstream_model: str
+    weight: float = Field(default=1.0, gt=0)  # strategy weighted
+    timeouts: TimeoutSettings | None = None  # per field, over the model's and the provider's
 
 
 class ModelSettings(_Model):
     id: str
-    provider: str
-    upstream_model: str
+    # Single-deployment form. With `deployments`, leave these out; after loading they name the first
+    # (primary) deployment either way.
+    provider: str | None = None
+    upstream_model: str | None = None
+    deployments: list[DeploymentSettings] = Field(default_factory=list)
+    strategy: Literal["fallback", "weighted", "least_busy"] = "fallback"
+    # Unset: every deployment is tried once (a single deployment is not retried), no overall deadline.
+    retry: RetrySettings | None = None
+    circuit_breaker: CircuitBreakerSettings = Field(default_factory=lambda: CircuitBreakerSettings())
     aliases: list[str] = Field(default_factory=list)
     type: Literal["llm", "embedding"] = "llm"
-    timeouts: TimeoutSettings | None = None
+    timeouts: TimeoutSettings | None = None  # per field, over the provider's
 
 
 DEFAULT_ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"]
@@ -199,6 +238,8 @@ class AuthSettings(_Model):
 
 class DatabaseSettings(_Model):
     url: str = "sqlite+aiosqlite:///./var/llm-proxy.db"
+    # Run the ledger's migrations at startup (`llm-proxy db upgrade` does the same on demand).
+    auto_migrate: bool = True
 
 
 class UsageSettings(_Model):
@@ -646,13 +687,15 @@ def _validate(settings: Settings, problems: list[str], disabled: dict[str, str],
         _check_url(p.base_url, f"providers[{i}] ('{p.id}') base_url", problems)
         if p.base_url:
             p.base_url = p.base_url.rstrip("/")
-        if not p.api_key and not p.api_key_file:
-            # Default credential names, then the <PROVIDER_ID>_API_KEY fallback.
+        if not p.api_key and not p.api_key_file and canonical != "bedrock":
+            # Default credential names, then the <PROVIDER_ID>_API_KEY fallback. (Not for Bedrock: an
+            # api_key there switches it from SigV4 to bearer auth, which must be asked for explicitly.)
             for name in (*DEFAULT_KEY_ENV.get(canonical, ()), provider_key_env_name(p.id)):
                 if env.get(name):
                     p.api_key = env[name]
                     break
-        if canonical in KEYED_TYPES and not p.api_key and not p.api_key_file and p.id not in disabled:
+        entra_env = canonical == "azure" and p.auth == "entra" and bool(env.get("AZURE_OPENAI_AD_TOKEN"))
+        if canonical in KEYED_TYPES and not (p.api_key or p.api_key_file or entra_env) and p.id not in disabled:
             names = " or ".join((*DEFAULT_KEY_ENV.get(canonical, ()), provider_key_env_name(p.id)))
             disabled[p.id] = f"no API key (set {names}, api_key or api_key_file)"
         if canonical == "bedrock" and not p.region:
@@ -660,14 +703,11 @@ def _validate(settings: Settings, problems: list[str], disabled: dict[str, str],
 
     seen_models: dict[str, str] = {}
     for i, m in enumerate(settings.models):
-        if m.provider not in seen_providers:
-            problems.append(f"models[{i}] ('{m.id}'): unknown provider '{m.provider}'")
+        _validate_deployments(i, m, seen_providers, problems)
         for name in (m.id, *m.aliases):
             if name in seen_models:
                 problems.append(f"models[{i}]: duplicate model id '{name}' (also {seen_models[name]})")
             seen_models[name] = f"models[{i}]"
-        if not m.upstream_model:
-            problems.append(f"models[{i}] ('{m.id}'): upstream_model is empty")
     if settings.default_model and settings.default_model not in seen_models:
         problems.append(f"default_model '{settings.default_model}' is not a configured model id")
 
@@ -696,6 +736,33 @@ def _validate(settings: Settings, problems: list[str], disabled: dict[str, str],
             problems.append("auth.trusted_header: set a shared secret or trusted_networks (or both)")
     if settings.database.url and "://" not in settings.database.url:
         problems.append(f"database.url: '{settings.database.url}' is not a database URL")
+
+
+def _validate_deployments(i: int, m: ModelSettings, providers: set[str], problems: list[str]) -> None:
+    """Normalise both model forms to `deployments`; `provider`/`upstream_model` then name the primary."""
+    where = f"models[{i}] ('{m.id}')"
+    if m.deployments:
+        if m.provider is not None or m.upstream_model is not None:
+            problems.append(f"{where}: give either provider/upstream_model or deployments, not both")
+        seen: set[tuple[str, str]] = set()
+        for j, d in enumerate(m.deployments):
+            if d.provider not in providers:
+                problems.append(f"{where}: deployments[{j}]: unknown provider '{d.provider}'")
+            if not d.upstream_model:
+                problems.append(f"{where}: deployments[{j}]: upstream_model is empty")
+            if (d.provider, d.upstream_model) in seen:
+                problems.append(f"{where}: deployments[{j}] repeats provider '{d.provider}' and upstream_model")
+            seen.add((d.provider, d.upstream_model))
+        m.provider, m.upstream_model = m.deployments[0].provider, m.deployments[0].upstream_model
+        return
+    if not m.provider:
+        problems.append(f"{where}: provider is required (or a list of deployments)")
+    elif m.provider not in providers:
+        problems.append(f"{where}: unknown provider '{m.provider}'")
+    if not m.upstream_model:
+        problems.append(f"{where}: upstream_model is empty")
+    if m.provider and m.upstream_model:
+        m.deployments = [DeploymentSettings(provider=m.provider, upstream_model=m.upstream_model)]
 
 
 def json_schema() -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..config import ProviderSettings
-from . import openai_compat
+from . import anthropic, azure_openai, bedrock, gemini, openai_compat
 from .base import Provider
 
 Factory = Callable[[ProviderSettings], Provider]
@@ -18,6 +18,10 @@ REGISTRY: dict[str, Factory] = {
     "groq": openai_compat.create,
     "together": openai_compat.create,
     "fireworks": openai_compat.create,
+    "azure": azure_openai.create,
+    "anthropic": anthropic.create,
+    "gemini": gemini.create,
+    "bedrock": bedrock.create,
 }
 
 
