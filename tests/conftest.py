@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from llm_proxy.core.usage_memory import MemoryUsageSink
 from llm_proxy.emulator import EmulatorServer, start_emulator
 
 from .helpers import LoopThread, ProxyServer, native_config
@@ -63,7 +64,8 @@ auth: {{mode: none, allow_unauthenticated: true}}
 
 @pytest.fixture(scope="session")
 def proxy(emulator: Emulator) -> Iterator[ProxyServer]:
-    with ProxyServer(native_config(basic_config(emulator.base_url))) as px:
+    # An in-memory ledger so tests can read the usage events the proxy recorded.
+    with ProxyServer(native_config(basic_config(emulator.base_url)), usage=MemoryUsageSink()) as px:
         yield px
 
 

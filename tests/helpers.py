@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 from llm_proxy.app import create_app
 from llm_proxy.config import LoadedConfig, load_config_text
+from llm_proxy.core.usage_memory import MemoryUsageSink
 from llm_proxy.web.server import serve
 from llm_proxy.web.state import SERVICES, Services
 
@@ -40,7 +41,13 @@ class LoopThread:
 class ProxyServer:
     """The proxy app served on 127.0.0.1:<free port> in its own loop thread."""
 
-    def __init__(self, loaded: LoadedConfig, **app_kwargs: Any) -> None:
+    def __init__(self, loaded: LoadedConfig, *, drain: bool = False, **app_kwargs: Any) -> None:
+        # An in-memory usage sink unless the test passes usage=... (e.g. a UsageLedger): tests that do not
+        # look at the ledger must not write ./var/llm-proxy.db and ./var/spool in the working directory.
+        app_kwargs.setdefault("usage", MemoryUsageSink())
+        if not drain:
+            # No load balancer to wait for in tests: stop at once unless the test is about draining.
+            loaded.settings.server.drain_delay_seconds = 0
         self.lt = LoopThread("proxy")
         self._stop: asyncio.Event | None = None
         self._done: asyncio.Future[None] | None = None

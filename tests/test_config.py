@@ -171,3 +171,22 @@ auth: {mode: none, allow_unauthenticated: true}
     loaded = load_config_text(text, env={"GOOGLE_API_KEY": "g", "CORP_LLM_API_KEY": "c"})
     assert [p.api_key for p in loaded.settings.providers] == ["g", "c"]
     assert [p.type for p in loaded.settings.providers] == ["gemini", "openai"]
+
+
+def test_llama_stack_claims_mapping_is_translated() -> None:
+    text = """
+version: 2
+providers:
+  inference: [{provider_id: openai, provider_type: remote::openai, config: {api_key: k}}]
+server:
+  auth:
+    provider_config:
+      type: oauth2_token
+      issuer: https://kc.example/realms/r
+      audience: konveyor-api
+      jwks: {uri: "https://kc.example/realms/r/protocol/openid-connect/certs", key_recheck_period: 600}
+      claims_mapping: {"realm_access.roles": roles, groups: teams, sub: namespaces}
+"""
+    oidc = load_config_text(text, env={}).settings.auth.oidc
+    assert oidc.claims_mapping == {"roles": "realm_access.roles", "groups": "groups,sub"}
+    assert oidc.key_recheck_period == 600

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
@@ -12,6 +13,7 @@ from .auth.policy import RulePolicy
 from .config import LoadedConfig
 from .core.gateway import Gateway
 from .core.routing import Router
+from .core.usage import UsageLedger
 from .core.usage_memory import MemoryUsageSink
 from .ports import Authenticator, UsageSink
 from .providers.base import Provider
@@ -24,14 +26,26 @@ log = logging.getLogger("llm_proxy")
 
 
 def build_authenticator(loaded: LoadedConfig) -> Authenticator:
-    mode = loaded.settings.auth.mode
+    auth = loaded.settings.auth
+    mode = auth.mode
     if mode == "none":
         return NoAuth()
+    admin_check = RulePolicy(auth.policy).is_admin
+    if mode == "oidc":
+        from .auth.oidc import OIDCAuthenticator
+
+        return OIDCAuthenticator(auth.oidc, cache_size=auth.token_cache_size, admin_check=admin_check)
+    if mode == "trusted_header":
+        from .auth.trusted_header import TrustedHeaderAuthenticator
+
+        return TrustedHeaderAuthenticator(auth.trusted_header, admin_check=admin_check)
     raise ValueError(f"auth mode '{mode}' is not available in this build")
 
 
 def build_usage_sink(loaded: LoadedConfig) -> UsageSink:
-    return MemoryUsageSink()
+    if not loaded.settings.usage.enabled:
+        return MemoryUsageSink()
+    return UsageLedger.from_config(loaded)
 
 
 def create_app(
@@ -71,7 +85,7 @@ def create_app(
     app[SERVICES] = services
     add_routes(app, services)
 
-    async def lifecycle(app: web.Application) -> object:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await client.start()
         await services.usage.start()
         await services.authenticator.start()

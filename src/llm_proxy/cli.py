@@ -1,4 +1,4 @@
-"""Command line: serve | check-config | emulator | --version (thin: parses, then calls app/config)."""
+"""Command line: serve | check-config | emulator | db upgrade | usage | --version (thin: parses, then calls)."""
 
 from __future__ import annotations
 
@@ -232,6 +232,52 @@ def cmd_emulator(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from sqlalchemy.engine import make_url
+
+    from .store.db import upgrade_url
+
+    url = _load(args.config).settings.database.url
+    shown = make_url(url).render_as_string(hide_password=True)
+    try:
+        revision = asyncio.run(upgrade_url(url))
+    except Exception as exc:
+        print(f"llm-proxy db upgrade: {shown}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{shown}: at revision {revision}")
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    from .core.usage_report import fetch_report, format_csv, format_table, parse_group_by, parse_time
+
+    loaded = _load(args.config)
+    try:
+        since = parse_time(args.since) if args.since else None
+        until = parse_time(args.until) if args.until else None
+        group_by = parse_group_by(args.by)
+    except ValueError as exc:
+        print(f"llm-proxy usage: {exc}", file=sys.stderr)
+        return 2
+    try:
+        doc = asyncio.run(
+            fetch_report(loaded.settings.database.url, since=since, until=until, group_by=group_by, subject=args.user)
+        )
+    except Exception as exc:
+        print(f"llm-proxy usage: cannot read the usage database: {type(exc).__name__}: {exc}\n"
+              "  (is it reachable, and migrated with `llm-proxy db upgrade`?)", file=sys.stderr)
+        return 1
+    if args.json:
+        import orjson
+
+        sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+    elif args.csv:
+        sys.stdout.write(format_csv(doc))
+    else:
+        sys.stdout.write(format_table(doc))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-proxy", description="OpenAI-compatible LLM gateway")
     parser.add_argument("--version", action="version", version=f"llm-proxy {__version__}")
@@ -255,6 +301,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--api-key", default=None, help="require this bearer key (default $EMULATOR_API_KEY)")
     p.set_defaults(func=cmd_emulator)
+
+    p = sub.add_parser("db", help="database maintenance")
+    db_sub = p.add_subparsers(dest="db_command", required=True)
+    q = db_sub.add_parser("upgrade", help="run the usage ledger's migrations (idempotent)")
+    q.add_argument("--config", required=True, help="config whose database.url to migrate")
+    q.set_defaults(func=cmd_db_upgrade)
+
+    p = sub.add_parser("usage", help="print a usage report from the ledger database")
+    p.add_argument("--config", required=True, help="config whose database.url to read")
+    p.add_argument("--since", default="7d", help="start: 7d, 12h, 2024-05-01, ISO datetime or unix seconds")
+    p.add_argument("--until", default=None, help="end (exclusive), same forms as --since (default: now)")
+    p.add_argument("--by", default="user,model", help="group keys: user, model, day, provider, endpoint, status")
+    p.add_argument("--user", default=None, help="only this principal subject")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="JSON output")
+    fmt.add_argument("--csv", action="store_true", help="CSV output")
+    p.set_defaults(func=cmd_usage)
     return parser
 
 

@@ -508,6 +508,20 @@ def _from_llama_stack(doc: dict[str, Any], warnings: list[str], notes: list[str]
     return out
 
 
+def _ls_claims_mapping(mapping: Mapping[str, Any], warnings: list[str]) -> dict[str, str]:
+    """llama-stack maps claim -> attribute category; ours maps principal field -> claim path(s)."""
+    by_field: dict[str, list[str]] = {}
+    for claim, category in mapping.items():
+        field_name = {"roles": "roles", "teams": "groups", "projects": "groups", "namespaces": "groups"}.get(
+            str(category)
+        )
+        if field_name is None:
+            warnings.append(f"server.auth.provider_config.claims_mapping: category '{category}' is not supported")
+            continue
+        by_field.setdefault(field_name, []).append(str(claim))
+    return {k: ",".join(v) for k, v in by_field.items()}
+
+
 def _ls_auth(auth_cfg: Mapping[str, Any], warnings: list[str]) -> dict[str, Any]:
     pc = auth_cfg.get("provider_config") or {}
     for k in auth_cfg:
@@ -527,9 +541,13 @@ def _ls_auth(auth_cfg: Mapping[str, Any], warnings: list[str]) -> dict[str, Any]
     if aud:
         issuer["audiences"] = [aud] if isinstance(aud, str) else list(aud)
     oidc: dict[str, Any] = {"issuers": [issuer]}
-    for k in ("verify_tls", "tls_cafile", "claims_mapping"):
+    for k in ("verify_tls", "tls_cafile"):
         if k in pc:
             oidc[k] = pc[k]
+    if isinstance(pc.get("claims_mapping"), dict):
+        oidc["claims_mapping"] = _ls_claims_mapping(pc["claims_mapping"], warnings)
+    if isinstance(jwks, dict) and jwks.get("token"):
+        warnings.append("server.auth.provider_config.jwks.token is not supported (JWKS is fetched without it)")
     if isinstance(jwks, dict) and jwks.get("key_recheck_period"):
         oidc["key_recheck_period"] = jwks["key_recheck_period"]
     for k in pc:

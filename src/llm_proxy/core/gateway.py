@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -9,10 +10,11 @@ from typing import Any
 
 from ..errors import BadRequest, Forbidden, ProxyError
 from ..ports import Policy
-from ..providers.base import Endpoint, StreamDecoder
+from ..providers.base import Endpoint, StreamDecoder, Target
 from ..providers.http import UpstreamClient, UpstreamResponse
 from ..types import Principal, Usage, UsageEvent
-from .routing import Router
+from .resilience import ELSEWHERE, NEVER, Deployment, retry_after_seconds, retry_scope
+from .routing import Route, Router
 
 
 @dataclass(slots=True)
@@ -71,40 +73,98 @@ class RequestContext:
 
 
 class StreamSession:
-    """An upstream stream being relayed: yields OpenAI SSE frames as they arrive."""
+    """An upstream stream being relayed: yields OpenAI SSE frames as they arrive.
 
-    __slots__ = ("_ctx", "_decoder", "_resp")
+    The gateway has read the upstream up to its first frame (`pending`) before handing the session
+    over, so a stream that fails before anything could reach the client is retried instead.
+    """
 
-    def __init__(self, resp: UpstreamResponse, decoder: StreamDecoder, ctx: RequestContext) -> None:
+    __slots__ = ("_chunks", "_ctx", "_decoder", "_dep", "_done", "_finished", "_pending", "_resp")
+
+    def __init__(
+        self,
+        resp: UpstreamResponse,
+        decoder: StreamDecoder,
+        ctx: RequestContext,
+        chunks: AsyncIterator[bytes] | None = None,
+        pending: list[bytes] | None = None,
+        dep: Deployment | None = None,
+        done: bool = False,
+    ) -> None:
         self._resp = resp
         self._decoder = decoder
         self._ctx = ctx
+        self._chunks = chunks if chunks is not None else resp.chunks()
+        self._pending = pending
+        self._dep = dep  # tracked for least_busy and the circuit breaker (None: single deployment)
+        self._done = done  # upstream ended and decoder closed during the pre-read
+        self._finished = False
 
     async def frames(self) -> AsyncIterator[bytes]:
         ctx = self._ctx
         decoder = self._decoder
-        clean = False
+        clean = failed = False
         try:
-            async for chunk in self._resp.chunks():
-                out = decoder.feed(chunk)
-                if out:
-                    if ctx.first_token_at is None:
-                        ctx.first_token_at = time.perf_counter()
-                    for f in out:
-                        yield f
-            for f in decoder.close():
-                yield f
+            pending = self._pending
+            if pending:
+                self._pending = None
+                for f in pending:
+                    yield f
+            if not self._done:
+                async for chunk in self._chunks:
+                    out = decoder.feed(chunk)
+                    if out:
+                        if ctx.first_token_at is None:
+                            ctx.first_token_at = time.perf_counter()
+                        for f in out:
+                            yield f
+                for f in decoder.close():
+                    yield f
             clean = True
+        except ProxyError:
+            failed = True  # the upstream broke the stream (not the client)
+            raise
         finally:
-            ctx.upstream_ended = time.perf_counter()
-            ctx.usage = decoder.usage
-            if clean:
-                self._resp.release()
-            else:
-                self._resp.close()  # cancels the upstream request (client gone, or error)
+            self._finish(clean, failed)
+
+    def close(self) -> None:
+        """Drop the upstream if the frames were not relayed to the end (idempotent)."""
+        self._finish(False, False)
+
+    def _finish(self, clean: bool, failed: bool) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        ctx = self._ctx
+        ctx.upstream_ended = time.perf_counter()
+        ctx.usage = self._decoder.usage
+        if clean:
+            self._resp.release()
+        else:
+            self._resp.close()  # cancels the upstream request (client gone, or error)
+        dep = self._dep
+        if dep is not None:
+            dep.in_flight -= 1
+            if failed:
+                try:
+                    dep.failed(asyncio.get_running_loop().time())
+                except RuntimeError:  # no running loop (finalised outside it): nothing to time
+                    pass
 
 
 _STREAMABLE: frozenset[str] = frozenset({"chat.completions", "completions"})
+
+
+def _attempt_entry(ctx: RequestContext, target: Target, status: int, error: str | None) -> dict[str, Any]:
+    started = ctx.upstream_started
+    ms = (time.perf_counter() - started) * 1000.0 if started is not None else 0.0
+    return {
+        "provider": target.provider_id,
+        "upstream_model": target.upstream_model,
+        "status": status,
+        "error": error,
+        "ms": round(ms, 1),
+    }
 
 
 class Gateway:
@@ -136,44 +196,170 @@ class Gateway:
         principal = ctx.principal
         if principal is not None and not self.policy.may_use(principal, route.canonical):
             raise Forbidden(f"You are not allowed to use the model '{model}'", param="model")
-        target = route.target
-        provider = route.provider
-        ctx.provider_id = target.provider_id
-        ctx.upstream_model = target.upstream_model
 
         want_usage = False
         if stream:
             opts = body.get("stream_options")
             want_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
+        if route.pool.single_shot:
+            # One deployment, one attempt: no health bookkeeping, no clock, nothing allocated for retries.
+            target = route.target
+            ctx.provider_id = target.provider_id
+            ctx.upstream_model = target.upstream_model
+            ctx.attempts += 1
+            try:
+                return await self._attempt(
+                    ctx, endpoint, body, stream, want_usage, route.pool.deployments[0], target, None, None
+                )
+            except ProxyError as exc:
+                ctx.extra["attempts"] = [_attempt_entry(ctx, target, exc.status, exc.code or exc.type)]
+                raise
+        return await self._with_retries(ctx, endpoint, body, route, stream, want_usage)
+
+    async def _with_retries(
+        self,
+        ctx: RequestContext,
+        endpoint: Endpoint,
+        body: dict[str, Any],
+        route: Route,
+        stream: bool,
+        want_usage: bool,
+    ) -> bytes | StreamSession:
+        """Attempts on the route's deployments until one answers, within the pool's retry budget.
+
+        Nothing has reached the client while this runs (a stream is returned only once its first frame
+        is in hand), so every attempt may be retried; the request's own faults (4xx) never are.
+        """
+        pool = route.pool
+        targets = route.targets
+        multi = pool.multi
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadline = None if pool.deadline is None else now + pool.deadline
+        tried = banned = retried = 0
+        log: list[dict[str, Any]] | None = None
+        dep = pool.pick(now)
+        assert dep is not None
+        while True:
+            target = targets[dep.index]
+            ctx.provider_id = target.provider_id
+            ctx.upstream_model = target.upstream_model
+            ctx.attempts += 1
+            probe = dep.begin(now)
+            try:
+                result = await self._attempt(
+                    ctx, endpoint, body, stream, want_usage, dep, target, deadline, dep if multi else None
+                )
+            except ProxyError as exc:
+                dep.in_flight -= 1
+                now = loop.time()
+                scope = retry_scope(exc)
+                if scope == NEVER:
+                    dep.abandoned(probe)
+                else:
+                    dep.failed(now, retry_after_seconds(exc.headers))
+                if log is None:
+                    log = []
+                log.append(_attempt_entry(ctx, target, exc.status, exc.code or exc.type))
+                tried |= 1 << dep.index
+                if scope == ELSEWHERE:
+                    banned |= 1 << dep.index
+                nxt = pool.pick(now, tried, banned) if scope != NEVER and ctx.attempts < pool.max_attempts else None
+                delay = 0.0
+                if nxt is not None:
+                    if (tried >> nxt.index) & 1:  # again on a deployment that already failed this request
+                        retried += 1
+                        delay = pool.backoff(retried)
+                        if nxt.not_before - now > delay:  # it asked us to wait (retry-after)
+                            delay = nxt.not_before - now
+                    if deadline is not None and now + delay >= deadline:
+                        nxt = None
+                if nxt is None:
+                    ctx.extra["attempts"] = log
+                    raise
+                if delay > 0:
+                    try:
+                        await asyncio.sleep(delay)
+                    except asyncio.CancelledError:
+                        log.append({"provider": None, "status": 499, "error": "client_disconnected", "ms": 0.0})
+                        ctx.extra["attempts"] = log
+                        raise
+                    now = loop.time()
+                dep = nxt
+                continue
+            except BaseException as exc:
+                dep.in_flight -= 1
+                dep.abandoned(probe)
+                if log is not None:
+                    gone = isinstance(exc, asyncio.CancelledError)
+                    log.append(_attempt_entry(ctx, target, 499 if gone else 500,
+                                              "client_disconnected" if gone else "server_error"))
+                    ctx.extra["attempts"] = log
+                raise
+            if not multi or not isinstance(result, StreamSession):
+                dep.in_flight -= 1  # a stream leaves the count when it ends (StreamSession)
+            dep.succeeded()
+            if log is not None:
+                log.append(_attempt_entry(ctx, target, 200, None))
+                ctx.extra["attempts"] = log
+            return result
+
+    async def _attempt(
+        self,
+        ctx: RequestContext,
+        endpoint: Endpoint,
+        body: dict[str, Any],
+        stream: bool,
+        want_usage: bool,
+        dep: Deployment,
+        target: Target,
+        deadline: float | None,
+        track: Deployment | None,
+    ) -> bytes | StreamSession:
+        """One request to one deployment. Returns once the answer is complete (non-streamed) or the
+        stream's first frame is in hand; raises ProxyError otherwise, with the upstream connection closed."""
+        provider = dep.provider
+        ctx.upstream_started = time.perf_counter()
+        ctx.upstream_ended = None
         req = provider.build_request(endpoint, body, target, stream)
         await provider.sign(req)
-        ctx.attempts += 1
-        ctx.upstream_started = time.perf_counter()
-        resp = await self.client.send(target.provider_id, req, route.timeouts)
-        if resp.status >= 400:
-            try:
+        resp = await self.client.send(target.provider_id, req, dep.timeouts, deadline)
+        try:
+            if resp.status >= 400:
                 raw = await resp.read()
-            finally:
                 resp.release()
-            ctx.upstream_ended = time.perf_counter()
-            raise provider.parse_error(resp.status, resp.headers, raw)
-        if not stream:
-            try:
+                ctx.upstream_ended = time.perf_counter()
+                raise provider.parse_error(resp.status, resp.headers, raw)
+            if not stream:
                 raw = await resp.read()
-            except ProxyError:
-                resp.close()
-                raise
-            ctx.upstream_ended = time.perf_counter()
-            resp.release()
-            try:
-                out, usage = provider.parse_response(endpoint, raw, target)
-            except ProxyError:
-                raise
-            except Exception:
-                raise ProxyError(
-                    f"Upstream provider '{target.provider_id}' returned a body that could not be read",
-                    status=502, type="api_error", code="bad_upstream_response",
-                ) from None
-            ctx.usage = usage
-            return out
-        return StreamSession(resp, provider.stream_decoder(endpoint, target, want_usage), ctx)
+                ctx.upstream_ended = time.perf_counter()
+                resp.release()
+                try:
+                    out, usage = provider.parse_response(endpoint, raw, target)
+                except ProxyError:
+                    raise
+                except Exception:
+                    raise ProxyError(
+                        f"Upstream provider '{target.provider_id}' returned a body that could not be read",
+                        status=502, type="api_error", code="bad_upstream_response",
+                    ) from None
+                ctx.usage = usage
+                return out
+            decoder = provider.stream_decoder(endpoint, target, want_usage)
+            chunks = resp.chunks()
+            pending: list[bytes] = []
+            done = False
+            while not pending:
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    pending = decoder.close()
+                    done = True
+                    break
+                pending = decoder.feed(chunk)
+            if pending:
+                ctx.first_token_at = time.perf_counter()
+        except BaseException:
+            resp.close()  # drops the connection: this is also how an upstream request is cancelled
+            raise
+        return StreamSession(resp, decoder, ctx, chunks, pending, track, done)

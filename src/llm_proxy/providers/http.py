@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import AsyncIterator
 from functools import lru_cache
@@ -37,22 +38,25 @@ def _ssl_context(settings: ProviderSettings) -> ssl.SSLContext | bool:
 
 @lru_cache(maxsize=256)
 def _client_timeout(t: tuple[float, float, float, float], stream: bool) -> aiohttp.ClientTimeout:
-    connect, first_byte, idle, total = t
+    connect, first_byte, _idle, total = t
     # Non-streamed answers arrive in one piece after the whole generation: the read gap is first_byte.
-    # Streams must keep flowing: the gap between chunks (and before the first) is bounded by idle.
-    return aiohttp.ClientTimeout(
-        total=total, sock_connect=connect, sock_read=min(idle, first_byte) if stream else first_byte
-    )
+    # Streams: UpstreamResponse.chunks() bounds the first chunk by first_byte and each later gap by idle.
+    # `total` bounds everything, a stream's body included.
+    return aiohttp.ClientTimeout(total=total, sock_connect=connect, sock_read=None if stream else first_byte)
 
 
 class UpstreamResponse:
     """A response whose headers have arrived; the body is read or streamed by the caller."""
 
-    __slots__ = ("_provider_id", "_resp", "headers", "status")
+    __slots__ = ("_first_byte_at", "_idle", "_provider_id", "_resp", "headers", "status")
 
-    def __init__(self, resp: aiohttp.ClientResponse, provider_id: str) -> None:
+    def __init__(
+        self, resp: aiohttp.ClientResponse, provider_id: str, first_byte_at: float | None = None, idle: float = 0.0
+    ) -> None:
         self._resp = resp
         self._provider_id = provider_id
+        self._first_byte_at = first_byte_at  # loop time by which a stream's first chunk must arrive
+        self._idle = idle
         self.status = resp.status
         self.headers = resp.headers
 
@@ -63,15 +67,40 @@ class UpstreamResponse:
             raise _map(exc, self._provider_id, "mid-response") from None
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """Raw body chunks as they arrive."""
+        """Raw body chunks as they arrive.
+
+        For a stream, the first chunk must arrive by the first-byte deadline and each later one within
+        `idle` of the previous (the clock stops while the consumer holds a chunk). Iterate it from one task.
+        """
         content = self._resp.content
+        at = self._first_byte_at
+        if at is None:
+            try:
+                while True:
+                    data = await content.readany()
+                    if not data:
+                        return
+                    yield data
+            except _IO_ERRORS as exc:
+                raise _map(exc, self._provider_id, "mid-stream") from None
+        loop = asyncio.get_running_loop()
+        idle = self._idle
+        first = True
+        cm = asyncio.timeout_at(at)
         try:
-            while True:
-                data = await content.readany()
-                if not data:
-                    return
-                yield data
+            async with cm:
+                while True:
+                    data = await content.readany()
+                    if not data:
+                        return
+                    cm.reschedule(None)
+                    first = False
+                    yield data
+                    cm.reschedule(loop.time() + idle)
         except _IO_ERRORS as exc:
+            if cm.expired():
+                what = "waiting for the first byte" if first else f"after {idle:g}s without data mid-stream"
+                raise UpstreamTimeout(f"Upstream provider '{self._provider_id}' timed out {what}") from None
             raise _map(exc, self._provider_id, "mid-stream") from None
 
     def close(self) -> None:
@@ -112,13 +141,35 @@ class UpstreamClient:
             await sess.close()
         self._sessions.clear()
 
-    async def send(self, provider_id: str, req: UpstreamRequest, timeouts: TimeoutSettings) -> UpstreamResponse:
-        """Send the request and wait for the response headers."""
+    async def send(
+        self, provider_id: str, req: UpstreamRequest, timeouts: TimeoutSettings, deadline: float | None = None
+    ) -> UpstreamResponse:
+        """Send the request and wait for the response headers.
+
+        A stream's headers and first body chunk together must arrive within `first_byte`. `deadline` (a
+        loop time: the caller's overall budget) cuts the wait for the headers, and a stream's first chunk,
+        earlier when it comes first.
+        """
         timeout = _client_timeout((timeouts.connect, timeouts.first_byte, timeouts.idle, timeouts.total), req.stream)
+        session = self._sessions[provider_id]
+        if not req.stream and deadline is None:  # the common non-streamed case: aiohttp's timeouts suffice
+            try:
+                resp = await session.request(req.method, req.url, data=req.body, headers=req.headers, timeout=timeout)
+            except _IO_ERRORS as exc:
+                raise _map(exc, provider_id, "connecting") from None  # includes the wait for headers
+            return UpstreamResponse(resp, provider_id)
+        at = deadline
+        if req.stream:
+            at = asyncio.get_running_loop().time() + timeouts.first_byte
+            if deadline is not None and deadline < at:
+                at = deadline
+        cm = asyncio.timeout_at(at)
         try:
-            resp = await self._sessions[provider_id].request(
-                req.method, req.url, data=req.body, headers=req.headers, timeout=timeout
-            )
+            async with cm:
+                resp = await session.request(req.method, req.url, data=req.body, headers=req.headers, timeout=timeout)
         except _IO_ERRORS as exc:
-            raise _map(exc, provider_id, "connecting") from None  # includes the wait for headers
-        return UpstreamResponse(resp, provider_id)
+            if cm.expired():
+                msg = f"Upstream provider '{provider_id}' timed out waiting for the first byte"
+                raise UpstreamTimeout(msg) from None
+            raise _map(exc, provider_id, "connecting") from None
+        return UpstreamResponse(resp, provider_id, at if req.stream else None, timeouts.idle)

@@ -116,9 +116,16 @@ def _proxy(endpoint: Endpoint) -> Handler:
         result = await svc.gateway.handle(ctx, endpoint, body)
         if isinstance(result, bytes):
             ctx.status = 200
+            if endpoint == "chat.completions" and svc.store_completions and body.get("store") is not False:
+                # Picked up by the usage ledger (usage.store_completions); the reply is kept as raw JSON.
+                ctx.extra["completion"] = {"input_messages": body.get("messages"), "response": orjson.Fragment(result)}
             return web.Response(body=result, content_type="application/json")
         resp = web.StreamResponse(status=200, headers={**_SSE_HEADERS, "x-request-id": ctx.request_id})
-        await resp.prepare(request)
+        try:
+            await resp.prepare(request)
+        except BaseException:
+            result.close()  # the stream is already open upstream (its first frame was read): drop it
+            raise
         ctx.status = 200
         try:
             # aclosing: the upstream is released the moment we stop, not when the generator is collected.
@@ -203,3 +210,6 @@ def add_routes(app: web.Application, services: Services) -> None:
     app.router.add_get("/v1/health/live", live)
     app.router.add_get("/v1/health/ready", ready)
     app.router.add_get("/v1/client-config", client_config)
+    from .usage_routes import add_usage_routes  # imports CTX from this module
+
+    add_usage_routes(app)

@@ -13,6 +13,8 @@ from .state import SERVICES
 
 log = logging.getLogger("llm_proxy")
 
+MAX_HEADER_FIELD_BYTES = 128 * 1024
+
 
 async def serve(
     app: web.Application,
@@ -26,8 +28,43 @@ async def serve(
     services = app[SERVICES]
     server = services.loaded.settings.server
     runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=server.shutdown_grace_seconds
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=server.shutdown_grace_seconds,
+        # aiohttp's 8190-byte default would cut Keycloak tokens with many groups and answer oversized
+        # tokens with a bare 400; let them reach auth, which rejects tokens over 16 KB with a 401.
+        max_field_size=MAX_HEADER_FIELD_BYTES,
     )
+    # Handle SIGTERM/SIGINT from before startup: a signal arriving while the app starts (migrations, key
+    # fetches) or just after "listening" is logged must drain, not kill the process with a default handler.
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError):  # not the main thread
+            pass
+    try:
+        await _run(runner, app, host, port, reuse_port, on_listening, stop)
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+async def _run(
+    runner: web.AppRunner,
+    app: web.Application,
+    host: str,
+    port: int,
+    reuse_port: bool,
+    on_listening: Callable[[int], None] | None,
+    stop: asyncio.Event,
+) -> None:
+    services = app[SERVICES]
+    server = services.loaded.settings.server
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=2048)
     try:
@@ -41,13 +78,6 @@ async def serve(
     log.info("listening", extra={"host": host, "port": bound})
     if on_listening is not None:
         on_listening(bound)
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # not the main thread
-            pass
     await stop.wait()
     services.draining = True
     log.info(
@@ -57,5 +87,13 @@ async def serve(
     if server.drain_delay_seconds:
         # Load balancers need a moment to see readiness fail before the listener goes away.
         await asyncio.sleep(server.drain_delay_seconds)
-    await runner.cleanup()  # stops listening, waits for in-flight requests, then flushes the ledger
+    open_connections = len(runner.server.connections) if runner.server is not None else 0
+    log.info(
+        "listener closing: waiting for in-flight requests",
+        extra={"open_connections": open_connections, "grace_seconds": server.shutdown_grace_seconds},
+    )
+    # Stops listening (new connections are refused), closes idle keep-alive connections, waits up to the
+    # grace period for in-flight requests and streams, cancels what is left, then runs the app's cleanup,
+    # which flushes the usage ledger last.
+    await runner.cleanup()
     log.info("stopped")

@@ -31,6 +31,7 @@ class Services:
         s = self.loaded.settings
         self.max_body_bytes = s.server.max_body_bytes
         self.access_log = s.server.access_log
+        self.store_completions = s.usage.enabled and s.usage.store_completions
 
     def readiness(self) -> dict[str, Any]:
         checks: dict[str, Any] = {}

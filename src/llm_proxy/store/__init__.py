@@ -1,0 +1,1 @@
+"""Persistence for the usage ledger: engine, tables, repositories and Alembic migrations."""

@@ -1,0 +1,72 @@
+"""Raw HTTP to the proxy (http.client: exact control of headers, repeated ones included) and token tools."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from ..helpers import ProxyServer
+
+CHAT = {"model": "openai/gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def error(self) -> dict[str, Any]:
+        return dict(self.json()["error"])
+
+
+def request(
+    px: ProxyServer,
+    headers: list[tuple[str, str]],
+    *,
+    method: str = "POST",
+    path: str = "/v1/chat/completions",
+    body: Any = CHAT,
+) -> Reply:
+    conn = http.client.HTTPConnection("127.0.0.1", px.port, timeout=30)
+    try:
+        conn.putrequest(method, path)
+        data = json.dumps(body).encode() if body is not None and method == "POST" else b""
+        for name, value in headers:
+            conn.putheader(name, value)
+        if data:
+            conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(len(data)))
+        conn.endheaders(data)
+        resp = conn.getresponse()
+        return Reply(resp.status, resp.headers, resp.read())
+    finally:
+        conn.close()
+
+
+def bearer(px: ProxyServer, token: str, **kw: Any) -> Reply:
+    return request(px, [("Authorization", f"Bearer {token}")], **kw)
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unb64(segment: str) -> bytes:
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+
+
+def parts(token: str) -> tuple[dict[str, Any], dict[str, Any], str]:
+    h, p, s = token.split(".")
+    return json.loads(unb64(h)), json.loads(unb64(p)), s
+
+
+def assemble(header: dict[str, Any], payload: dict[str, Any], signature: str) -> str:
+    return ".".join((b64(json.dumps(header).encode()), b64(json.dumps(payload).encode()), signature))
