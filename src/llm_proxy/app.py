@@ -95,6 +95,8 @@ def create_app(
         await services.authenticator.close()
         await client.close()
         await services.usage.close()  # last: flushes every event recorded by in-flight requests
+        if services.access_log is not None:
+            services.access_log.flush()
 
     app.cleanup_ctx.append(lifecycle)
     return app

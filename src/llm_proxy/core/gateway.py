@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,26 +100,26 @@ class StreamSession:
         self._done = done  # upstream ended and decoder closed during the pre-read
         self._finished = False
 
-    async def frames(self) -> AsyncIterator[bytes]:
+    async def frames(self) -> AsyncGenerator[bytes, None]:
         ctx = self._ctx
         decoder = self._decoder
         clean = failed = False
         try:
+            # Frames decoded from one upstream read go out in one write: one syscall, not one per event.
             pending = self._pending
             if pending:
                 self._pending = None
-                for f in pending:
-                    yield f
+                yield pending[0] if len(pending) == 1 else b"".join(pending)
             if not self._done:
                 async for chunk in self._chunks:
                     out = decoder.feed(chunk)
                     if out:
                         if ctx.first_token_at is None:
                             ctx.first_token_at = time.perf_counter()
-                        for f in out:
-                            yield f
-                for f in decoder.close():
-                    yield f
+                        yield out[0] if len(out) == 1 else b"".join(out)
+                out = decoder.close()
+                if out:
+                    yield b"".join(out)
             clean = True
         except ProxyError:
             failed = True  # the upstream broke the stream (not the client)

@@ -98,21 +98,72 @@ def map_status(
 
 
 class OpenAIStreamDecoder:
-    """Passes OpenAI chunks through, rewriting `model` and lifting the usage chunk."""
+    """Passes OpenAI chunks through, rewriting `model` and lifting the usage chunk.
 
-    __slots__ = ("_model_json", "_split", "_want_usage", "usage")
+    Fast path: a read holding only whole single-line `data: {...}` events with one `model` value and no
+    usage object is relayed with one bytes.replace. Anything else (the usage chunk, [DONE], comments,
+    CRLF, events split across reads) goes through the SSE splitter event by event.
+    """
+
+    __slots__ = ("_buf", "_from", "_model_json", "_split", "_to", "_want_usage", "usage")
 
     def __init__(self, public_model: str, client_wants_usage: bool) -> None:
         self._split = SSESplitter()
         self._model_json = orjson.dumps(public_model)
         self._want_usage = client_wants_usage
         self.usage: Usage | None = None
+        self._buf = b""
+        self._from: bytes | None = None  # the upstream's `"model":"..."` bytes, once seen
+        self._to = b'"model":' + self._model_json
 
     def feed(self, data: bytes) -> list[bytes]:
-        return self._frames(self._split.feed(data))
+        if self._split.pending:
+            return self._frames(self._split.feed(data))
+        buf = self._buf + data if self._buf else data
+        end = buf.rfind(b"\n\n")
+        if end < 0:
+            self._buf = buf
+            return []
+        # Events before the usage chunk take the fast path; the usage chunk and what follows do not.
+        m = _USAGE_OBJ.search(buf, 0, end)
+        cut = end + 2 if m is None else buf.rfind(b"\n\n", 0, m.start()) + 2
+        fast = self._fast(buf[:cut]) if cut >= 2 else None
+        if fast is None:
+            self._buf = b""
+            return self._frames(self._split.feed(buf))
+        if m is None:
+            self._buf = buf[cut:]
+            return [fast]
+        self._buf = b""
+        return [fast, *self._frames(self._split.feed(buf[cut:]))]
 
     def close(self) -> list[bytes]:
+        rest, self._buf = self._buf, b""
+        if rest:
+            self._split.feed(rest)
         return self._frames(self._split.close())
+
+    def _fast(self, chunk: bytes) -> bytes | None:
+        events = chunk.count(b"\n\n")
+        if (
+            not chunk.startswith(b"data: {")
+            or chunk.count(b"\n") != 2 * events
+            or chunk.count(b"\n\ndata: {") != events - 1
+            or b"\r" in chunk
+        ):
+            return None
+        src = self._from
+        if src is None:
+            m = _MODEL_KEY.search(chunk)
+            if m is None:
+                return None
+            head = chunk[7 : m.start()]
+            if b"{" in head or b"[" in head:  # not a top-level key of the first event
+                return None
+            src = self._from = chunk[m.start() : m.end()]
+        if chunk.count(src) != events:
+            return None
+        return chunk.replace(src, self._to)
 
     def _frames(self, events: list[tuple[bytes | None, bytes]]) -> list[bytes]:
         out: list[bytes] = []

@@ -6,9 +6,6 @@ import os
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.credentials import ReadOnlyCredentials
 
 from .base import UpstreamRequest
 from .credentials import KeySource
@@ -112,6 +109,11 @@ class SigV4Signer:
             request.headers["x-amz-security-token"] = self.session_token
         # Spelled out (instead of SigV4Auth.add_auth) so the clock is ours and botocore's debug log,
         # which prints the canonical request including the session token, is never involved.
+        # botocore is imported here, not at module load: it costs ~8 MB per worker that has no Bedrock.
+        from botocore.auth import SigV4Auth
+        from botocore.awsrequest import AWSRequest
+        from botocore.credentials import ReadOnlyCredentials
+
         creds = ReadOnlyCredentials(self.access_key, self.secret_key, self.session_token)
         auth = SigV4Auth(creds, self.service, self.region)
         aws = AWSRequest(method=request.method, url=request.url, data=request.body, headers=dict(request.headers))

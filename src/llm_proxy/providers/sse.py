@@ -32,6 +32,11 @@ class SSESplitter:
         self._buf = buf[start:]
         return events
 
+    @property
+    def pending(self) -> bool:
+        """True while part of an event is buffered."""
+        return bool(self._buf)
+
     def close(self) -> list[tuple[bytes | None, bytes]]:
         rest, self._buf = self._buf, b""
         if rest.strip():

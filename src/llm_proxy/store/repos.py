@@ -6,7 +6,6 @@ import dataclasses
 import re
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,7 +16,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ..types import UsageEvent
-from .tables import ID_LEN, NAME_LEN, SHORT_LEN, stored_completions, usage_events
+from .tables import ID_LEN, NAME_LEN, stored_completions, usage_events
 
 # --------------------------------------------------------------------------------------------------
 # Event -> row
@@ -57,7 +56,6 @@ COMPLETION_COLUMNS: tuple[str, ...] = (
     "response",
 )
 
-_INT8_MAX = 2**63 - 1
 # A JSON "\u0000" escape not preceded by another backslash (PostgreSQL jsonb rejects NUL characters).
 _JSON_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 _JSON_NUL_B = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")
@@ -74,26 +72,14 @@ def event_from_line(line: bytes) -> UsageEvent:
     return UsageEvent(**{k: v for k, v in data.items() if k in _EVENT_FIELDS})
 
 
-def _s(value: str | None, limit: int) -> str | None:
+def _s(value: Any, limit: int) -> str | None:
     """Text for a bounded column: NUL characters replaced (PostgreSQL rejects them), cut to the column length."""
     if value is None:
         return None
-    if not isinstance(value, str):
-        value = str(value)
-    if "\x00" in value:
-        value = value.replace("\x00", "\ufffd")
-    return value[:limit] if len(value) > limit else value
-
-
-def _i(value: int | None) -> int | None:
-    if value is None:
-        return None
-    v = int(value)
-    return max(-_INT8_MAX, min(v, _INT8_MAX))
-
-
-def _f(value: float | None) -> float | None:
-    return None if value is None else float(value)
+    text = value if isinstance(value, str) else str(value)
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    return text[:limit] if len(text) > limit else text
 
 
 def _json_text(value: Any) -> str:
@@ -103,58 +89,36 @@ def _json_text(value: Any) -> str:
     return out
 
 
-@dataclass(slots=True)
-class Rows:
-    """One batch made ready for the database; timestamps are unix seconds, JSON values are text."""
-
-    usage: list[tuple[Any, ...]]
-    completions: list[tuple[Any, ...]]
+# Every field a journal line may carry; a line from another version may lack some (they become NULL).
+_LINE_DEFAULTS: dict[str, Any] = dict.fromkeys(_EVENT_FIELDS)
 
 
-def build_rows(events: Sequence[UsageEvent]) -> Rows:
-    usage: list[tuple[Any, ...]] = []
+def _sqlite_rows(lines: Sequence[bytes]) -> tuple[list[dict[str, Any]], list[tuple[Any, ...]]]:
+    """Parameters for the SQLite statements: the parsed line itself, with `extra` as JSON text minus the
+    stored completion, which is split off here."""
+    usage: list[dict[str, Any]] = []
     completions: list[tuple[Any, ...]] = []
-    for e in events:
-        extra_text: str | None = None
-        if e.extra:
-            extra = e.extra
-            completion = extra.get("completion")
-            if completion is not None:
-                extra = {k: v for k, v in extra.items() if k != "completion"}
-                row = _completion_row(e, completion)
+    for line in lines:
+        if b"\x00" in line:  # raw NUL bytes are never part of a journal line (a damaged file): skip them
+            line = line.replace(b"\x00", b"")
+        if b"\\u0000" in line:  # NUL characters become U+FFFD, as on PostgreSQL
+            line = _JSON_NUL_B.sub(rb"\1\\ufffd", line)
+        d = {**_LINE_DEFAULTS, **orjson.loads(line)}  # TypeError when the line is not an object
+        extra = d["extra"]
+        if extra:
+            if isinstance(extra, dict) and "completion" in extra:
+                row = _completion_row(d, extra["completion"])
                 if row is not None:
                     completions.append(row)
-            if extra:
-                extra_text = _json_text(extra)
-        usage.append(
-            (
-                e.request_id,
-                float(e.started_at),
-                float(e.ended_at),
-                _s(e.subject, NAME_LEN),
-                _s(e.username, NAME_LEN),
-                _s(e.endpoint, SHORT_LEN) or "",
-                _s(e.model, NAME_LEN),
-                _s(e.provider_id, NAME_LEN),
-                _s(e.upstream_model, NAME_LEN),
-                bool(e.streamed),
-                int(e.status),
-                _s(e.error_type, SHORT_LEN),
-                _i(e.prompt_tokens),
-                _i(e.completion_tokens),
-                _i(e.total_tokens),
-                _i(e.cached_tokens),
-                _f(e.latency_ms),
-                _f(e.ttft_ms),
-                _f(e.upstream_latency_ms),
-                int(e.attempts),
-                extra_text,
-            )
-        )
-    return Rows(usage, completions)
+                extra = {k: v for k, v in extra.items() if k != "completion"}
+            d["extra"] = _json_text(extra) if extra else None
+        else:
+            d["extra"] = None
+        usage.append(d)
+    return usage, completions
 
 
-def _completion_row(e: UsageEvent, completion: Any) -> tuple[Any, ...] | None:
+def _completion_row(d: dict[str, Any], completion: Any) -> tuple[Any, ...] | None:
     if not isinstance(completion, dict):
         return None
     response = completion.get("response")
@@ -162,15 +126,16 @@ def _completion_row(e: UsageEvent, completion: Any) -> tuple[Any, ...] | None:
         response = orjson.loads(orjson.dumps(response))
     if not isinstance(response, dict):
         return None
+    rid = d["request_id"]
     cid = response.get("id")
     messages = completion.get("input_messages")
     return (
-        e.request_id,
-        _s(str(cid) if cid is not None and cid != "" else e.request_id, NAME_LEN),
-        float(e.started_at),
-        _s(e.subject, NAME_LEN),
-        _s(e.username, NAME_LEN),
-        _s(e.model, NAME_LEN),
+        rid,
+        _s(str(cid) if cid is not None and cid != "" else rid, NAME_LEN),
+        _sqlite_ts(float(d["started_at"])),
+        _s(d["subject"], NAME_LEN),
+        _s(d["username"], NAME_LEN),
+        _s(d["model"], NAME_LEN),
         _json_text(messages if isinstance(messages, list) else []),
         _json_text(response),
     )
@@ -201,6 +166,8 @@ def is_row_error(exc: BaseException) -> bool:
         return True
     if isinstance(exc, sqlite3.IntegrityError | sqlite3.DataError | sqlite3.InterfaceError):
         return True
+    if isinstance(exc, sqlite3.ProgrammingError) and "binding" in str(exc):  # a value of a type it cannot store
+        return True
     if isinstance(exc, OSError | TimeoutError | ConnectionError):
         return False
     return isinstance(exc, TypeError | ValueError | OverflowError)
@@ -211,7 +178,7 @@ def is_row_error(exc: BaseException) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 # PostgreSQL: the whole batch travels as one JSON array of journal lines (no per-value encoding in the
-# client); the server unpacks it, applies the same clean-up as build_rows() and splits off stored completions.
+# client); the server unpacks it, cleans it up (NUL, lengths) and splits off stored completions.
 _PG_INSERT = """
 WITH src AS (
   SELECT * FROM json_to_recordset($1::json) AS t(
@@ -264,11 +231,27 @@ FROM json_to_recordset($1::json) AS t(
 ON CONFLICT (request_id) DO NOTHING
 """
 
+# SQLite: named parameters straight from the parsed journal line (NUL characters already replaced), cut
+# to the column lengths as on PostgreSQL. Timestamps become the text SQLAlchemy's SQLite DATETIME uses
+# ("YYYY-MM-DD HH:MM:SS.ffffff", UTC), so that typed queries compare correctly.
 _SQLITE_USAGE_INSERT = """
 INSERT INTO usage_events (request_id, started_at, ended_at, subject, username, endpoint, model, provider_id,
                           upstream_model, streamed, status, error_type, prompt_tokens, completion_tokens,
                           total_tokens, cached_tokens, latency_ms, ttft_ms, upstream_latency_ms, attempts, extra)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+VALUES (:request_id,
+        strftime('%Y-%m-%d %H:%M:%S', CAST(round(:started_at * 1000000) AS INTEGER) / 1000000, 'unixepoch')
+           || printf('.%06d', CAST(round(:started_at * 1000000) AS INTEGER) % 1000000),
+        strftime('%Y-%m-%d %H:%M:%S', CAST(round(:ended_at * 1000000) AS INTEGER) / 1000000, 'unixepoch')
+           || printf('.%06d', CAST(round(:ended_at * 1000000) AS INTEGER) % 1000000),
+        substr(:subject, 1, 255),
+        substr(:username, 1, 255),
+        coalesce(substr(:endpoint, 1, 64), ''),
+        substr(:model, 1, 255),
+        substr(:provider_id, 1, 255),
+        substr(:upstream_model, 1, 255),
+        coalesce(:streamed, 0), :status, substr(:error_type, 1, 64),
+        :prompt_tokens, :completion_tokens, :total_tokens, :cached_tokens,
+        :latency_ms, :ttft_ms, :upstream_latency_ms, coalesce(:attempts, 1), :extra)
 ON CONFLICT (request_id) DO NOTHING
 """
 
@@ -316,7 +299,7 @@ class UsageRepo:
             return 0
         if self.dialect == "postgresql":
             return await self._insert_pg(lines)
-        return await self._insert_sqlite([event_from_line(line) for line in lines])
+        return await self._insert_sqlite(lines)
 
     async def _insert_pg(self, lines: Sequence[bytes]) -> int:
         payload = b"[" + b",".join(lines) + b"]"
@@ -338,15 +321,22 @@ class UsageRepo:
                     await conn.invalidate()
                 raise
 
-    async def _insert_sqlite(self, events: Sequence[UsageEvent]) -> int:
-        rows = build_rows(events)
-        usage = [(r[0], _sqlite_ts(r[1]), _sqlite_ts(r[2]), *r[3:]) for r in rows.usage]
-        async with self.engine.begin() as conn:
-            result = await conn.exec_driver_sql(_SQLITE_USAGE_INSERT, usage)
-            if rows.completions:
-                comps = [(r[0], r[1], _sqlite_ts(r[2]), *r[3:]) for r in rows.completions]
-                await conn.exec_driver_sql(_SQLITE_COMPLETION_INSERT, comps)
-            return max(int(result.rowcount), 0)
+    async def _insert_sqlite(self, lines: Sequence[bytes]) -> int:
+        usage, completions = _sqlite_rows(lines)
+        async with self.engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            db: Any = raw.driver_connection  # aiosqlite: executemany without per-row SQLAlchemy processing
+            before = db.total_changes
+            try:
+                await db.executemany(_SQLITE_USAGE_INSERT, usage)
+                added = db.total_changes - before
+                if completions:
+                    await db.executemany(_SQLITE_COMPLETION_INSERT, completions)
+                await db.commit()
+            except BaseException:
+                await db.rollback()
+                raise
+            return int(added)
 
     async def ping(self) -> None:
         async with self.engine.connect() as conn:
@@ -491,5 +481,5 @@ async def table_names(conn: AsyncConnection) -> list[str]:
     return await conn.run_sync(_names)
 
 
-__all__ = ["COMPLETION_COLUMNS", "GROUP_KEYS", "ID_LEN", "USAGE_COLUMNS", "Rows", "UsageRepo", "build_rows",
-           "event_from_line", "is_row_error", "table_names"]
+__all__ = ["COMPLETION_COLUMNS", "GROUP_KEYS", "ID_LEN", "USAGE_COLUMNS", "UsageRepo", "event_from_line",
+           "is_row_error", "table_names"]

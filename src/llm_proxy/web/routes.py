@@ -68,10 +68,10 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     finally:
         if ctx.endpoint is not None:
             svc.usage.record(ctx.to_event())
-        if svc.access_log and not request.path.startswith("/v1/health"):  # probes would flood the log
-            log.info(
-                "request",
-                extra={
+        access = svc.access_log
+        if access is not None and not request.path.startswith("/v1/health"):  # probes would flood the log
+            access.log(
+                {
                     "request_id": rid,
                     "method": request.method,
                     "path": request.path,
@@ -80,7 +80,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
                     "model": ctx.model,
                     "subject": ctx.principal.subject if ctx.principal else None,
                     "error_type": ctx.error_type,
-                },
+                }
             )
     if not resp.prepared:
         resp.headers["x-request-id"] = rid

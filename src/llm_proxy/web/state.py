@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from ..config import LoadedConfig
+from ..logs import AccessLog
 from ..core.gateway import Gateway
 from ..core.routing import Router
 from ..ports import Authenticator, Policy, UsageSink
@@ -30,7 +31,7 @@ class Services:
     def __post_init__(self) -> None:
         s = self.loaded.settings
         self.max_body_bytes = s.server.max_body_bytes
-        self.access_log = s.server.access_log
+        self.access_log: AccessLog | None = AccessLog() if s.server.access_log else None
         self.store_completions = s.usage.enabled and s.usage.store_completions
 
     def readiness(self) -> dict[str, Any]:
