@@ -40,6 +40,7 @@ lint: bootstrap
 	$(BIN)/mypy src
 
 bench: bootstrap
+	@command -v nginx >/dev/null && command -v wrk >/dev/null && command -v taskset >/dev/null || sh bench/setup.sh
 	$(BIN)/python bench/run.py
 
 schema: bootstrap

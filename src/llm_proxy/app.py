@@ -14,7 +14,7 @@ from .config import LoadedConfig
 from .core.gateway import Gateway
 from .core.routing import Router
 from .core.usage import UsageLedger
-from .core.usage_memory import MemoryUsageSink
+from .core.usage_memory import NullUsageSink
 from .ports import Authenticator, UsageSink
 from .providers.base import Provider
 from .providers.http import UpstreamClient
@@ -44,7 +44,7 @@ def build_authenticator(loaded: LoadedConfig) -> Authenticator:
 
 def build_usage_sink(loaded: LoadedConfig) -> UsageSink:
     if not loaded.settings.usage.enabled:
-        return MemoryUsageSink()
+        return NullUsageSink()
     return UsageLedger.from_config(loaded)
 
 

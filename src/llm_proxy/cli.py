@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import json
 import logging
 import multiprocessing
 import os
@@ -278,6 +279,44 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_client_config(args: argparse.Namespace) -> int:
+    from .web.state import client_config_for
+
+    loaded = _load(args.config)
+    print(json.dumps(client_config_for(loaded.settings), indent=2))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    from .status import conditions
+
+    url = args.url.rstrip("/") + "/v1/health/ready"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as resp:  # noqa: S310 - operator-given URL
+            code, body = resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        code, body = exc.code, exc.read()
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"llm-proxy status: cannot reach {url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+        return 2
+    try:
+        report = json.loads(body)
+    except ValueError:
+        print(f"llm-proxy status: {url} did not answer with JSON (HTTP {code})", file=sys.stderr)
+        return 2
+    conds = conditions(report, code)
+    if args.json:
+        print(json.dumps({"conditions": conds}, indent=2))
+    else:
+        width = max(len(c["type"]) for c in conds)
+        for c in conds:
+            print(f"{c['type']:<{width}}  {c['status']:<5}  {c['reason']}: {c['message']}")
+    return 0 if conds[0]["status"] == "True" else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-proxy", description="OpenAI-compatible LLM gateway")
     parser.add_argument("--version", action="version", version=f"llm-proxy {__version__}")
@@ -318,6 +357,15 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--json", action="store_true", help="JSON output")
     fmt.add_argument("--csv", action="store_true", help="CSV output")
     p.set_defaults(func=cmd_usage)
+    p = sub.add_parser("client-config", help="print the client config JSON (model, enabled) for the default model")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_client_config)
+
+    p = sub.add_parser("status", help="print a running proxy's readiness as Kubernetes-style conditions")
+    p.add_argument("--url", default="http://127.0.0.1:8321")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.set_defaults(func=cmd_status)
     return parser
 
 

@@ -23,3 +23,19 @@ class MemoryUsageSink:
 
     def health(self) -> dict[str, Any]:
         return {"ok": True, "backend": "memory", "recorded": len(self.events)}
+
+
+class NullUsageSink:
+    """usage.enabled: false — records nothing and holds nothing."""
+
+    def record(self, event: UsageEvent) -> None:
+        return None
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def health(self) -> dict[str, Any]:
+        return {"ok": True, "backend": "disabled"}

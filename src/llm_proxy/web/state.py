@@ -8,10 +8,10 @@ from typing import Any
 
 from aiohttp import web
 
-from ..config import LoadedConfig
-from ..logs import AccessLog
+from ..config import LoadedConfig, Settings
 from ..core.gateway import Gateway
 from ..core.routing import Router
+from ..logs import AccessLog
 from ..ports import Authenticator, Policy, UsageSink
 
 
@@ -54,9 +54,13 @@ class Services:
         return {"status": "OK" if ok else "NOT_READY", "failing": failing, "checks": checks}
 
     def client_config(self) -> dict[str, str]:
-        s = self.loaded.settings
-        model = s.default_model or (s.models[0].id if s.models else "")
-        return {"model": model, "enabled": "true" if model else "false"}
+        return client_config_for(self.loaded.settings)
+
+
+def client_config_for(s: Settings) -> dict[str, str]:
+    """What IDE clients read (the seed's llm-proxy-client ConfigMap): the model id, and "enabled" as a string."""
+    model = s.default_model or next((m.id for m in s.models if m.type == "llm"), "")
+    return {"model": model, "enabled": "true" if model else "false"}
 
 
 SERVICES = web.AppKey("services", Services)

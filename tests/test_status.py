@@ -1,0 +1,69 @@
+"""`llm-proxy status` and `client-config`: readiness as Kubernetes-style conditions, the client config JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from llm_proxy.status import conditions
+
+from .conftest import Emulator, basic_config
+from .helpers import ProxyServer, native_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "llm_proxy", *args], capture_output=True, text=True, timeout=30)
+
+
+def test_status_against_running_proxy(emulator: Emulator) -> None:
+    text = basic_config(emulator.base_url).replace(
+        "default_model: openai/gpt-4o",
+        "  - {id: broken/x, provider: broken, upstream_model: x}\ndefault_model: openai/gpt-4o",
+    ).replace("providers:\n", "providers:\n  - {id: broken, type: anthropic, api_key: '${env.NO_SUCH_KEY}'}\n", 1)
+    with ProxyServer(native_config(text)) as px:
+        r = _cli("status", "--url", px.url, "--json")
+    assert r.returncode == 0, r.stderr
+    conds = {c["type"]: c for c in json.loads(r.stdout)["conditions"]}
+    assert conds["Ready"]["status"] == "True"
+    assert conds["APIKeysConfigured"]["status"] == "False"
+    assert conds["APIKeysConfigured"]["reason"] == "SomeKeysMissing" and "NO_SUCH_KEY" in conds["APIKeysConfigured"]["message"]
+    assert conds["IdentityProviderReachable"]["reason"] == "NotUsed"
+    assert set(conds) == {"Ready", "APIKeysConfigured", "IdentityProviderReachable", "DatabaseReachable"}
+
+
+def test_status_unreachable_exit_2() -> None:
+    r = _cli("status", "--url", "http://127.0.0.1:9", "--timeout", "2")
+    assert r.returncode == 2 and "cannot reach" in r.stderr
+
+
+def test_conditions_from_not_ready_report() -> None:
+    report = {
+        "status": "NOT_READY",
+        "failing": ["auth"],
+        "checks": {
+            "providers": {"ok": True, "providers": {"openai": {"ok": True}}},
+            "auth": {"ok": False, "mode": "oidc", "issuers": {"https://kc/realms/r": {"keys": 0, "error": "timeout"}}},
+            "usage": {"ok": True, "backend": "database", "database": False, "backlog": 12, "spool_bytes": 3400,
+                      "last_error": "connection refused"},
+        },
+    }
+    conds = {c["type"]: c for c in conditions(report, 503)}
+    assert conds["Ready"]["status"] == "False" and "auth" in conds["Ready"]["message"]
+    assert conds["APIKeysConfigured"]["status"] == "True"
+    assert conds["IdentityProviderReachable"]["status"] == "False" and "timeout" in conds["IdentityProviderReachable"]["message"]
+    assert conds["DatabaseReachable"]["status"] == "False" and "backlog 12" in conds["DatabaseReachable"]["message"]
+
+
+def test_client_config_cli_matches_endpoint(tmp_path: Path) -> None:
+    cfg = ROOT / "tests" / "fixtures" / "seed" / "run-noauth.yaml"
+    r = subprocess.run(
+        [sys.executable, "-m", "llm_proxy", "client-config", "--config", str(cfg)],
+        capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin", "OPENAI_API_KEY": "k",
+                                                         "POSTGRESQL_PASSWORD": "x"},
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"model": "openai/gpt-4o", "enabled": "true"}
