@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -852,7 +853,7 @@ def build_report(
         if args.database_url
         else "SQLite in a temp dir; production would use PostgreSQL"
     )
-    now = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    now = args.started.strftime("%Y-%m-%d %H:%M %Z")
     lines = [
         SECTION,
         "",
@@ -959,6 +960,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="run the proxy from this source directory instead of the installed package (A/B runs), e.g. "
         "`git archive HEAD | tar -x -C /tmp/base` then --src /tmp/base/src",
     )
+    p.add_argument("--src-label", default=None, help="what --src is, for RESULTS.md (e.g. 'HEAD 1234abc')")
     p.add_argument(
         "--database-url",
         default=None,
@@ -967,7 +969,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs)")
     p.add_argument("--hold", action="store_true", help=argparse.SUPPRESS)  # used by bench/profile_proxy.py
     args = p.parse_args(argv)
-    args.command = "python bench/run.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    args.command = ("python bench/run.py " + shlex.join(argv if argv is not None else sys.argv[1:])).rstrip()
     args.command = re.sub(r"(://[^:/@\s]+:)[^@\s]+@", r"\1***@", args.command)  # no database password in RESULTS.md
     if args.quick:
         args.duration = args.duration or 2
@@ -1035,6 +1037,7 @@ def _terminate(signum: int, _frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    args.started = dt.datetime.now().astimezone()
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _terminate)
     nginx_bin = find_tools()
@@ -1046,7 +1049,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = machine_info()
     if args.src:
         args.src = str(Path(args.src).resolve())
-        info["commit"] = f"proxy code from {args.src} (not the working tree)"
+        info["commit"] = args.src_label or f"proxy code from {args.src} (not the working tree)"
     print(f"bench: {info['nproc']} CPUs ({info['cpu']}); proxy CPU {cpu_list(args.proxy_cpus)}, "
           f"load CPU {cpu_list(args.load_cpus)}; {args.duration} s points, {args.warmup} s warm-up")  # fmt: skip
     busy = wait_idle(60, args.max_noise)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-import orjson
 import openai
+import orjson
 
 from llm_proxy.logs import AccessLog
 

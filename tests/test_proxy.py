@@ -176,7 +176,7 @@ def test_models_list_and_get(proxy: ProxyServer) -> None:
 def test_llama_stack_prefix_routes(proxy: ProxyServer) -> None:
     c = openai.OpenAI(base_url=proxy.url + "/v1/openai/v1", api_key="k", max_retries=0)
     assert c.chat.completions.create(model="openai/gpt-4o", messages=MSG).choices[0].message.content
-    assert [m.id for m in c.models.list()][0] == "openai/gpt-4o"
+    assert next(m.id for m in c.models.list()) == "openai/gpt-4o"
 
 
 def test_unknown_model_404_openai_shape(proxy: ProxyServer) -> None:
@@ -186,7 +186,9 @@ def test_unknown_model_404_openai_shape(proxy: ProxyServer) -> None:
     assert isinstance(err, dict) and err["code"] == "model_not_found" and err["param"] == "model"
 
 
-async def _raw(proxy: ProxyServer, path: str, data: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict, dict]:
+async def _raw(
+    proxy: ProxyServer, path: str, data: bytes, headers: dict[str, str] | None = None
+) -> tuple[int, dict, dict]:
     async with aiohttp.ClientSession() as s:
         async with s.post(proxy.url + path, data=data, headers=headers or {"content-type": "application/json"}) as r:
             return r.status, r.headers.copy(), await r.json()  # type: ignore[return-value]
@@ -194,7 +196,8 @@ async def _raw(proxy: ProxyServer, path: str, data: bytes, headers: dict[str, st
 
 def test_malformed_json_400(proxy: ProxyServer) -> None:
     status, headers, body = asyncio.run(_raw(proxy, "/v1/chat/completions", b"{not json"))
-    assert status == 400 and body["error"]["code"] == "invalid_json" and body["error"]["type"] == "invalid_request_error"
+    assert status == 400 and body["error"]["code"] == "invalid_json"
+    assert body["error"]["type"] == "invalid_request_error"
     assert headers["x-request-id"].startswith("req_")
 
 
@@ -341,9 +344,9 @@ def test_health_endpoints_open(proxy: ProxyServer) -> None:
                     out.append((r.status, await r.json()))
         return out
 
-    (h, b1), (l, _), (rd, ready), (v, ver), (cc, cfg) = asyncio.run(go())
+    (h, b1), (lv, _), (rd, ready), (v, ver), (cc, cfg) = asyncio.run(go())
     assert (h, b1) == (200, {"status": "OK"})
-    assert l == 200 and rd == 200 and ready["status"] == "OK"
+    assert lv == 200 and rd == 200 and ready["status"] == "OK"
     assert v == 200 and ver["version"]
     assert cc == 200 and cfg == {"model": "openai/gpt-4o", "enabled": "true"}
 

@@ -144,6 +144,29 @@ async def test_queue_overflow_reads_back_from_rotating_journal(db_url: str, tmp_
     assert sorted(await db_ids(db_url)) == sorted([*ids, "req_after"])
 
 
+async def test_repeated_overflow_with_batches_in_flight(db_url: str, tmp_path: Path) -> None:
+    """Bursts overflow the queue again and again while up to two batches are being written."""
+    spool = tmp_path / "spool"
+    ledger = UsageLedger(db_url, spool, batch_size=16, queue_size=24, segment_bytes=2048, flush_interval=0.005,
+                         concurrency=2)
+    await ledger.start()
+    ids: list[str] = []
+    for burst in range(40):
+        for i in range(burst % 7 * 13 + 1):
+            rid = f"req_b{burst}_{i}"
+            ids.append(rid)
+            ledger.record(ev(rid))
+        for _ in range(burst % 3):
+            await asyncio.sleep(0)  # let the writer take, finish or not finish batches in between
+    assert await ledger.flush(30)
+    h = ledger.health()
+    assert h["backlog"] == 0 and h["spool_bytes"] == 0 and h["duplicates"] == 0
+    await ledger.close()
+    got = await db_ids(db_url)
+    assert len(got) == len(ids) and set(got) == set(ids)
+    assert spool_files(spool) == []
+
+
 async def test_database_outage_keeps_rows_and_replays_them(pg_name: str, relay: TcpRelay, tmp_path: Path) -> None:
     url = pg_url(pg_name, relay.port)
     ledger = UsageLedger(url, tmp_path / "spool", batch_size=100, queue_size=50, flush_interval=0.02)

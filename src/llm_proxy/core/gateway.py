@@ -38,6 +38,7 @@ class RequestContext:
     upstream_started: float | None = None
     upstream_ended: float | None = None
     attempts: int = 0
+    recorded: bool = False  # the usage event was already handed to the ledger
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_event(self) -> UsageEvent:

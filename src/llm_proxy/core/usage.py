@@ -101,11 +101,21 @@ class _Segment:
 
 @dataclasses.dataclass(slots=True)
 class _Cursor:
-    """Where the writer resumes reading the journal once the in-memory queue overflowed."""
+    """A position in this process's journal: a segment, a byte offset in it, and the row number there."""
 
     seg: _Segment
     offset: int
     seq: int
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Batch:
+    """Rows being written: from the in-memory queue, or read back from the journal (then `end` is where
+    the rows after it start)."""
+
+    lines: list[bytes]
+    end: _Cursor | None
+    task: asyncio.Task[None]
 
 
 class UsageLedger:
@@ -113,8 +123,9 @@ class UsageLedger:
 
     record() appends one orjson line to the current journal segment (a single os.write on an O_APPEND
     descriptor, so a killed process loses nothing the OS accepted) and queues the event in memory. A
-    background writer inserts batches (by size or time) idempotently on request_id; while the database
-    is away rows wait in the journal and the writer retries with bounded backoff. When the in-memory
+    background writer inserts batches (by size or time; on PostgreSQL two at a time, completed in order)
+    idempotently on request_id; while the database is away rows wait in the journal and the writer
+    retries with bounded backoff. When the in-memory
     queue is full the writer reads the overflow back from the journal, in order. Journal segments are
     deleted (or truncated) once every row in them is committed. Each process journals into its own
     locked directory under spool_dir; directories left by dead processes are replayed at start.
@@ -133,9 +144,13 @@ class UsageLedger:
         close_timeout: float = 5.0,
         migrate_timeout: float = 15.0,
         orphan_scan_interval: float = 60.0,
+        concurrency: int | None = None,
         engine: AsyncEngine | None = None,
     ) -> None:
-        normalize_url(database_url)  # fail early on an unsupported URL
+        url = normalize_url(database_url)  # fail early on an unsupported URL
+        # Batches in flight at once. PostgreSQL: two, so one backend works while the next batch travels (and
+        # a second core helps); SQLite serialises writers anyway.
+        self._concurrency = concurrency or (1 if url.get_backend_name() == "sqlite" else 2)
         self.database_url = database_url
         self.spool_dir = Path(spool_dir)
         self._batch_size = batch_size
@@ -158,7 +173,10 @@ class UsageLedger:
         self._committed = 0  # rows [0, _committed) are in the database
         # Journal lines of rows [_committed, cursor.seq or _seq): the in-memory queue.
         self._mem: deque[bytes] = deque()
-        self._cursor: _Cursor | None = None
+        self._cursor: _Cursor | None = None  # first row only in the journal (set while the queue overflows)
+        self._taken = 0  # rows [_committed, _taken) are in batches being written
+        self._mem_taken = 0  # of which this many from the head of _mem
+        self._read_at: _Cursor | None = None  # where the next batch read from the journal starts
         self._loose: list[bytes] = []  # recorded before start(), or the journal write failed
 
         self._wake = asyncio.Event()
@@ -447,67 +465,81 @@ class UsageLedger:
             await self._ensure_schema()
         await self._scan_orphans()
         bs = self._batch_size
-        while True:
-            if self._loose:
-                batch = self._loose[:bs]
-                await self._write(batch)
-                del self._loose[: len(batch)]
-                self._notify()
-                continue
-            pending = self._seq - self._committed
-            if pending == 0:
-                self._check_backlog()
-                if self._stopping:
-                    return
-                self._wake.clear()
-                self._wake_at = 1
-                try:
-                    await asyncio.wait_for(self._wake.wait(), self._scan_interval)
-                except TimeoutError:  # idle for a while: look for orphaned journals, check the database
-                    await self._scan_orphans()
-                    await self._ping()
-                self._wake_at = 0
-                continue
-            if pending < bs and not (self._stopping or self._urgent):
-                self._wake.clear()
-                self._wake_at = bs
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._interval)
-                self._wake_at = 0
-            self._urgent = False
-            await self._step(bs)
-            self._check_backlog()
+        inflight: deque[_Batch] = deque()
+        self._taken, self._mem_taken, self._read_at = self._committed, 0, None
+        try:
+            while True:
+                if self._loose and not inflight:
+                    batch = self._loose[:bs]
+                    await self._write(batch)
+                    del self._loose[: len(batch)]
+                    self._notify()
+                    continue
+                # Full batches go out at once, up to `concurrency` in flight; they complete in order.
+                while len(inflight) < self._concurrency and (
+                    self._seq - self._taken >= bs or (self._seq > self._taken and (self._stopping or self._urgent))
+                ):
+                    inflight.append(await self._take(bs))
+                if inflight:
+                    head = inflight[0]
+                    await head.task
+                    inflight.popleft()
+                    self._complete(head)
+                    self._check_backlog()
+                    continue
+                self._urgent = False
+                pending = self._seq - self._committed
+                if pending == 0:
+                    self._check_backlog()
+                    if self._stopping:
+                        return
+                    self._wake.clear()
+                    self._wake_at = 1
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), self._scan_interval)
+                    except TimeoutError:  # idle for a while: look for orphaned journals, check the database
+                        await self._scan_orphans()
+                        await self._ping()
+                    self._wake_at = 0
+                    continue
+                # A partial batch: give it flush_interval to fill up.
+                if not (self._stopping or self._urgent):
+                    self._wake.clear()
+                    self._wake_at = bs
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self._interval)
+                    self._wake_at = 0
+                inflight.append(await self._take(bs))
+        finally:
+            for b in inflight:
+                b.task.cancel()
+            await asyncio.gather(*(b.task for b in inflight), return_exceptions=True)
 
-    async def _step(self, bs: int) -> None:
-        """Write the next batch of this process's own events, from memory or from the journal."""
-        if self._mem:
-            batch: list[bytes] = []
+    async def _take(self, bs: int) -> _Batch:
+        """Start writing the next rows not yet taken: from the in-memory queue, else from the journal."""
+        mem = self._mem
+        if self._mem_taken < len(mem):
+            lines: list[bytes] = []
             size = 0
-            for line in islice(self._mem, 0, bs):
-                batch.append(line)
+            for line in islice(mem, self._mem_taken, self._mem_taken + bs):
+                lines.append(line)
                 size += len(line)
                 if size >= _BATCH_BYTES:
                     break
-            await self._write(batch)
-            for _ in range(len(batch)):
-                self._mem.popleft()
-            self._advance(len(batch))
-            return
-        cur = self._cursor
-        if cur is None:
-            raise RuntimeError("usage ledger: rows pending but neither queued nor journaled")
-        seg = cur.seg
-        if cur.offset >= seg.size:
-            if seg.closed:
-                self._cursor = _Cursor(self._next_segment(seg), 0, cur.seq)
-            return
-        lines, consumed = await asyncio.to_thread(_read_lines, seg.path, cur.offset, seg.size, bs)
-        await self._write(lines)
-        cur.offset += consumed
-        cur.seq += len(lines)
-        if cur.offset >= seg.size and seg.closed:
-            self._cursor = _Cursor(self._next_segment(seg), 0, cur.seq)
-        self._advance(len(lines))
+            self._mem_taken += len(lines)
+            end = None
+        else:
+            at = self._read_at or self._cursor
+            if at is None:
+                raise RuntimeError("usage ledger: rows pending but neither queued nor journaled")
+            while at.offset >= at.seg.size and at.seg.closed:
+                at = _Cursor(self._next_segment(at.seg), 0, at.seq)
+            lines, consumed = await asyncio.to_thread(_read_lines, at.seg.path, at.offset, at.seg.size, bs)
+            if not lines:
+                raise RuntimeError("usage ledger: journal shorter than its row count")
+            end = self._read_at = _Cursor(at.seg, at.offset + consumed, at.seq + len(lines))
+        self._taken += len(lines)
+        return _Batch(lines, end, asyncio.create_task(self._write(lines)))
 
     def _next_segment(self, seg: _Segment) -> _Segment:
         it = iter(self._segments)
@@ -516,11 +548,19 @@ class UsageLedger:
                 return next(it)
         raise RuntimeError("journal segment list lost its order")
 
-    def _advance(self, n: int) -> None:
+    def _complete(self, batch: _Batch) -> None:
+        """A batch is committed (batches complete in the order they were taken)."""
+        n = len(batch.lines)
+        if batch.end is None:
+            for _ in range(n):
+                self._mem.popleft()
+            self._mem_taken -= n
+        else:
+            self._cursor = batch.end
         self._committed += n
         cur = self._cursor
         if cur is not None and cur.seq >= self._seq:
-            self._cursor = None
+            self._cursor = self._read_at = None
             log.info("usage writer caught up with the journal; back to the in-memory queue")
         self._collect_segments()
         self._notify()
@@ -536,7 +576,7 @@ class UsageLedger:
             except OSError as exc:
                 log.warning("cannot delete journal segment", extra={"path": seg.path, "error": str(exc)})
         active = self._active
-        if active is not None and active.size and self._committed == self._seq and self._cursor is None:
+        if active is not None and active.size and self._taken == self._committed == self._seq and self._cursor is None:
             try:
                 os.ftruncate(self._fd, 0)
             except OSError as exc:

@@ -6,7 +6,6 @@ import os
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 
-
 from .base import UpstreamRequest
 from .credentials import KeySource
 

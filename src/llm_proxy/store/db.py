@@ -113,8 +113,24 @@ def _upgrade_sync(connection: Connection, revision: str) -> str | None:
     return MigrationContext.configure(connection).get_current_revision()
 
 
+# The newest migration shipped; when the database is already there, Alembic (~10 MB resident) is not loaded.
+HEAD_REVISION = "0001_usage_ledger"
+
+
+async def current_revision(engine: AsyncEngine) -> str | None:
+    """The database's Alembic revision, read with plain SQL (None when unmigrated)."""
+    try:
+        async with engine.connect() as conn:
+            row = (await conn.execute(text("SELECT version_num FROM alembic_version"))).first()
+    except Exception:  # no table yet, or no database: the full Alembic path decides (and reports)
+        return None
+    return str(row[0]) if row is not None else None
+
+
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> str | None:
     """Run Alembic migrations up to `revision` (idempotent); returns the revision now current."""
+    if revision == "head" and await current_revision(engine) == HEAD_REVISION:
+        return HEAD_REVISION
     url = engine.url
     path = _sqlite_path(url) if is_sqlite(url) else None
     fd = -1

@@ -71,7 +71,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         ctx.status, ctx.error_type = 500, "server_error"
         resp = error_response(internal_error(rid), rid)
     finally:
-        if ctx.endpoint is not None:
+        if ctx.endpoint is not None and not ctx.recorded:
             svc.usage.record(ctx.to_event())
         access = svc.access_log
         if access is not None and not request.path.startswith("/v1/health"):  # probes would flood the log
@@ -137,6 +137,9 @@ def _proxy(endpoint: Endpoint) -> Handler:
             async with aclosing(result.frames()) as frames:
                 async for f in frames:
                     await resp.write(f)
+            # Record before the last write: once the client has [DONE], a kill -9 must not lose the row.
+            ctx.recorded = True
+            svc.usage.record(ctx.to_event())
             await resp.write(DONE)
         except ProxyError as exc:
             # Headers are gone: the status cannot change. Tell the client in-band and end the stream.
