@@ -39,7 +39,7 @@ lint: bootstrap
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy src
 
-bench: bootstrap
+bench: bootstrap node-deps
 	@command -v nginx >/dev/null && command -v wrk >/dev/null && command -v taskset >/dev/null || sh bench/setup.sh
 	$(BIN)/python bench/run.py
 

@@ -1,6 +1,8 @@
 -- wrk script for bench/run.py: POST a fixed JSON body and report a JSON summary.
--- Usage: wrk ... -s bench/post.lua <url> -- <body-file> [header:value ...]
+-- Usage: [BENCH_AUTH='Bearer <token>'] wrk ... -s bench/post.lua <url> -- <body-file> [header:value ...]
 -- The body is read from a file so the harness controls it; one pre-formatted request is reused.
+-- BENCH_AUTH, when set and not empty, is sent as the Authorization header of every request (an env var
+-- rather than an argument, so the token is not on wrk's command line).
 
 local req
 
@@ -13,6 +15,10 @@ function init(args)
   local body = f:read("*a")
   f:close()
   local headers = { ["Content-Type"] = "application/json", ["Accept"] = "*/*" }
+  local auth = os.getenv("BENCH_AUTH")
+  if auth ~= nil and auth ~= "" then
+    headers["Authorization"] = auth
+  end
   for i = 2, #args do
     local name, value = string.match(args[i], "^([^:]+):%s*(.*)$")
     if name then

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kinds", default="json,stream")
     p.add_argument("--connections", type=int, default=64)
-    p.add_argument("--variant", default="log", choices=sorted(run.VARIANTS))
+    p.add_argument("--variant", default="log", choices=sorted(k for k, v in run.VARIANTS.items() if not v.oidc))
     p.add_argument("--duration", type=int, default=15, help="seconds of sampling per workload")
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--top", type=int, default=25)

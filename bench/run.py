@@ -7,20 +7,25 @@ One command (`make bench`, i.e. `.venv/bin/python bench/run.py`):
   `POST /v1/chat/completions` and a fixed SSE stream (20 `chat.completion.chunk` events, a usage
   chunk, `data: [DONE]`) on `POST /stream/v1/chat/completions`;
 * starts `llm-proxy serve` with a generated native config (two models -> two provider base URLs);
+* for the `oidc` variant, also starts the auth tests' real OpenID provider (tests/oidc/op.mjs under Node),
+  configures it as the trusted issuer and has wrk send one access token as `Authorization: Bearer`;
 * drives both with wrk (`bench/post.lua`), pinned so the proxy has a core of its own;
 * prints a table (direct vs proxy req/s, ratio, p50/p99, added latency, proxy CPU and RSS) and
   replaces the "## Core gateway throughput" section of bench/RESULTS.md.
 
-Nothing is installed here: a missing nginx or wrk exits 2 with the command to run (bench/setup.sh).
+Nothing is installed here: a missing nginx or wrk exits 2 with the command to run (bench/setup.sh); so does
+missing Node.js or tests/oidc/node_modules when the oidc variant is selected (`make node-deps`).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import datetime as dt
 import http.client
 import json
+import math
 import os
 import platform
 import re
@@ -33,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +49,9 @@ RESULTS = BENCH / "RESULTS.md"
 OUT = BENCH / "out"  # raw results (git-ignored)
 SECTION = "## Core gateway throughput"
 INSTALL_HINT = "sudo apt-get update && sudo apt-get install -y nginx wrk   (or: sh bench/setup.sh)"
+OP_DIR = ROOT / "tests" / "oidc"  # the auth tests' OpenID provider (npm oidc-provider), reused by the oidc variant
+OP_HINT = "Node.js 20+ on PATH, then: make node-deps   (= cd tests/oidc && npm ci)"
+OIDC_AUDIENCE = "konveyor-api"  # tests/conftest_oidc.AUDIENCE: the `aud` of the provider's access tokens
 
 # Project targets (one worker pinned to one core, load generator on the other).
 TARGET_RPS_64 = 4000.0
@@ -52,6 +60,7 @@ TARGET_ADDED_P99_MS = 4.0
 TARGET_STREAMS = 2500.0
 TARGET_RSS_MB = 80.0
 TARGET_SCALING = 1.3  # 2 workers vs 1 on this box, where wrk and nginx also need CPU time
+TARGET_AUTH_RATIO = 0.90  # oidc req/s vs the same set-up without auth (verified tokens are cached)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -224,11 +233,14 @@ def wait_http(port: int, path: str, method: str = "GET", body: bytes | None = No
     raise RuntimeError(f"127.0.0.1:{port}{path} not ready after {timeout:.0f}s ({last})")
 
 
-def http_call(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+def http_call(
+    port: int, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
-        headers = {"content-type": "application/json"} if body is not None else {}
-        conn.request(method, path, body=body, headers=headers)
+        hdrs = {"content-type": "application/json"} if body is not None else {}
+        hdrs.update(headers or {})
+        conn.request(method, path, body=body, headers=hdrs)
         resp = conn.getresponse()
         data = resp.read()
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
@@ -326,6 +338,64 @@ http {{
         self.proc = None
 
 
+def _jwt_exp(token: str) -> float:
+    """The `exp` claim of a JWT, read without verifying it (only to know when to fetch a new one)."""
+    payload = token.split(".")[1]
+    return float(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["exp"])
+
+
+class BenchOP:
+    """The auth tests' real OpenID provider (tests/conftest_oidc.OpenIDProvider: tests/oidc/op.mjs under Node)
+    and the one access token the oidc variant sends on every request."""
+
+    CLIENT = "llm-cli"  # client_credentials grant: an RS256 access token, aud konveyor-api, 300 s lifetime
+    REFRESH_MARGIN = 120.0  # a point with all its retries fits in this; only then is a new token fetched
+
+    def __init__(self) -> None:
+        self.op: Any = None
+        self.tokens = 0  # access tokens fetched
+        self._token = ""
+        self._exp = 0.0
+
+    def start(self) -> None:
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
+        import pytest  # the provider's helper reports failures with pytest.fail
+
+        from tests.conftest_oidc import AUDIENCE, OpenIDProvider
+
+        if AUDIENCE != OIDC_AUDIENCE:
+            raise RuntimeError(f"tests/conftest_oidc.AUDIENCE is {AUDIENCE!r}, bench/run.py expects {OIDC_AUDIENCE!r}")
+        op = OpenIDProvider()
+        try:
+            op.start()
+        except pytest.fail.Exception as exc:
+            op.close()
+            raise RuntimeError(str(exc)) from None
+        self.op = op
+
+    @property
+    def issuer(self) -> str:
+        return str(self.op.issuer)
+
+    @property
+    def jwks_uri(self) -> str:
+        return str(self.op.jwks_uri)
+
+    def authorization(self) -> str:
+        """`Bearer <token>`: the same token until it is within REFRESH_MARGIN of its expiry."""
+        if self._exp - time.time() < self.REFRESH_MARGIN:
+            self._token = self.op.token(self.CLIENT)
+            self._exp = _jwt_exp(self._token)
+            self.tokens += 1
+        return f"Bearer {self._token}"
+
+    def close(self) -> None:
+        if self.op is not None:
+            self.op.close()
+            self.op = None
+
+
 @dataclass
 class ProxyVariant:
     key: str
@@ -334,6 +404,8 @@ class ProxyVariant:
     access_log: bool = True
     ledger: bool = True
     floor: bool = False  # not the proxy: bench/floor.py, a bare aiohttp pass-through (reference point)
+    oidc: bool = False  # auth.mode oidc against BenchOP; wrk sends its bearer token
+    baseline: str | None = None  # the variant this one is compared with (same set-up without auth)
 
 
 class Proxy:
@@ -345,9 +417,13 @@ class Proxy:
         cpus: set[int] | None,
         src: str | None = None,
         database_url: str | None = None,
+        op: BenchOP | None = None,
     ) -> None:
         self.src = src  # another source tree to run (its `src` directory), for A/B comparisons
         self.database_url = database_url
+        if variant.oidc and op is None:
+            raise ValueError(f"variant {variant.key!r} needs the OpenID provider (BenchOP)")
+        self.op = op
         self.dir = workdir / f"proxy-{variant.key}"
         self.upstream_port = upstream_port
         self.variant = variant
@@ -355,6 +431,18 @@ class Proxy:
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.dir / "proxy.log"
+
+    def auth_config(self) -> str:
+        if not self.variant.oidc:
+            return "auth:\n  mode: none\n  allow_unauthenticated: true"
+        assert self.op is not None
+        return f"""auth:
+  mode: oidc
+  oidc:
+    issuers:
+      - issuer: {self.op.issuer}
+        jwks_uri: {self.op.jwks_uri}
+        audiences: [{OIDC_AUDIENCE}]"""
 
     def config(self) -> str:
         up = f"http://127.0.0.1:{self.upstream_port}"
@@ -383,9 +471,7 @@ models:
     upstream_model: gpt-4o-mini
 default_model: bench-json
 {"" if self.variant.ledger else "# usage ledger off: isolates the cost of recording usage"}
-auth:
-  mode: none
-  allow_unauthenticated: true
+{self.auth_config()}
 database:
   url: {self.database_url or f"sqlite+aiosqlite:///{d / 'bench.db'}"}
 usage:
@@ -471,9 +557,10 @@ def sse_payloads(raw: bytes) -> list[bytes]:
     return [line[6:] for line in raw.split(b"\n") if line.startswith(b"data: ")]
 
 
-def check_proxy(proxy_port: int, upstream_port: int) -> None:
+def check_proxy(proxy_port: int, upstream_port: int, authorization: str | None = None) -> None:
+    auth = {"authorization": authorization} if authorization else None
     st, _, direct = http_call(upstream_port, "POST", "/v1/chat/completions", request_body("x", False))
-    st2, _, proxied = http_call(proxy_port, "POST", "/v1/chat/completions", request_body("bench-json", False))
+    st2, _, proxied = http_call(proxy_port, "POST", "/v1/chat/completions", request_body("bench-json", False), auth)
     if st != 200 or st2 != 200:
         raise RuntimeError(f"check failed: direct HTTP {st}, proxy HTTP {st2}: {proxied[:300]!r}")
     want = json.loads(direct)
@@ -482,7 +569,9 @@ def check_proxy(proxy_port: int, upstream_port: int) -> None:
         raise RuntimeError(f"check failed: proxied JSON differs from upstream:\n{proxied[:500]!r}")
 
     st, _, direct = http_call(upstream_port, "POST", "/stream/v1/chat/completions", request_body("x", True))
-    st2, hdrs, proxied = http_call(proxy_port, "POST", "/v1/chat/completions", request_body("bench-stream", True))
+    st2, hdrs, proxied = http_call(
+        proxy_port, "POST", "/v1/chat/completions", request_body("bench-stream", True), auth
+    )
     if st != 200 or st2 != 200 or not hdrs.get("content-type", "").startswith("text/event-stream"):
         raise RuntimeError(f"check failed: stream direct HTTP {st}, proxy HTTP {st2} {hdrs.get('content-type')}")
     a, b = sse_payloads(direct), sse_payloads(proxied)
@@ -493,6 +582,20 @@ def check_proxy(proxy_port: int, upstream_port: int) -> None:
         ex["model"] = "bench-stream"
         if json.loads(y) != ex:
             raise RuntimeError(f"check failed: proxied chunk differs:\n{y[:300]!r}\nvs\n{x[:300]!r}")
+
+
+def check_auth_enforced(proxy_port: int, authorization: str) -> None:
+    """With auth on, the token must be what gets requests through: none, or one with a broken signature, is 401."""
+    token = authorization.removeprefix("Bearer ")
+    head, sig = token.rsplit(".", 1)
+    i = len(sig) // 2  # a middle character: the last one may only carry padding bits
+    forged = f"Bearer {head}.{sig[:i]}{'B' if sig[i] == 'A' else 'A'}{sig[i + 1 :]}"
+    for kind, (model, _) in KINDS.items():
+        for what, headers in (("no token", None), ("a token with a broken signature", {"authorization": forged})):
+            st, _, body = http_call(proxy_port, "POST", "/v1/chat/completions", request_body(model, kind == "stream"),
+                                    headers)  # fmt: skip
+            if st != 401:
+                raise RuntimeError(f"check failed: {kind} request with {what} got HTTP {st}, want 401: {body[:300]!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -609,7 +712,13 @@ class WrkResult:
 
 
 def run_wrk(
-    url: str, body_file: Path, connections: int, seconds: int, cpus: set[int] | None, threads: int
+    url: str,
+    body_file: Path,
+    connections: int,
+    seconds: int,
+    cpus: set[int] | None,
+    threads: int,
+    authorization: str | None = None,
 ) -> WrkResult:
     cmd = [
         "wrk", f"-t{min(threads, connections)}", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
@@ -617,8 +726,11 @@ def run_wrk(
     ]  # fmt: skip
     if cpus is not None:
         cmd = ["taskset", "-c", cpu_list(cpus), *cmd]
+    env = {k: v for k, v in os.environ.items() if k != "BENCH_AUTH"}
+    if authorization:
+        env["BENCH_AUTH"] = authorization  # post.lua sends it as the Authorization header (not on the command line)
     out = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=seconds + 60, check=False, preexec_fn=_die_with_parent
+        cmd, capture_output=True, text=True, timeout=seconds + 60, check=False, preexec_fn=_die_with_parent, env=env
     )
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
     if out.returncode != 0 or line is None:
@@ -665,6 +777,7 @@ def measure(
     args: argparse.Namespace,
     pids: list[int],
     quiet_pids: list[int],
+    authorization: Callable[[], str] | None = None,
 ) -> Measurement:
     """One point; re-measured (up to --retries times) when other processes took CPU meanwhile."""
     url = f"http://127.0.0.1:{port}{path}"
@@ -674,10 +787,11 @@ def measure(
             t0 = time.monotonic()
             wait_idle(min(20.0, args.retry_budget), args.max_noise / 2)
             args.retry_budget -= time.monotonic() - t0
+        auth = authorization() if authorization else None
         if args.warmup:
-            run_wrk(url, body_file, connections, args.warmup, args.load_cpus, args.threads)
+            run_wrk(url, body_file, connections, args.warmup, args.load_cpus, args.threads, auth)
         with Sampler(pids, quiet_pids) as s:
-            res = run_wrk(url, body_file, connections, args.duration, args.load_cpus, args.threads)
+            res = run_wrk(url, body_file, connections, args.duration, args.load_cpus, args.threads, auth)
         time.sleep(1.0)
         m = Measurement(target, kind, connections, res)
         m.cpu_pct = {str(p): round(v, 1) for p, v in s.cpu_pct.items()}
@@ -832,7 +946,29 @@ def build_report(
         if peak is not None:
             verdict(peak <= TARGET_RSS_MB, f"{tag} RSS under load: {peak:.0f} MB max "
                     f"(target <= {TARGET_RSS_MB:.0f} MB)")  # fmt: skip
-    one = next((v for v in variants if v.workers == 1 and v.access_log), None)
+    for v in variants:
+        base = next((b for b in variants if b.key == v.baseline), None)
+        if base is None:
+            continue
+        pts = [
+            (kind, c, by[(v.key, kind, c)], by[(base.key, kind, c)])
+            for kind in args.kinds
+            for c in args.connections
+            if (v.key, kind, c) in by and (base.key, kind, c) in by
+        ]
+        if not pts:
+            continue
+        ratios = [m.wrk.rps / b.wrk.rps for _, _, m, b in pts]
+        gmean = math.prod(ratios) ** (1.0 / len(ratios))
+        text = ", ".join(
+            f"{'JSON' if kind == 'json' else 'SSE'} c{c} {m.wrk.rps:,.0f} / {b.wrk.rps:,.0f} = "
+            f"{m.wrk.rps / b.wrk.rps:.2f} (CPU {m.cpu_us_per_req:.0f} / {b.cpu_us_per_req:.0f} us/req)"
+            for kind, c, m, b in pts
+        )
+        verdict(gmean >= TARGET_AUTH_RATIO, f"[{v.label}] vs [{base.label}]: req/s ratio {gmean:.3f} "
+                f"(geometric mean of the points; target >= {TARGET_AUTH_RATIO:.2f}; lowest point "
+                f"{min(ratios):.2f}): {text}")  # fmt: skip
+    one = next((v for v in variants if v.workers == 1 and v.access_log and not v.oidc), None)
     for v in variants:
         if v.workers == 1 or one is None:
             continue
@@ -854,6 +990,24 @@ def build_report(
         else "SQLite in a temp dir; production would use PostgreSQL"
     )
     now = args.started.strftime("%Y-%m-%d %H:%M %Z")
+    oidc = next((v for v in variants if v.oidc), None)
+    auth_note = (
+        f' "{oidc.label}" = "defaults" with `auth.mode: oidc`: one trusted issuer, the OpenID provider of the auth '
+        "tests (tests/oidc/op.mjs, npm oidc-provider under Node, on this machine; idle while measuring), audience "
+        f"{OIDC_AUDIENCE}; wrk sends one RS256 client-credentials access token as `Authorization: Bearer` on every "
+        "request (`BENCH_AUTH`), so after its first request the proxy finds it in its verified-token cache "
+        "(SHA-256 of the token, kept until `exp`). The harness checks first that the token gets 200 and that no "
+        "token, or a broken signature, gets 401."
+        + (
+            f' Both "{oidc.label}" and its no-auth counterpart run at once (both on CPU {pc}, the idle one '
+            "uses next to nothing) and are measured point by point in alternating order, so drift of the shared "
+            "machine over the run does not decide their ratio."
+            if oidc.baseline in {v.key for v in variants}
+            else ""
+        )
+        if oidc
+        else ""
+    )
     lines = [
         SECTION,
         "",
@@ -872,9 +1026,9 @@ def build_report(
         f'Pinning: proxy on CPU {pc}; wrk and nginx on CPU {lc} while the proxy is measured; for "direct" '
         f"nginx moves to CPU {pc} (wrk stays on {lc}). `--workers 2` runs on CPUs "
         f"{cpu_list(args.all_cpus)} while wrk and nginx also need CPU {lc}, so 2x is out of reach on this box. "
-        'Proxy config: auth none, one openai_compat provider per workload. "defaults" = production defaults: '
-        "access log on (one JSON line per request to stderr, here a file) and usage ledger on (journal file + "
-        f"database, here {db}).",
+        f"Proxy config: auth none{' (but the OIDC rows)' if oidc else ''}, one openai_compat provider per workload. "
+        '"defaults" = production defaults: access log on (one JSON line per request to stderr, here a file) and '
+        f"usage ledger on (journal file + database, here {db}).{auth_note}",
         "",
         "Added latency = proxy percentile - direct percentile at the same connection count. With a closed "
         "loop (wrk), latency at saturation is mostly queueing: about connections / throughput. Proxy CPU % is "
@@ -930,9 +1084,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--variants",
         default=None,
-        help="proxy variants: log (1 worker, production defaults: access log and usage ledger on), nolog "
-        "(access log off), bare (access log and ledger off), floor (bench/floor.py: bare aiohttp pass-through, "
-        "for reference), w2 (2 workers, defaults); default log,nolog,bare,floor,w2",
+        help="proxy variants: log (1 worker, production defaults: access log and usage ledger on), oidc (log with "
+        "auth.mode oidc against tests/oidc/op.mjs, one bearer token on every request; needs Node.js and "
+        "`make node-deps`), nolog (access log off), bare (access log and ledger off), floor (bench/floor.py: bare "
+        "aiohttp pass-through, for reference), w2 (2 workers, defaults); default log,oidc,nolog,bare,floor,w2",
     )
     p.add_argument("--kinds", default="json,stream", help="json,stream (default both)")
     p.add_argument("--proxy-cpus", default="0", help="CPUs of the (single-worker) proxy (default 0)")
@@ -980,7 +1135,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.budget_told = False
     args.warmup = 2 if args.warmup is None else args.warmup
     args.connections = [int(c) for c in (args.connections or "8,64").split(",")]
-    args.variants = (args.variants or "log,nolog,bare,floor,w2").split(",")
+    args.variants = (args.variants or DEFAULT_VARIANTS).split(",")
     args.kinds = [k for k in args.kinds.split(",") if k]
     for k in args.kinds:
         if k not in KINDS:
@@ -999,14 +1154,36 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 VARIANTS = {
     "log": ProxyVariant("log", "1 worker, defaults", 1, True),
+    "oidc": ProxyVariant("oidc", "1 worker, defaults + OIDC bearer", 1, True, oidc=True, baseline="log"),
     "nolog": ProxyVariant("nolog", "1 worker, access log off", 1, False),
     "w2": ProxyVariant("w2", "2 workers, defaults", 2, True),
     "bare": ProxyVariant("bare", "1 worker, access log + ledger off", 1, False, False),
     "floor": ProxyVariant("floor", "reference: bare aiohttp pass-through (bench/floor.py)", 1, False, False, True),
 }
+DEFAULT_VARIANTS = "log,oidc,nolog,bare,floor,w2"
 
 
-def find_tools() -> str:
+def measuring_groups(variants: list[ProxyVariant], hold: bool = False) -> list[list[ProxyVariant]]:
+    """The variants in measuring order. A variant whose baseline is also selected (oidc with log) forms one group
+    with it: both proxies run at once and are measured point by point in alternating order (A B, B A, ...), so
+    that slow drift of a shared machine over the run does not decide their ratio."""
+    keys = {v.key for v in variants}
+    groups: list[list[ProxyVariant]] = []
+    placed: set[str] = set()
+    for v in variants:
+        if v.key in placed:
+            continue
+        group = [v]
+        if not hold:
+            if v.baseline in keys and v.baseline not in placed:
+                group.insert(0, next(b for b in variants if b.key == v.baseline))
+            group += [w for w in variants if w.baseline == group[0].key and w.key not in placed and w not in group]
+        placed.update(x.key for x in group)
+        groups.append(group)
+    return groups
+
+
+def find_tools(openid_provider: bool = False) -> str:
     places = ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
     nginx = shutil.which("nginx") or next((p for p in places if os.access(p, os.X_OK)), None)
     missing = [name for name, path in (("nginx", nginx), ("wrk", shutil.which("wrk"))) if not path]
@@ -1015,6 +1192,15 @@ def find_tools() -> str:
     if missing:
         print(f"bench: missing {', '.join(missing)}. Install with:\n  {INSTALL_HINT}", file=sys.stderr)
         raise SystemExit(2)
+    if openid_provider:
+        if not shutil.which("node"):
+            missing.append("node (Node.js 20+)")
+        if not (OP_DIR / "node_modules" / "oidc-provider" / "package.json").is_file():
+            missing.append("tests/oidc/node_modules (npm package oidc-provider)")
+        if missing:
+            print(f"bench: the oidc variant needs {', '.join(missing)}. Install with:\n  {OP_HINT}\n"
+                  "(or leave it out: --variants log,nolog,bare,floor,w2)", file=sys.stderr)  # fmt: skip
+            raise SystemExit(2)
     assert nginx is not None
     return nginx
 
@@ -1040,12 +1226,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.started = dt.datetime.now().astimezone()
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _terminate)
-    nginx_bin = find_tools()
     for v in args.variants:
         if v not in VARIANTS:
             print(f"bench: unknown variant {v!r} (choose from {', '.join(VARIANTS)})", file=sys.stderr)
             return 2
     variants = [VARIANTS[v] for v in args.variants]
+    nginx_bin = find_tools(openid_provider=any(v.oidc for v in variants))
     info = machine_info()
     if args.src:
         args.src = str(Path(args.src).resolve())
@@ -1064,6 +1250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f.write_bytes(request_body(model if via_proxy else UPSTREAM_MODEL, kind == "stream"))
                 bodies[(kind, via_proxy)] = f
         upstream = Nginx(nginx_bin, tmp)
+        op: BenchOP | None = None
         upstream.start()
         try:
             print("direct (nginx alone):", flush=True)
@@ -1073,34 +1260,56 @@ def main(argv: Sequence[str] | None = None) -> int:
                     ms.append(measure("direct", kind, upstream.port, KINDS[kind][1], bodies[(kind, False)], c,
                                       args, [], upstream.pids()))  # fmt: skip
             upstream.pin(args.load_cpus)
-            for v in variants:
-                cpus = args.proxy_cpus if v.workers == 1 else args.all_cpus
-                proxy = Proxy(tmp, upstream.port, v, cpus, args.src, args.database_url)
-                print(f"proxy ({v.label}; CPU {cpu_list(cpus)}):", flush=True)
-                proxy.start()
+            for group in measuring_groups(variants, args.hold):
+                if any(v.oidc for v in group) and op is None:
+                    op = BenchOP()
+                    op.start()
+                    print(f"OpenID provider (tests/oidc/op.mjs): issuer {op.issuer}", flush=True)
+                proxies: list[Proxy] = []
+                auths: dict[str, Callable[[], str] | None] = {}
                 try:
-                    if not v.floor:
-                        check_proxy(proxy.port, upstream.port)
+                    for v in group:
+                        cpus = args.proxy_cpus if v.workers == 1 else args.all_cpus
+                        proxy = Proxy(tmp, upstream.port, v, cpus, args.src, args.database_url, op if v.oidc else None)
+                        proxies.append(proxy)
+                        print(f"proxy ({v.label}; CPU {cpu_list(cpus)}):", flush=True)
+                        proxy.start()
+                        auth = auths[v.key] = op.authorization if v.oidc and op is not None else None
+                        if not v.floor:
+                            check_proxy(proxy.port, upstream.port, auth() if auth else None)
+                        if auth:
+                            check_auth_enforced(proxy.port, auth())
                     if args.hold:
+                        proxy = proxies[0]
                         print(f"bench: holding proxy pid {proxy.proc.pid if proxy.proc else '?'} on port "
                               f"{proxy.port}; Ctrl-C to stop", flush=True)  # fmt: skip
                         with contextlib.suppress(KeyboardInterrupt):
                             signal.pause()
                         continue
-                    pids = proxy.workers()
-                    others = upstream.pids() + ([proxy.proc.pid] if proxy.proc and v.workers > 1 else [])
-                    for kind in args.kinds:
-                        for c in args.connections:
-                            ms.append(measure(v.key, kind, proxy.port, "/v1/chat/completions",
-                                              bodies[(kind, True)], c, args, pids, others))  # fmt: skip
-                    if proxy.proc is not None and proxy.proc.poll() is not None:
-                        raise RuntimeError(f"the proxy exited during the run:\n{proxy.tail_log()}")
-                    lines = proxy.log_path.stat().st_size if proxy.log_path.exists() else 0
-                    print(f"  (proxy log: {lines / 1e6:.1f} MB)", flush=True)
+                    if len(proxies) > 1:
+                        print(f"  ({' and '.join(x.variant.key for x in proxies)}: both up, measured point by "
+                              "point in alternating order)", flush=True)  # fmt: skip
+                    points = [(kind, c) for kind in args.kinds for c in args.connections]
+                    for i, (kind, c) in enumerate(points):
+                        for proxy in proxies if i % 2 == 0 else proxies[::-1]:
+                            v = proxy.variant
+                            pids = proxy.workers()
+                            others = upstream.pids() + ([proxy.proc.pid] if proxy.proc and v.workers > 1 else [])
+                            ms.append(measure(v.key, kind, proxy.port, "/v1/chat/completions", bodies[(kind, True)],
+                                              c, args, pids, others, auths[v.key]))  # fmt: skip
+                    for proxy in proxies:
+                        if proxy.proc is not None and proxy.proc.poll() is not None:
+                            raise RuntimeError(f"the proxy exited during the run:\n{proxy.tail_log()}")
+                        size = proxy.log_path.stat().st_size if proxy.log_path.exists() else 0
+                        print(f"  ({proxy.variant.key} proxy log: {size / 1e6:.1f} MB)", flush=True)
                 finally:
-                    proxy.stop()
+                    for proxy in proxies:
+                        proxy.stop()
         finally:
             upstream.stop()
+            if op is not None:
+                print(f"  (OpenID provider: {op.tokens} access token(s) fetched)", flush=True)
+                op.close()
     if args.hold:
         return 0
 

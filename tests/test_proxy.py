@@ -366,3 +366,22 @@ def test_ready_503_lists_failing_checks_when_no_provider_usable(emulator: Emulat
         with pytest.raises(openai.APIStatusError) as ei:
             client(px).chat.completions.create(model="openai/gpt-4o", messages=MSG)
         assert ei.value.status_code == 503 and "NOPE" in ei.value.message
+
+
+def test_seed_run_yaml_without_auth_serves_end_to_end(emulator: Emulator) -> None:
+    """The operator's run.yaml (e2e values, auth block removed) as the proxy's config, unchanged but for
+    the emulator's address."""
+    from pathlib import Path
+
+    from llm_proxy.config import load_config_text
+
+    text = (Path(__file__).parent / "fixtures" / "seed" / "run-noauth.yaml").read_text()
+    text = text.replace("http://llemulator.konveyor-tackle.svc.cluster.local/v1", emulator.base_url)
+    loaded = load_config_text(text, env={"OPENAI_API_KEY": "dummy-key-for-llemulator", "POSTGRESQL_PASSWORD": "x"})
+    with ProxyServer(loaded) as px:
+        c = client(px)
+        assert [m.id for m in c.models.list()] == ["openai/gpt-4o"]
+        for model in ("openai/gpt-4o", "proxied-model"):
+            r = c.chat.completions.create(model=model, messages=MSG)
+            assert r.model == model and r.choices[0].message.content == "Echo: hello proxy"
+        assert emulator.requests()[-1]["headers"]["authorization"] == "Bearer dummy-key-for-llemulator"

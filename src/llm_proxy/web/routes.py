@@ -128,6 +128,10 @@ def _proxy(endpoint: Endpoint) -> Handler:
         resp = web.StreamResponse(status=200, headers={**_SSE_HEADERS, "x-request-id": ctx.request_id})
         try:
             await resp.prepare(request)
+        except ConnectionError:  # the client left before the headers went out (incl. "closing transport")
+            result.close()
+            ctx.status, ctx.error_type = 499, "client_disconnected"
+            return resp
         except BaseException:
             result.close()  # the stream is already open upstream (its first frame was read): drop it
             raise
