@@ -23,11 +23,13 @@ from .chat_common import (
     error_frame,
     float_param,
     int_param,
+    load_upstream_json,
     merge_turns,
     messages_of,
     response_format_of,
     stop_of,
     text_of,
+    token_count,
     tool_call_json,
     tool_calls_of,
     tool_choice_of,
@@ -77,14 +79,9 @@ def usage_from(data: Any) -> Usage | None:
     """Anthropic usage -> Usage. prompt = input + cache writes + cache reads; cached = cache reads."""
     if not isinstance(data, dict):
         return None
-
-    def num(key: str) -> int:
-        v = data.get(key)
-        return int(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0
-
-    cached = num("cache_read_input_tokens") if data.get("cache_read_input_tokens") is not None else None
-    prompt = num("input_tokens") + num("cache_creation_input_tokens") + (cached or 0)
-    completion = num("output_tokens")
+    cached = token_count(data, "cache_read_input_tokens") if data.get("cache_read_input_tokens") is not None else None
+    prompt = token_count(data, "input_tokens") + token_count(data, "cache_creation_input_tokens") + (cached or 0)
+    completion = token_count(data, "output_tokens")
     return Usage(prompt, completion, prompt + completion, cached)
 
 
@@ -413,10 +410,7 @@ class AnthropicProvider:
         self.signer.apply(request)
 
     def parse_response(self, endpoint: Endpoint, raw: bytes, target: Target) -> tuple[bytes, Usage | None]:
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise UpstreamError(f"Upstream provider '{self.id}' returned invalid JSON", status=502) from None
+        data = load_upstream_json(raw, self.id)
         return translate_response(data, target.public_model)
 
     def stream_decoder(self, endpoint: Endpoint, target: Target, client_wants_usage: bool) -> AnthropicStreamDecoder:

@@ -25,12 +25,14 @@ from .chat_common import (
     float_param,
     guess_mime,
     int_param,
+    load_upstream_json,
     merge_turns,
     messages_of,
     new_completion_id,
     response_format_of,
     stop_of,
     text_of,
+    token_count,
     tool_call_json,
     tool_calls_of,
     tool_choice_of,
@@ -93,14 +95,9 @@ def usage_from(data: Any) -> Usage | None:
     """prompt = inputTokens + cache reads + cache writes (Bedrock reports them apart); cached = cache reads."""
     if not isinstance(data, dict):
         return None
-
-    def num(key: str) -> int:
-        v = data.get(key)
-        return int(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0
-
-    cached = num("cacheReadInputTokens") if data.get("cacheReadInputTokens") is not None else None
-    prompt = num("inputTokens") + (cached or 0) + num("cacheWriteInputTokens")
-    completion = num("outputTokens")
+    cached = token_count(data, "cacheReadInputTokens") if data.get("cacheReadInputTokens") is not None else None
+    prompt = token_count(data, "inputTokens") + (cached or 0) + token_count(data, "cacheWriteInputTokens")
+    completion = token_count(data, "outputTokens")
     return Usage(prompt, completion, prompt + completion, cached)
 
 
@@ -416,10 +413,7 @@ class BedrockProvider:
         self.signer.apply(request)
 
     def parse_response(self, endpoint: Endpoint, raw: bytes, target: Target) -> tuple[bytes, Usage | None]:
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise UpstreamError(f"Upstream provider '{self.id}' returned invalid JSON", status=502) from None
+        data = load_upstream_json(raw, self.id)
         return translate_response(data, target.public_model)
 
     def stream_decoder(self, endpoint: Endpoint, target: Target, client_wants_usage: bool) -> BedrockStreamDecoder:

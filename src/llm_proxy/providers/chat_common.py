@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from ..errors import BadRequest, ProxyError
+from ..errors import BadRequest, ProxyError, UpstreamError
 from ..types import Usage
 from .sse import frame
 
@@ -311,6 +311,20 @@ def merge_turns(turns: list[tuple[str, list[Any]]]) -> list[tuple[str, list[Any]
 # --------------------------------------------------------------------------------------------------
 # Writing OpenAI responses
 # --------------------------------------------------------------------------------------------------
+
+
+def token_count(data: Mapping[str, Any], key: str) -> int:
+    """A provider's token counter as an int (0 when absent or not a number)."""
+    v = data.get(key)
+    return int(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0
+
+
+def load_upstream_json(raw: bytes, provider_id: str) -> Any:
+    """A successful upstream body; unreadable JSON is the upstream's fault (502), never a traceback."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise UpstreamError(f"Upstream provider '{provider_id}' returned invalid JSON", status=502) from None
 
 
 def new_completion_id() -> str:

@@ -26,12 +26,14 @@ from .chat_common import (
     error_frame,
     float_param,
     int_param,
+    load_upstream_json,
     merge_turns,
     messages_of,
     new_tool_call_id,
     response_format_of,
     stop_of,
     text_of,
+    token_count,
     tool_call_json,
     tool_calls_of,
     tool_choice_of,
@@ -95,14 +97,9 @@ def usage_from(meta: Any) -> Usage | None:
     """prompt = promptTokenCount (+ tool-use prompt); completion = candidates + thoughts; cached from cache count."""
     if not isinstance(meta, dict):
         return None
-
-    def num(key: str) -> int:
-        v = meta.get(key)
-        return int(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0
-
-    prompt = num("promptTokenCount") + num("toolUsePromptTokenCount")
-    completion = num("candidatesTokenCount") + num("thoughtsTokenCount")
-    cached = num("cachedContentTokenCount") if meta.get("cachedContentTokenCount") is not None else None
+    prompt = token_count(meta, "promptTokenCount") + token_count(meta, "toolUsePromptTokenCount")
+    completion = token_count(meta, "candidatesTokenCount") + token_count(meta, "thoughtsTokenCount")
+    cached = token_count(meta, "cachedContentTokenCount") if meta.get("cachedContentTokenCount") is not None else None
     return Usage(prompt, completion, prompt + completion, cached)
 
 
@@ -579,10 +576,7 @@ class GeminiProvider:
         self.signer.apply(request)
 
     def parse_response(self, endpoint: Endpoint, raw: bytes, target: Target) -> tuple[bytes, Usage | None]:
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise UpstreamError(f"Upstream provider '{self.id}' returned invalid JSON", status=502) from None
+        data = load_upstream_json(raw, self.id)
         if endpoint == "embeddings":
             embs = data.get("embeddings") if isinstance(data, dict) else None
             if not isinstance(embs, list):
