@@ -3,28 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import datetime
 import hashlib
-import ipaddress
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from llm_proxy.auth.oidc import OIDCAuthenticator
 from llm_proxy.config import OIDCIssuerSettings, OIDCSettings
 from llm_proxy.errors import AuthUnavailable, Unauthorized
 
-from ..helpers import LoopThread
+from ..helpers import LoopThread, tls_material
 from .conftest import AUDIENCE, LocalIdP
 
 
@@ -209,41 +203,10 @@ async def test_idp_down_at_startup_does_not_fail_start(local_idp: LocalIdP, make
 # ---- TLS to the IdP --------------------------------------------------------------------------------
 
 
-def _tls_material(tmp: Path) -> tuple[Path, Path, Path]:
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "llm-proxy test CA")])
-    ca = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                       critical=False)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    ca_pem, cert_pem, key_pem = tmp / "ca.pem", tmp / "cert.pem", tmp / "key.pem"
-    ca_pem.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
-    return ca_pem, cert_pem, key_pem
-
-
 @pytest.fixture(scope="module")
 def tls_jwks(tmp_path_factory: pytest.TempPathFactory, local_idp: LocalIdP) -> Any:
     """An HTTPS JWKS endpoint (certificate from a private CA) serving the local IdP's `tls` realm keys."""
-    ca_pem, cert_pem, key_pem = _tls_material(tmp_path_factory.mktemp("tls"))
+    ca_pem, cert_pem, key_pem = tls_material(tmp_path_factory.mktemp("tls"))
     realm = local_idp.realm("tls")
     lt = LoopThread("tls-jwks")
 

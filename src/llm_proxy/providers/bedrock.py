@@ -395,7 +395,7 @@ class BedrockProvider:
 
     def url_for(self, model_id: str, stream: bool) -> str:
         url = f"{self.base_url}/model/{quote(model_id, safe='')}/{'converse-stream' if stream else 'converse'}"
-        # Normalise the way aiohttp (yarl) will before sending, so the signed path is the path sent.
+        # One canonical spelling of the path (yarl): the client sends it byte for byte, so it is the signed path.
         return str(yarl.URL(url))
 
     def build_request(

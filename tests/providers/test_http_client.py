@@ -1,0 +1,470 @@
+"""The upstream HTTP/1.1 client (providers/http.py): framing, pooling, timeouts, TLS, hostile responses.
+
+Parser cases feed bytes straight into one connection's protocol object (every split point, no sockets);
+pooling, timeouts and TLS run against a raw scripted server on a real loopback port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llm_proxy.config import ProviderSettings, TimeoutSettings
+from llm_proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
+from llm_proxy.providers.base import UpstreamRequest
+from llm_proxy.providers.http import MAX_BUFFERED, BadResponse, UpstreamClient, _Conn, _Pool
+
+from ..helpers import tls_material
+
+# ---- the protocol object alone -------------------------------------------------------------------------
+
+
+class FakeTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+        self.paused = False
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:  # type: ignore[override]
+        self.written.append(bytes(data))
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+
+def _conn(stream: bool = False) -> tuple[_Conn, FakeTransport]:
+    pool = _Pool(asyncio.get_running_loop(), "upstream", 80, None, 4)
+    conn = _Conn(pool)
+    t = FakeTransport()
+    conn.connection_made(t)
+    conn.start(b"POST / HTTP/1.1\r\n\r\n", stream)
+    return conn, t
+
+
+def _feed_split(conn: _Conn, raw: bytes, step: int) -> None:
+    for i in range(0, len(raw), step):
+        conn.data_received(raw[i : i + step])
+
+
+CHUNKED = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+    + b"X-Twice: a\r\nx-twice: b\r\n\r\n"
+    + b"7;ext=1\r\ndata: 1\r\n"
+    + b"%x\r\n%s\r\n" % (len(b"\n\ndata: 2\n\ndata: "), b"\n\ndata: 2\n\ndata: ")
+    + b"0\r\nx-trailer: t\r\n\r\n"
+)
+
+
+async def test_chunked_body_at_every_split_point() -> None:
+    for step in (1, 2, 3, 7, 64, len(CHUNKED)):
+        conn, t = _conn()
+        _feed_split(conn, CHUNKED, step)
+        assert conn.complete and conn.status == 200, step
+        assert conn.take() == b"data: 1\n\ndata: 2\n\ndata: ", step
+        assert conn.headers["content-type"] == "text/event-stream"
+        assert conn.headers["x-twice"] == "a, b"
+        assert conn.reusable and not t.aborted
+
+
+async def test_content_length_body_and_interim_100_continue() -> None:
+    raw = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 5\r\n\r\nhello"
+    for step in (1, 5, len(raw)):
+        conn, _ = _conn()
+        _feed_split(conn, raw, step)
+        assert conn.complete and conn.status == 201 and conn.take() == b"hello" and conn.reusable
+
+
+async def test_body_to_close_and_connection_close_are_not_reused() -> None:
+    conn, _ = _conn()
+    conn.data_received(b"HTTP/1.1 200 OK\r\n\r\npart one, ")
+    conn.data_received(b"part two")
+    assert not conn.complete
+    conn.eof_received()
+    assert conn.complete and conn.take() == b"part one, part two" and not conn.reusable
+
+    conn, _ = _conn()
+    conn.data_received(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+    assert conn.complete and not conn.reusable
+    conn, _ = _conn()
+    conn.data_received(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert conn.complete and not conn.reusable
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"HTTP/1.1 2000 OK\r\n\r\n",
+        b"HTTP/2 200 OK\r\n\r\n",
+        b"ICY 200 OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nbad header line\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n folded: value\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1_0\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (70 * 1024) + b"\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-Endless: " + b"a" * (70 * 1024),
+    ],
+)
+async def test_malformed_responses_drop_the_connection(raw: bytes) -> None:
+    conn, t = _conn()
+    conn.data_received(raw)
+    assert isinstance(conn._exc, BadResponse) and t.aborted and not conn.reusable
+
+
+async def test_chunked_with_content_length_is_read_but_never_reused() -> None:
+    conn, _ = _conn()
+    conn.data_received(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+    )
+    assert conn.complete and conn.take() == b"ok" and not conn.reusable
+
+
+async def test_bytes_after_the_response_forbid_reuse() -> None:
+    conn, _ = _conn()
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA")
+    assert conn.complete and not conn.reusable
+
+
+async def test_a_stream_that_falls_behind_pauses_the_socket() -> None:
+    conn, t = _conn(stream=True)
+    conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    piece = b"x" * 65536
+    frame = b"%x\r\n" % len(piece) + piece + b"\r\n"
+    while not t.paused:
+        conn.data_received(frame)
+        assert conn.buffered <= MAX_BUFFERED + len(piece)
+    got = conn.take()
+    assert len(got) > MAX_BUFFERED and not t.paused  # taking the bytes resumes reading
+
+
+async def test_a_non_streamed_body_is_never_paused() -> None:  # its reader waits for the end: pausing would hang
+    conn, t = _conn(stream=False)
+    body = b"y" * (3 * MAX_BUFFERED)
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    assert conn.complete and not t.paused and conn.take() == body
+
+
+# ---- a scripted server on a real port ----------------------------------------------------------------
+
+Action = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]]
+
+
+class Script:
+    """A raw HTTP/1.1 server: each request gets the next scripted action (which writes the answer)."""
+
+    def __init__(self) -> None:
+        self.actions: deque[Action] = deque()
+        self.requests: list[tuple[bytes, bytes]] = []
+        self.connections = 0
+        self.open = 0
+        self.peak = 0
+        self.closed = asyncio.Event()  # set whenever a connection ends
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self, ssl_ctx: ssl.SSLContext | None = None) -> Script:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=ssl_ctx)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.open += 1
+        self.peak = max(self.peak, self.open)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    k, _, v = line.partition(b":")
+                    if k.strip().lower() == b"content-length":
+                        length = int(v)
+                body = await reader.readexactly(length)
+                self.requests.append((head, body))
+                keep = await self.actions.popleft()(reader, writer)
+                if not keep:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.open -= 1
+            writer.close()
+            self.closed.set()
+
+
+def reply(raw: bytes, keep: bool = True) -> Action:
+    async def act(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        w.write(raw)
+        await w.drain()
+        return keep
+
+    return act
+
+
+def ok(body: bytes = b'{"ok":true}', extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + extra + b"Content-Length: %d\r\n\r\n" % len(
+        body
+    ) + body
+
+
+@pytest.fixture
+async def script() -> AsyncIterator[Script]:
+    s = await Script().start()
+    yield s
+    await s.stop()
+
+
+async def _client(base_url: str, **kw: Any) -> UpstreamClient:
+    client = UpstreamClient()
+    client.register(ProviderSettings(id="p", type="openai_compat", base_url=base_url, **kw))
+    await client.start()
+    return client
+
+
+def _req(url: str, stream: bool = False, headers: dict[str, str] | None = None) -> UpstreamRequest:
+    return UpstreamRequest("POST", url, headers or {"content-type": "application/json"}, b'{"x":1}', stream)
+
+
+T = TimeoutSettings(connect=2, first_byte=2, idle=2, total=10)
+
+
+async def _get(client: UpstreamClient, url: str, timeouts: TimeoutSettings = T, **kw: Any) -> tuple[int, bytes]:
+    resp = await client.send("p", _req(url, **kw), timeouts)
+    body = await resp.read()
+    resp.release()
+    return resp.status, body
+
+
+async def test_request_on_the_wire_and_keep_alive_reuse(script: Script) -> None:
+    client = await _client(f"http://127.0.0.1:{script.port}/v1")
+    url = f"http://127.0.0.1:{script.port}/v1/chat/completions?api-version=1"
+    script.actions.extend([reply(ok(b"one")), reply(ok(b"two"))])
+    assert await _get(client, url, headers={"authorization": "Bearer k", "Host": "ignored", "Content-Length": "1"}) == (
+        200, b"one",
+    )
+    assert await _get(client, url) == (200, b"two")
+    assert script.connections == 1
+    head, body = script.requests[0]
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"POST /v1/chat/completions?api-version=1 HTTP/1.1"
+    names = [ln.split(b":")[0].lower() for ln in lines[1:] if ln]
+    assert names.count(b"host") == 1 and names.count(b"content-length") == 1
+    assert f"host: 127.0.0.1:{script.port}".encode() in lines
+    assert b"authorization: Bearer k" in lines and b"accept-encoding" not in names
+    assert body == b'{"x":1}'
+    await client.close()
+
+
+async def test_connection_close_and_body_to_eof_open_new_connections(script: Script) -> None:
+    client = await _client(f"http://127.0.0.1:{script.port}")
+    url = f"http://127.0.0.1:{script.port}/x"
+    script.actions.extend([
+        reply(ok(b"a", b"Connection: close\r\n"), keep=False),
+        reply(b"HTTP/1.1 200 OK\r\n\r\nto the end", keep=False),
+        reply(ok(b"c")),
+    ])
+    assert await _get(client, url) == (200, b"a")
+    assert await _get(client, url) == (200, b"to the end")
+    assert await _get(client, url) == (200, b"c")
+    assert script.connections == 3
+    await client.close()
+
+
+async def test_a_kept_alive_connection_closed_by_the_server_is_retried_once_on_a_new_one(script: Script) -> None:
+    client = await _client(f"http://127.0.0.1:{script.port}")
+    url = f"http://127.0.0.1:{script.port}/x"
+
+    async def close_without_answer(_r: asyncio.StreamReader, _w: asyncio.StreamWriter) -> bool:
+        return False
+
+    script.actions.extend([reply(ok(b"first")), close_without_answer, reply(ok(b"second"))])
+    assert await _get(client, url) == (200, b"first")
+    assert await _get(client, url) == (200, b"second")  # the dropped reuse was retried on a fresh connection
+    assert script.connections == 2 and len(script.requests) == 3
+
+    script.actions.append(close_without_answer)  # a fresh connection that fails is an error, not a loop
+    client2 = await _client(f"http://127.0.0.1:{script.port}")
+    with pytest.raises(UpstreamUnreachable, match="closed the connection before responding"):
+        await _get(client2, url)
+    await client.close()
+    await client2.close()
+
+
+async def test_mid_body_disconnect_is_502_and_a_stream_keeps_what_arrived(script: Script) -> None:
+    client = await _client(f"http://127.0.0.1:{script.port}")
+    url = f"http://127.0.0.1:{script.port}/x"
+    script.actions.append(reply(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part", keep=False))
+    with pytest.raises(UpstreamUnreachable, match="closed the connection mid-response"):
+        await _get(client, url)
+
+    script.actions.append(reply(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n", keep=False))
+    resp = await client.send("p", _req(url, stream=True), T)
+    got = []
+    with pytest.raises(UpstreamUnreachable, match="mid-stream"):
+        async for chunk in resp.chunks():
+            got.append(chunk)
+    assert b"".join(got) == b"first"
+    await client.close()
+
+
+async def test_pool_limit_caps_open_connections(script: Script) -> None:
+    client = await _client(f"http://127.0.0.1:{script.port}", max_connections=2)
+    url = f"http://127.0.0.1:{script.port}/x"
+    gate = asyncio.Event()
+    arrived = 0
+
+    async def held(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        nonlocal arrived
+        arrived += 1
+        if arrived == 2:
+            gate.set()
+        await gate.wait()
+        w.write(ok(b"held"))
+        await w.drain()
+        return True
+
+    script.actions.extend([held] * 6)
+    results = await asyncio.gather(*(_get(client, url) for _ in range(6)))
+    assert results == [(200, b"held")] * 6
+    assert script.peak == 2 and script.connections == 2
+    await client.close()
+
+
+async def test_header_with_a_line_break_is_refused_before_sending(script: Script) -> None:
+    client = await _client(f"http://127.0.0.1:{script.port}")
+    url = f"http://127.0.0.1:{script.port}/x"
+    with pytest.raises(ProxyError) as info:
+        await client.send("p", _req(url, headers={"authorization": "Bearer key\n"}), T)
+    assert info.value.code == "bad_upstream_header" and "key" not in info.value.message
+    assert script.requests == []
+    await client.close()
+
+
+async def test_gzip_bodies_are_decoded(script: Script) -> None:
+    client = await _client(f"http://127.0.0.1:{script.port}")
+    url = f"http://127.0.0.1:{script.port}/x"
+    z = gzip.compress(b"data: zipped\n\n" * 50)
+    script.actions.extend([reply(ok(z, b"Content-Encoding: gzip\r\n")), reply(ok(z, b"Content-Encoding: gzip\r\n"))])
+    assert await _get(client, url) == (200, b"data: zipped\n\n" * 50)
+    resp = await client.send("p", _req(url, stream=True), T)
+    assert b"".join([c async for c in resp.chunks()]) == b"data: zipped\n\n" * 50
+    await client.close()
+
+
+async def test_timeouts_first_byte_idle_and_total(script: Script) -> None:
+    client = await _client(f"http://127.0.0.1:{script.port}")
+    url = f"http://127.0.0.1:{script.port}/x"
+    release = asyncio.Event()
+
+    async def silent(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        await release.wait()
+        return False
+
+    async def one_chunk_then_silent(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await w.drain()
+        await release.wait()
+        return False
+
+    short = TimeoutSettings(connect=2, first_byte=0.2, idle=0.2, total=10)
+    script.actions.append(silent)
+    with pytest.raises(UpstreamTimeout, match="first byte"):
+        await _get(client, url, short)
+
+    script.actions.append(silent)
+    with pytest.raises(UpstreamTimeout, match="first byte"):
+        await client.send("p", _req(url, stream=True), short)
+
+    async def first_chunk_then(timeouts: TimeoutSettings, match: str) -> None:
+        script.actions.append(one_chunk_then_silent)
+        resp = await client.send("p", _req(url, stream=True), timeouts)
+        chunks = resp.chunks()
+        assert await anext(chunks) == b"first"
+        with pytest.raises(UpstreamTimeout, match=match):
+            await anext(chunks)
+
+    await first_chunk_then(short, "without data mid-stream")
+    await first_chunk_then(TimeoutSettings(connect=2, first_byte=5, idle=5, total=0.3), "total")
+    release.set()
+    await client.close()
+
+
+async def test_cancelling_a_request_drops_its_connection(script: Script) -> None:
+    client = await _client(f"http://127.0.0.1:{script.port}")
+    url = f"http://127.0.0.1:{script.port}/x"
+    arrived = asyncio.Event()
+
+    async def never(_r: asyncio.StreamReader, _w: asyncio.StreamWriter) -> bool:
+        arrived.set()
+        await asyncio.Event().wait()
+        return False
+
+    script.actions.append(never)
+    task = asyncio.create_task(_get(client, url))
+    await arrived.wait()
+    script.closed.clear()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await script.closed.wait()  # the server saw the connection go
+    assert script.open == 0
+    await client.close()
+
+
+async def test_unreachable_upstream_is_502() -> None:
+    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()
+    client = await _client(f"http://127.0.0.1:{port}")
+    with pytest.raises(UpstreamUnreachable, match="is unreachable"):
+        await _get(client, f"http://127.0.0.1:{port}/x")
+    await client.close()
+
+
+async def test_tls_with_a_private_ca(tmp_path: Path) -> None:
+    ca, cert, key = tls_material(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    s = await Script().start(server_ctx)
+    url = f"https://127.0.0.1:{s.port}/x"
+    s.actions.extend([reply(ok(b"secure")), reply(ok(b"again")), reply(ok(b"unverified"))])
+    trusted = await _client(f"https://127.0.0.1:{s.port}", tls_cafile=str(ca))
+    assert await _get(trusted, url) == (200, b"secure")
+    assert await _get(trusted, url) == (200, b"again")
+    assert s.connections == 1
+
+    untrusted = await _client(f"https://127.0.0.1:{s.port}")
+    with pytest.raises(UpstreamUnreachable, match="is unreachable"):
+        await _get(untrusted, url)
+    insecure = await _client(f"https://127.0.0.1:{s.port}", verify_tls=False)
+    assert await _get(insecure, url) == (200, b"unverified")
+    for c in (trusted, untrusted, insecure):
+        await c.close()
+    await s.stop()
