@@ -468,3 +468,36 @@ async def test_tls_with_a_private_ca(tmp_path: Path) -> None:
     for c in (trusted, untrusted, insecure):
         await c.close()
     await s.stop()
+
+
+async def test_a_slow_reader_is_not_cut_by_the_idle_timeout(script: Script) -> None:
+    """The idle clock runs only while the reader waits for bytes, not while it is busy with the last ones."""
+    client = await _client(f"http://127.0.0.1:{script.port}")
+    url = f"http://127.0.0.1:{script.port}/x"
+    asked = asyncio.Event()
+
+    async def frame_per_ask(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for i in range(3):
+            await asked.wait()  # the reader is back for more (after being busy longer than `idle`)
+            asked.clear()
+            await asyncio.sleep(0.03)  # then the upstream answers well within `idle`
+            frame = b"data: %d\n\n" % i
+            w.write(b"%x\r\n%s\r\n" % (len(frame), frame))
+            await w.drain()
+        w.write(b"0\r\n\r\n")
+        await w.drain()
+        return True
+
+    script.actions.append(frame_per_ask)
+    resp = await client.send("p", _req(url, stream=True), TimeoutSettings(connect=2, first_byte=2, idle=0.1, total=10))
+    chunks = resp.chunks()
+    got = []
+    for _ in range(3):
+        asked.set()
+        got.append(await anext(chunks))
+        await asyncio.sleep(0.25)  # a client slower than `idle` (a deliberate delay, not synchronisation)
+    assert [c async for c in chunks] == []
+    assert got == [b"data: 0\n\n", b"data: 1\n\n", b"data: 2\n\n"]
+    resp.release()
+    await client.close()
