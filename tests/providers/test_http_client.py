@@ -7,19 +7,21 @@ pooling, timeouts and TLS run against a raw scripted server on a real loopback p
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
 from llm_proxy.config import ProviderSettings, TimeoutSettings
 from llm_proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
 from llm_proxy.providers.base import UpstreamRequest
-from llm_proxy.providers.http import MAX_BUFFERED, BadResponse, UpstreamClient, _Conn, _Pool
+from llm_proxy.providers.http import MAX_BUFFERED, BadResponse, ProxyEnv, UpstreamClient, _Conn, _Pool
 
 from ..helpers import tls_material
 
@@ -420,9 +422,9 @@ async def test_cancelling_a_request_drops_its_connection(script: Script) -> None
     url = f"http://127.0.0.1:{script.port}/x"
     arrived = asyncio.Event()
 
-    async def never(_r: asyncio.StreamReader, _w: asyncio.StreamWriter) -> bool:
+    async def never(r: asyncio.StreamReader, _w: asyncio.StreamWriter) -> bool:
         arrived.set()
-        await asyncio.Event().wait()
+        assert await r.read(1) == b""  # never answers; returns when the client drops the connection
         return False
 
     script.actions.append(never)
@@ -500,4 +502,125 @@ async def test_a_slow_reader_is_not_cut_by_the_idle_timeout(script: Script) -> N
     assert [c async for c in chunks] == []
     assert got == [b"data: 0\n\n", b"data: 1\n\n", b"data: 2\n\n"]
     resp.release()
+    await client.close()
+
+
+# ---- HTTP proxies from the environment --------------------------------------------------------------
+
+
+def test_proxy_environment_is_read_like_curl(caplog: pytest.LogCaptureFixture) -> None:
+    env = {
+        "HTTPS_PROXY": "http://ignored-upper:1",
+        "https_proxy": "http://us%40r:p%3Ass@proxy.corp:3128",
+        "HTTP_PROXY": "proxy.corp:8080",
+        "NO_PROXY": "localhost, .svc,cluster.local:443, 10.0.0.0/8,192.168.1.7",
+    }
+    pe = ProxyEnv.from_env(env)
+    assert pe.https is not None and (pe.https.host, pe.https.port) == ("proxy.corp", 3128)
+    assert pe.https.auth == "Basic " + base64.b64encode(b"us@r:p:ss").decode()
+    assert "p:ss" not in repr(pe) and "us@r" not in repr(pe)
+    assert pe.http is not None and (pe.http.host, pe.http.port, pe.http.auth) == ("proxy.corp", 8080, None)
+    for host in ("localhost", "vllm.ns.svc", "svc", "a.cluster.local", "10.1.2.3", "192.168.1.7"):
+        assert pe.for_url("https", host) is None, host
+    for host in ("api.openai.com", "notsvc", "192.168.1.8", "11.0.0.1"):
+        assert pe.for_url("https", host) is pe.https, host
+    assert ProxyEnv.from_env({"https_proxy": "http://p:1", "no_proxy": "*"}).for_url("https", "x.y") is None
+
+    with caplog.at_level("WARNING", logger="llm_proxy.upstream"):
+        bad = ProxyEnv.from_env({"https_proxy": "socks5://u:secret@p:1080", "http_proxy": "http://p:notaport"})
+    assert bad.https is None and bad.http is None
+    assert "HTTPS_PROXY" in caplog.text and "HTTP_PROXY" in caplog.text and "secret" not in caplog.text
+
+
+class TinyProxy:
+    """An HTTP proxy for the tests: CONNECT tunnels and absolute-form forwarding, or a fixed refusal."""
+
+    def __init__(self, refuse: int | None = None) -> None:
+        self.heads: list[bytes] = []
+        self.refuse = refuse
+        self.port = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> TinyProxy:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        self.heads.append(head)
+        method, target, _ = head.split(b"\r\n", 1)[0].split(b" ")
+        if self.refuse:
+            writer.write(b"HTTP/1.1 %d Nope\r\nContent-Length: 0\r\n\r\n" % self.refuse)
+            writer.close()
+            return
+        if method == b"CONNECT":
+            host, port = target.decode().rsplit(":", 1)
+            up_r, up_w = await asyncio.open_connection(host, int(port))
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        else:
+            u = urlsplit(target.decode())
+            up_r, up_w = await asyncio.open_connection(u.hostname, u.port)
+            up_w.write(head)
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            except ConnectionError:
+                pass
+            finally:
+                w.close()
+
+        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+
+
+async def test_https_upstream_through_a_connect_tunnel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ca, cert, key = tls_material(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    s = await Script().start(server_ctx)
+    proxy = await TinyProxy().start()
+    monkeypatch.setenv("HTTPS_PROXY", f"http://bob:pw@127.0.0.1:{proxy.port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    client = await _client(f"https://127.0.0.1:{s.port}", tls_cafile=str(ca))
+    url = f"https://127.0.0.1:{s.port}/x"
+    s.actions.extend([reply(ok(b"tunnelled")), reply(ok(b"same tunnel"))])
+    assert await _get(client, url) == (200, b"tunnelled")
+    assert await _get(client, url) == (200, b"same tunnel")
+    assert len(proxy.heads) == 1 and s.connections == 1
+    lines = proxy.heads[0].split(b"\r\n")
+    assert lines[0] == f"CONNECT 127.0.0.1:{s.port} HTTP/1.1".encode()
+    assert b"proxy-authorization: Basic " + base64.b64encode(b"bob:pw") in lines
+    assert s.requests[0][0].startswith(b"POST /x HTTP/1.1")  # inside the tunnel: origin form, over TLS
+    await client.close()
+
+    refusing = await TinyProxy(refuse=407).start()
+    monkeypatch.setenv("HTTPS_PROXY", f"http://bob:pw@127.0.0.1:{refusing.port}")
+    client = await _client(f"https://127.0.0.1:{s.port}", tls_cafile=str(ca))
+    with pytest.raises(UpstreamUnreachable, match="proxy answered 407") as info:
+        await _get(client, url)
+    assert "pw" not in info.value.message and "bob" not in info.value.message
+    await client.close()
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # bypass: straight to the upstream although the proxy refuses
+    s.actions.append(reply(ok(b"direct")))
+    client = await _client(f"https://127.0.0.1:{s.port}", tls_cafile=str(ca))
+    assert await _get(client, url) == (200, b"direct")
+    await client.close()
+    await s.stop()
+
+
+async def test_plain_http_upstream_through_a_forward_proxy(script: Script, monkeypatch: pytest.MonkeyPatch) -> None:
+    proxy = await TinyProxy().start()
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    client = await _client(f"http://127.0.0.1:{script.port}")
+    script.actions.append(reply(ok(b"forwarded")))
+    assert await _get(client, f"http://127.0.0.1:{script.port}/v1/x?a=1") == (200, b"forwarded")
+    line = proxy.heads[0].split(b"\r\n")[0]
+    assert line == f"POST http://127.0.0.1:{script.port}/v1/x?a=1 HTTP/1.1".encode()
     await client.close()

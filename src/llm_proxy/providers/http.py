@@ -4,25 +4,33 @@ Why our own client: on the upstream hop aiohttp's client cost more CPU per reque
 the gateway (bench/RESULTS.md, "Server and HTTP client"). Upstreams are a handful of known origins that
 speak HTTP/1.1 with keep-alive, so the client here does only that: one `asyncio.Protocol` per connection,
 a strict response parser (status line, headers, Content-Length / chunked / read-to-close bodies), a LIFO
-pool per provider and origin with a connection limit, TLS through the standard `ssl` module. It has no
-cookies, redirects, proxies or compression negotiation (it never sends Accept-Encoding; a gzip or deflate
-body is still decoded). Timers are lazy: one per wait, re-armed only if data arrived meanwhile.
+pool per provider and origin with a connection limit, TLS through the standard `ssl` module, and the
+`HTTPS_PROXY` / `HTTP_PROXY` / `NO_PROXY` environment (CONNECT tunnels; plain-http upstreams in absolute
+form). It has no cookies, redirects or compression negotiation (it never sends Accept-Encoding; a gzip or
+deflate body is still decoded). Timers are lazy: one per wait, re-armed only if data arrived meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import ipaddress
+import logging
+import os
 import re
 import ssl
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from functools import lru_cache
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from ..config import ProviderSettings, TimeoutSettings
 from ..errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
 from .base import UpstreamRequest
+
+log = logging.getLogger("llm_proxy.upstream")
 
 KEEPALIVE_SECONDS = 30.0  # an idle pooled connection older than this is closed instead of reused
 MAX_HEAD_BYTES = 64 * 1024  # status line + headers of one response
@@ -35,6 +43,14 @@ _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 class BadResponse(Exception):
     """The upstream broke HTTP/1.1 framing (the connection is dropped)."""
+
+
+class ProxyRefused(ConnectionError):
+    """The HTTP proxy would not open a tunnel to the upstream."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"proxy answered {status} to CONNECT")
+        self.status = status
 
 
 class _Closed(ConnectionError):
@@ -54,6 +70,10 @@ def _map(exc: BaseException, provider_id: str, stage: str) -> ProxyError:
     if isinstance(exc, BadResponse):
         return UpstreamUnreachable(
             f"Upstream provider '{provider_id}' sent an invalid HTTP response ({exc})", code="bad_upstream_response"
+        )
+    if isinstance(exc, ProxyRefused):
+        return UpstreamUnreachable(
+            f"Upstream provider '{provider_id}' is unreachable: the HTTP proxy answered {exc.status} to CONNECT"
         )
     if stage == "connecting":
         return UpstreamUnreachable(f"Upstream provider '{provider_id}' is unreachable")
@@ -83,6 +103,7 @@ class _Conn(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._last_rx = 0.0
         self._paused = False
+        self._tunnelling = False
         self.flow = False
         self.status = 0
         self.headers: dict[str, str] = {}
@@ -145,6 +166,26 @@ class _Conn(asyncio.Protocol):
         self.reusable = False
         self._last_rx = self.loop.time()
         self.transport.write(payload)  # type: ignore[union-attr]
+
+    async def tunnel(self, host: str, port: int, auth: str | None, ctx: ssl.SSLContext | None) -> None:
+        """Ask the HTTP proxy at the other end for a tunnel to host:port, then start TLS through it."""
+        hp = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        head = f"CONNECT {hp} HTTP/1.1\r\nhost: {hp}\r\n" + (f"proxy-authorization: {auth}\r\n" if auth else "")
+        self._tunnelling = True
+        try:
+            self.start((head + "\r\n").encode("latin-1"), False)
+            while not self.head_done:
+                await self.wait(None, None, False)  # bounded by the caller's connect timeout
+        finally:
+            self._tunnelling = False
+        if self.status >= 300:
+            self.abort()
+            raise ProxyRefused(self.status)
+        self.complete = False
+        if ctx is not None:
+            self.transport = await self.loop.start_tls(
+                self.transport, self, ctx, server_hostname=host  # type: ignore[arg-type]
+            )
 
     def abort(self) -> None:
         t = self.transport
@@ -251,6 +292,10 @@ class _Conn(asyncio.Protocol):
         self.status = status
         self.headers = headers
         self.head_done = True
+        if self._tunnelling and status < 300:  # CONNECT accepted: from here on the bytes are the upstream's
+            self._state = _IDLE
+            self._wake()
+            return
         conn_tokens = headers.get("connection", "").lower()
         keep = parts[0] == b"HTTP/1.1" and "close" not in conn_tokens
         te = headers.get("transfer-encoding")
@@ -370,13 +415,20 @@ class _Pool:
     """Connections to one origin for one provider: LIFO reuse, at most `limit` open at once."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, host: str, port: int, ssl_ctx: ssl.SSLContext | None, limit: int
+        self,
+        loop: asyncio.AbstractEventLoop,
+        host: str,
+        port: int,
+        ssl_ctx: ssl.SSLContext | None,
+        limit: int,
+        proxy: HttpProxy | None = None,
     ) -> None:
         self.loop = loop
         self.host = host
         self.port = port
         self.ssl = ssl_ctx
         self.limit = limit
+        self.proxy = proxy
         self.idle: list[_Conn] = []
         self.open = 0
         self.waiters: deque[asyncio.Future[_Conn | None]] = deque()
@@ -414,16 +466,30 @@ class _Pool:
                     return conn, True
             self.open += 1
             try:
-                _, conn = await self.loop.create_connection(
-                    lambda: _Conn(self), self.host, self.port, ssl=self.ssl,
-                    server_hostname=self.host if self.ssl is not None else None,
-                )
+                conn = await self._connect()
             except BaseException:
                 self.open -= 1
                 self._wake_one(None)
                 raise
         self.all.add(conn)
         return conn, False
+
+    async def _connect(self) -> _Conn:
+        proxy = self.proxy
+        if proxy is None:
+            _, conn = await self.loop.create_connection(
+                lambda: _Conn(self), self.host, self.port, ssl=self.ssl,
+                server_hostname=self.host if self.ssl is not None else None,
+            )
+            return conn
+        _, conn = await self.loop.create_connection(lambda: _Conn(self), proxy.host, proxy.port)
+        if self.ssl is not None:
+            try:
+                await conn.tunnel(self.host, self.port, proxy.auth, self.ssl)
+            except BaseException:
+                conn.abort()
+                raise
+        return conn
 
     def release(self, conn: _Conn) -> None:
         if conn.closed:
@@ -514,6 +580,82 @@ def _decoder_for(headers: dict[str, str]) -> zlib._Decompress | None:
     if enc.strip().lower() in ("gzip", "x-gzip", "deflate"):
         return zlib.decompressobj(47)  # 32 + 15: zlib or gzip header, detected
     raise BadResponse(f"unsupported Content-Encoding {enc.strip()[:40]!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class HttpProxy:
+    host: str
+    port: int
+    auth: str | None  # the Proxy-Authorization value (Basic, from the proxy URL's user:password)
+
+    def __repr__(self) -> str:  # never the credentials
+        return f"HttpProxy({self.host}:{self.port})"
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyEnv:
+    """HTTPS_PROXY / HTTP_PROXY / NO_PROXY as curl reads them (lower case wins; NO_PROXY takes host names,
+    domain suffixes with or without a leading dot, IP addresses, CIDR ranges, and `*`)."""
+
+    https: HttpProxy | None = None
+    http: HttpProxy | None = None
+    no_proxy: tuple[str, ...] = ()
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ProxyEnv:
+        env = os.environ if env is None else env
+
+        def get(name: str) -> str:
+            return (env.get(name.lower()) or env.get(name.upper()) or "").strip()
+
+        def parse(name: str) -> HttpProxy | None:
+            raw = get(name)
+            if not raw:
+                return None
+            u = urlsplit(raw if "://" in raw else "http://" + raw)
+            try:
+                port = u.port or 80
+            except ValueError:
+                port = -1
+            if u.scheme.lower() != "http" or not u.hostname or port < 0:
+                # Not fatal (a bad variable must not crash the pod): say so, and connect directly.
+                log.warning("ignoring %s: only http://host:port proxies are supported", name.upper())
+                return None
+            auth = None
+            if u.username is not None:
+                cred = f"{unquote(u.username)}:{unquote(u.password or '')}".encode()
+                auth = "Basic " + base64.b64encode(cred).decode()
+            return HttpProxy(u.hostname, port, auth)
+
+        no = tuple(e.strip().lower() for e in get("no_proxy").split(",") if e.strip())
+        return cls(parse("https_proxy"), parse("http_proxy"), no)
+
+    def for_url(self, scheme: str, host: str) -> HttpProxy | None:
+        proxy = self.https if scheme == "https" else self.http
+        if proxy is None or self.bypass(host):
+            return None
+        return proxy
+
+    def bypass(self, host: str) -> bool:
+        host = host.lower().rstrip(".")
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            ip = None
+        for entry in self.no_proxy:
+            if entry == "*":
+                return True
+            if ip is not None:
+                try:
+                    if ip in ipaddress.ip_network(entry.strip("[]"), strict=False):
+                        return True
+                except ValueError:
+                    pass
+                continue
+            name = entry.lstrip(".").rsplit(":", 1)[0] if entry.count(":") == 1 else entry.lstrip(".")
+            if host == name or host.endswith("." + name):
+                return True
+        return False
 
 
 class UpstreamResponse:
@@ -615,12 +757,18 @@ class UpstreamClient:
         self._ssl: dict[str, ssl.SSLContext] = {}
         self._pools: dict[tuple[str, str], _Pool] = {}
         self._closed = False
+        self._proxies = ProxyEnv()
 
     def register(self, settings: ProviderSettings) -> None:
         self._settings[settings.id] = settings
 
     async def start(self) -> None:
         self._closed = False
+        self._proxies = ProxyEnv.from_env()
+        for name, p in (("HTTPS_PROXY", self._proxies.https), ("HTTP_PROXY", self._proxies.http)):
+            if p is not None:
+                log.info("upstream connections use the %s at %s:%d (NO_PROXY: %s)", name, p.host, p.port,
+                         ",".join(self._proxies.no_proxy) or "-")
         for pid, s in self._settings.items():  # at start, so a bad CA file fails here, not on a request
             if not (s.base_url or "").lower().startswith("http:"):
                 self._ssl[pid] = _ssl_context(s)
@@ -642,7 +790,12 @@ class UpstreamClient:
             ctx = None
             if scheme == "https":
                 ctx = self._ssl.get(provider_id) or self._ssl.setdefault(provider_id, _ssl_context(s))
-            pool = self._pools[key] = _Pool(asyncio.get_running_loop(), host, port, ctx, s.max_connections)
+            proxy = self._proxies.for_url(scheme, host)
+            pool = self._pools[key] = _Pool(asyncio.get_running_loop(), host, port, ctx, s.max_connections, proxy)
+        if pool.proxy is not None and pool.ssl is None:  # plain http through the proxy: absolute-form target
+            line = b" " + url.split("#", 1)[0].encode() + line[line.index(b" HTTP/1.1") :]
+            if pool.proxy.auth:
+                line += b"proxy-authorization: " + pool.proxy.auth.encode("latin-1") + b"\r\n"
         return pool, line
 
     async def send(
