@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run  # bench/run.py, the harness this reuses
 
+LEDGER_FILES = ("/llm_proxy/core/usage.py", "/llm_proxy/store/")
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 
@@ -47,6 +48,8 @@ def component(path: str) -> str:
         ("/frozenlist/", "aiohttp"),
         ("/propcache/", "yarl"),
         ("/pydantic", "pydantic"),
+        ("/sqlalchemy/", "sqlalchemy"),
+        ("/asyncpg/", "asyncpg"),
         ("/http/", "stdlib http"),
         ("/email/", "stdlib email"),
     ):
@@ -102,7 +105,10 @@ def summarise(collapsed: Path, top: int) -> str:
     self_fn: collections.Counter[str] = collections.Counter()
     incl_fn: collections.Counter[str] = collections.Counter()
     own_line: collections.Counter[str] = collections.Counter()
+    ledger = 0  # samples with a usage-ledger frame anywhere on the stack (record() and the batch writer)
     for frames, c in stacks:
+        if any(any(m in frame_file(f) for m in LEDGER_FILES) for f in frames):
+            ledger += c
         leaf = frames[-1]
         by_comp[component(frame_file(leaf))] += c
         self_fn[func_key(leaf)] += c
@@ -118,6 +124,7 @@ def summarise(collapsed: Path, top: int) -> str:
 
     out = [f"{total} samples (CPU only; idle time in the event loop's poll is excluded)", "", "time by component:"]
     out += [f"  {pct(n)}  {name}" for name, n in by_comp.most_common()]
+    out += ["", f"usage ledger, inclusive (a frame of {' or '.join(LEDGER_FILES)} on the stack): {pct(ledger)}"]
     out += ["", "time by thread:"]
     out += [f"  {pct(n)}  {name}" for name, n in by_thread.most_common()]
     out += ["", f"top {top} functions by self time:"]
@@ -138,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--native", action="store_true", help="also sample C frames (py-spy --native)")
+    p.add_argument("--database-url", default=None, help="usage database, as for bench/run.py (default SQLite)")
+    p.add_argument("--src", default=None, help="run the proxy from this source directory, as for bench/run.py")
     p.add_argument(
         "--blocking",
         action="store_true",
@@ -159,7 +168,13 @@ def main(argv: list[str] | None = None) -> int:
         upstream = run.Nginx(nginx_bin, tmp)
         upstream.start()
         upstream.pin(args.load_cpus)
-        proxy = run.Proxy(tmp, upstream.port, variant, args.proxy_cpus if variant.workers == 1 else args.all_cpus)
+        cpus = args.proxy_cpus if variant.workers == 1 else args.all_cpus
+        proxy = run.Proxy(tmp, upstream.port, variant, cpus, a.src, a.database_url)
+        db = None
+        if run.local_postgres(a.database_url) and args.load_cpus is not None:
+            db = run.DatabasePinning(a.database_url, args.load_cpus)  # on the load side, as in bench/run.py
+            db.start()
+            print(db.describe())
         proxy.start()
         try:
             run.check_proxy(proxy.port, upstream.port)
@@ -175,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
                 ]  # fmt: skip
                 load = subprocess.Popen(wrk, stdout=subprocess.PIPE, text=True, preexec_fn=run._die_with_parent)
                 time.sleep(2)
+                if db is not None:
+                    db.pin()  # the proxy's new pool connections
                 raw = run.OUT / f"profile-{stamp}-{kind}-c{a.connections}.txt"
                 cmd = [
                     "taskset", "-c", run.cpu_list(args.load_cpus), spy, "record",
@@ -194,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             proxy.stop()
             upstream.stop()
+            if db is not None:
+                db.restore()
+                print(f"restored the CPU affinity of {db.restored} PostgreSQL processes")
     return 0
 
 

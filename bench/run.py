@@ -10,8 +10,14 @@ One command (`make bench`, i.e. `.venv/bin/python bench/run.py`):
 * for the `oidc` variant, also starts the auth tests' real OpenID provider (tests/oidc/op.mjs under Node),
   configures it as the trusted issuer and has wrk send one access token as `Authorization: Bearer`;
 * drives both with wrk (`bench/post.lua`), pinned so the proxy has a core of its own;
+* with a local PostgreSQL as the usage database (`--database-url postgresql+asyncpg://...@127.0.0.1/...`), pins
+  its postmaster and every backend to the load CPUs while measuring (the database is infrastructure, like
+  nginx) and restores their affinity at the end;
+* measures a variant and its `baseline` (oidc vs log, log vs noledger) interleaved, point by point;
 * prints a table (direct vs proxy req/s, ratio, p50/p99, added latency, proxy CPU and RSS) and
-  replaces the "## Core gateway throughput" section of bench/RESULTS.md.
+  replaces the "## Core gateway throughput" section of bench/RESULTS.md, plus the section of its own that a
+  comparison may have ("## Usage ledger cost (on vs off)"). A run of comparison pairs only (e.g.
+  `--variants log,noledger`) leaves the core section alone.
 
 Nothing is installed here: a missing nginx or wrk exits 2 with the command to run (bench/setup.sh); so does
 missing Node.js or tests/oidc/node_modules when the oidc variant is selected (`make node-deps`).
@@ -60,7 +66,7 @@ TARGET_ADDED_P99_MS = 4.0
 TARGET_STREAMS = 2500.0
 TARGET_RSS_MB = 80.0
 TARGET_SCALING = 1.3  # 2 workers vs 1 on this box, where wrk and nginx also need CPU time
-TARGET_AUTH_RATIO = 0.90  # oidc req/s vs the same set-up without auth (verified tokens are cached)
+TARGET_FEATURE_RATIO = 0.90  # req/s with a feature (OIDC auth, usage ledger) vs the same set-up without it
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -396,6 +402,127 @@ class BenchOP:
             self.op = None
 
 
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", ""})  # "" = a Unix socket
+
+
+def local_postgres(url: str | None) -> bool:
+    """A PostgreSQL URL whose server runs on this machine (so it competes for its CPUs)."""
+    if not url or url.split(":", 1)[0].split("+", 1)[0] not in ("postgresql", "postgres"):
+        return False
+    from urllib.parse import urlsplit
+
+    try:
+        return (urlsplit(url).hostname or "") in LOCAL_HOSTS
+    except ValueError:
+        return False
+
+
+def postgres_server_pid(url: str) -> int:
+    """The postmaster serving `url`: the parent of the backend that answers `SELECT pg_backend_pid()`."""
+    import asyncio
+
+    import asyncpg
+
+    dsn = re.sub(r"^postgres(?:ql)?\+\w+://", "postgresql://", url)
+
+    async def parent_of_backend() -> tuple[int, int]:
+        conn = await asyncpg.connect(dsn, timeout=10)
+        try:
+            pid = int(await conn.fetchval("SELECT pg_backend_pid()"))
+            return pid, int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])  # while it lives
+        finally:
+            await conn.close()
+
+    pid, ppid = asyncio.run(parent_of_backend())
+    if "postgres" not in Path(f"/proc/{ppid}/comm").read_text():
+        raise RuntimeError(f"backend {pid}'s parent {ppid} is not a postgres process")
+    return ppid
+
+
+def _set_all_threads(pid: int, cpus: set[int]) -> None:
+    """sched_setaffinity on every thread of `pid` (`taskset -apc`): ProcessLookupError if it is gone, another
+    OSError if it refuses."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        raise ProcessLookupError(pid) from None
+    for tid in tids:
+        with contextlib.suppress(ProcessLookupError, FileNotFoundError):  # a thread that just ended
+            os.sched_setaffinity(int(tid), cpus)
+
+
+class DatabasePinning:
+    """A local PostgreSQL server on the load CPUs while measuring: infrastructure, like nginx, not the proxy.
+
+    pin() moves the postmaster and all its children (backends, checkpointer, WAL writer, ...) and is called again
+    after every warm-up, when the proxy's pool connections exist: backends forked meanwhile inherit the
+    postmaster's (pinned) set anyway, this catches any that did not. restore() puts every process back on the
+    CPUs it had; a backend forked while pinned gets the postmaster's original set. It runs from a `finally`
+    (errors, Ctrl-C and SIGTERM/SIGHUP included; a SIGKILLed harness cannot restore)."""
+
+    def __init__(self, url: str, cpus: set[int]) -> None:
+        self.url = url
+        self.cpus = cpus
+        self.postmaster = 0
+        self.postmaster_cpus: set[int] = set()
+        self.original: dict[int, set[int]] = {}
+        self.pinned: set[int] = set()
+        self.errors: list[str] = []
+        self.restored = 0
+        self.restore_errors: list[str] = []
+
+    def family(self) -> list[int]:
+        return [self.postmaster, *children(self.postmaster)] if self.postmaster else []
+
+    def start(self) -> None:
+        self.postmaster = postgres_server_pid(self.url)
+        self.postmaster_cpus = set(os.sched_getaffinity(self.postmaster))
+        if self.postmaster_cpus == self.cpus and self.cpus != set(range(os.cpu_count() or 1)):
+            print(f"bench: WARNING: PostgreSQL is already on CPU {cpu_list(self.cpus)} only (another run without "
+                  "`flock /tmp/bench.lock`?); that is what it will be restored to", flush=True)  # fmt: skip
+        self.pin()
+        if self.errors:
+            raise RuntimeError("cannot pin PostgreSQL to the load CPUs: " + "; ".join(self.errors[:3]))
+
+    def pin(self) -> list[int]:
+        """Pin every current server process; returns their pids."""
+        pids = []
+        for pid in self.family():
+            try:
+                if pid not in self.original:
+                    mask = set(os.sched_getaffinity(pid))
+                    # forked after the postmaster was pinned: it inherited our set, its own is the postmaster's
+                    self.original[pid] = self.postmaster_cpus if pid != self.postmaster and mask == self.cpus else mask
+                _set_all_threads(pid, self.cpus)
+            except ProcessLookupError:
+                continue  # a backend that just exited
+            except OSError as exc:
+                self.errors.append(f"pid {pid}: {exc}")
+                continue
+            self.pinned.add(pid)
+            pids.append(pid)
+        return pids
+
+    def restore(self) -> None:
+        for pid in self.family():
+            try:
+                _set_all_threads(pid, self.original.get(pid, self.postmaster_cpus))
+            except ProcessLookupError:
+                continue
+            except OSError as exc:
+                self.restore_errors.append(f"pid {pid}: {exc}")
+                continue
+            self.restored += 1
+
+    def describe(self) -> str:
+        was = ", ".join(sorted({cpu_list(m) for m in self.original.values()})) or "?"
+        return (
+            f"PostgreSQL server (postmaster pid {self.postmaster}) and its processes pinned to CPU "
+            f"{cpu_list(self.cpus)} while measuring: {len(self.pinned)} processes in all (postmaster, background "
+            f"processes and backends, re-pinned after every warm-up to catch new backends; their CPUs before: {was})"
+        )
+
+
 @dataclass
 class ProxyVariant:
     key: str
@@ -405,7 +532,20 @@ class ProxyVariant:
     ledger: bool = True
     floor: bool = False  # not the proxy: bench/floor.py, a bare aiohttp pass-through (reference point)
     oidc: bool = False  # auth.mode oidc against BenchOP; wrk sends its bearer token
-    baseline: str | None = None  # the variant this one is compared with (same set-up without auth)
+    # The variant this one is compared with: both proxies run at once and are measured interleaved, point by point.
+    baseline: str | None = None
+    feature: str = ""  # what differs from the baseline ("OIDC auth", "usage ledger")
+    removes: bool = False  # False: this variant adds `feature` to its baseline; True: it turns the baseline's off
+    feature_note: str = ""  # how, for the report
+    section: str | None = None  # a RESULTS.md section of its own for this comparison
+
+
+def feature_pair(v: ProxyVariant, variants: Sequence[ProxyVariant]) -> tuple[ProxyVariant, ProxyVariant] | None:
+    """(with the feature, without it) for a variant whose baseline is also selected, else None."""
+    base = next((b for b in variants if b.key == v.baseline), None)
+    if base is None:
+        return None
+    return (base, v) if v.removes else (v, base)
 
 
 class Proxy:
@@ -667,7 +807,7 @@ class Sampler:
 
     def __init__(self, pids: list[int], quiet_pids: list[int]) -> None:
         self.pids = pids
-        self.quiet_pids = quiet_pids  # also ours (nginx): counted as ours in the noise figure
+        self.quiet_pids = quiet_pids  # also ours (nginx, PostgreSQL): counted as ours in the noise figure
         self.max_rss = dict.fromkeys(pids, 0.0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -683,7 +823,8 @@ class Sampler:
         self.cpu0 = {p: proc_cpu_seconds(p) for p in self.pids}
         self.cores0 = core_times()
         self.task0 = task_cpu_seconds()
-        self.ours0 = own_cpu_seconds() + sum(proc_cpu_seconds(p) for p in self.pids + self.quiet_pids)
+        self.quiet0 = {p: proc_cpu_seconds(p) for p in self.quiet_pids}
+        self.ours0 = own_cpu_seconds() + sum(proc_cpu_seconds(p) for p in self.pids) + sum(self.quiet0.values())
         self._thread.start()
         return self
 
@@ -694,7 +835,10 @@ class Sampler:
         self.cpu_s = {p: proc_cpu_seconds(p) - self.cpu0[p] for p in self.pids}
         self.cpu_pct = {p: 100.0 * v / wall for p, v in self.cpu_s.items()}
         cores1 = core_times()
-        ours = own_cpu_seconds() + sum(proc_cpu_seconds(p) for p in self.pids + self.quiet_pids) - self.ours0
+        # (a process that exited meanwhile reads 0: its CPU is not counted as ours, nor as negative)
+        self.quiet_cpu_s = {p: max(0.0, proc_cpu_seconds(p) - self.quiet0[p]) for p in self.quiet_pids}
+        now_ours = sum(proc_cpu_seconds(p) for p in self.pids) + sum(self.quiet0.values())
+        ours = own_cpu_seconds() + now_ours + sum(self.quiet_cpu_s.values()) - self.ours0
         self.noise_pct = max(0.0, 100.0 * (task_cpu_seconds() - self.task0 - ours) / wall)
         self.core_pct = {k: 100.0 * (cores1[k][0] - b) / max(1, cores1[k][1] - t) for k, (b, t) in self.cores0.items()}
 
@@ -762,6 +906,8 @@ class Measurement:
     rss_after_mb: list[float] = field(default_factory=list)  # per proxy worker, 1 s after load
     noise_pct: float = 0.0  # CPU used by other processes on the machine, % of one core
     cpu_us_per_req: float = 0.0  # proxy CPU time (all workers) per request
+    db_cpu_us_per_req: float | None = None  # local PostgreSQL server CPU time per request (when pinned)
+    rep: int = 1  # repetition (--repeat) of an interleaved comparison
 
 
 KINDS = {"json": ("bench-json", "/v1/chat/completions"), "stream": ("bench-stream", "/stream/v1/chat/completions")}
@@ -778,8 +924,12 @@ def measure(
     pids: list[int],
     quiet_pids: list[int],
     authorization: Callable[[], str] | None = None,
+    db: DatabasePinning | None = None,
 ) -> Measurement:
-    """One point; re-measured (up to --retries times) when other processes took CPU meanwhile."""
+    """One point; re-measured (up to --retries times) when other processes took CPU meanwhile.
+
+    With `db`, the database server's processes are (re-)pinned after the warm-up, counted as ours in the noise
+    figure and their CPU time per request recorded."""
     url = f"http://127.0.0.1:{port}{path}"
     best: Measurement | None = None
     for attempt in range(args.retries + 1):
@@ -790,7 +940,8 @@ def measure(
         auth = authorization() if authorization else None
         if args.warmup:
             run_wrk(url, body_file, connections, args.warmup, args.load_cpus, args.threads, auth)
-        with Sampler(pids, quiet_pids) as s:
+        db_pids = db.pin() if db is not None else []
+        with Sampler(pids, quiet_pids + db_pids) as s:
             res = run_wrk(url, body_file, connections, args.duration, args.load_cpus, args.threads, auth)
         time.sleep(1.0)
         m = Measurement(target, kind, connections, res)
@@ -801,6 +952,8 @@ def measure(
         m.noise_pct = round(s.noise_pct, 1)
         if pids and res.requests:
             m.cpu_us_per_req = round(1e6 * sum(s.cpu_s.values()) / res.requests, 1)
+        if db is not None and res.requests:
+            m.db_cpu_us_per_req = round(1e6 * sum(s.quiet_cpu_s[p] for p in db_pids) / res.requests, 1)
         flag = f"  !! {res.errors} errors" if res.errors else ""
         cores = " ".join(f"{k}={v:.0f}%" for k, v in sorted(m.core_pct.items()))
         proc = (
@@ -808,9 +961,11 @@ def measure(
             if pids
             else ""
         )
+        if m.db_cpu_us_per_req is not None:
+            proc += f" db={m.db_cpu_us_per_req:.0f} us/req"
         noisy = m.noise_pct > args.max_noise
         print(
-            f"  {target:<6} {kind:<6} c={connections:<3} {res.rps:>9.0f} req/s  p50={res.p50_ms:.2f}ms "
+            f"  {target:<8} {kind:<6} c={connections:<3} {res.rps:>9.0f} req/s  p50={res.p50_ms:.2f}ms "
             f"p99={res.p99_ms:.2f}ms  [{cores} other={m.noise_pct:.0f}%]{proc}{flag}"
             + ("  (noisy: other processes were busy)" if noisy else ""),
             flush=True,
@@ -886,12 +1041,142 @@ def _pair(a: float, b: float) -> str:
     return f"{a:.2f} / {b:.2f}"
 
 
+def geomean(values: Sequence[float]) -> float:
+    return math.prod(values) ** (1.0 / len(values)) if values else float("nan")
+
+
+def database_description(args: argparse.Namespace) -> str:
+    if not args.database_url:
+        return "SQLite in a temp dir; production would use PostgreSQL"
+    if "postgres" not in args.database_url:
+        return str(args.database_url).split(":", 1)[0]
+    return "PostgreSQL on this machine" if local_postgres(args.database_url) else "PostgreSQL"
+
+
+Point = tuple[str, int, Measurement, Measurement]  # kind, connections, with the feature, without it
+
+
+def pair_points(
+    ms: Sequence[Measurement], pair: tuple[ProxyVariant, ProxyVariant], args: argparse.Namespace, rep: int
+) -> list[Point]:
+    on, off = pair
+    by = {(m.target, m.kind, m.connections): m for m in ms if m.rep == rep}
+    return [
+        (kind, c, by[(on.key, kind, c)], by[(off.key, kind, c)])
+        for kind in args.kinds
+        for c in args.connections
+        if (on.key, kind, c) in by and (off.key, kind, c) in by
+    ]
+
+
+def build_pair_section(
+    ms: Sequence[Measurement],
+    v: ProxyVariant,
+    variants: Sequence[ProxyVariant],
+    args: argparse.Namespace,
+    info: dict[str, str],
+) -> str | None:
+    """The section of a comparison (`v.section`): with / without the feature, every repetition, ratios."""
+    pair = feature_pair(v, variants)
+    if pair is None or v.section is None:
+        return None
+    on, off = pair
+    reps = sorted({m.rep for m in ms if m.target in (on.key, off.key)})
+    runs = {r: pair_points(ms, pair, args, r) for r in reps}
+    runs = {r: pts for r, pts in runs.items() if pts}
+    if not runs:
+        return None
+    feat = v.feature
+    has_db = any(m.db_cpu_us_per_req is not None for pts in runs.values() for _, _, a, b in pts for m in (a, b))
+    head = ["workload", "conns", feat]
+    for r in runs:
+        head += [f"run {r} req/s", f"run {r} proxy CPU µs/req"] + ([f"run {r} PostgreSQL CPU µs/req"] if has_db else [])
+    rows = ["| " + " | ".join(head) + " |", "|---|--:|---|" + "--:|" * (len(head) - 3)]
+
+    def db_cell(m: Measurement) -> list[str]:
+        return [f"{m.db_cpu_us_per_req:.0f}" if m.db_cpu_us_per_req is not None else "-"] if has_db else []
+
+    first = next(iter(runs.values()))
+    for i, (kind, c, _, _) in enumerate(first):
+        workload = "chat JSON" if kind == "json" else f"SSE {N_CHUNKS}+usage (streams/s)"
+        r_on, r_off, r_ratio = [workload, str(c), "on"], [workload, str(c), "off"], [workload, str(c), "on / off"]
+        for pts in runs.values():
+            _, _, a, b = pts[i]
+            err_a = f" ({a.wrk.errors} errors!)" if a.wrk.errors else ""
+            err_b = f" ({b.wrk.errors} errors!)" if b.wrk.errors else ""
+            r_on += [f"{_fmt_rps(a.wrk.rps)}{err_a}", f"{a.cpu_us_per_req:.0f}", *db_cell(a)]
+            r_off += [f"{_fmt_rps(b.wrk.rps)}{err_b}", f"{b.cpu_us_per_req:.0f}", *db_cell(b)]
+            cpu = a.cpu_us_per_req / b.cpu_us_per_req if b.cpu_us_per_req else float("nan")
+            r_ratio += [f"**{a.wrk.rps / b.wrk.rps:.2f}**", f"{cpu:.2f} ({a.cpu_us_per_req - b.cpu_us_per_req:+.0f})"]
+            r_ratio += [""] if has_db else []
+        rows += ["| " + " | ".join(r) + " |" for r in (r_on, r_off, r_ratio)]
+
+    all_ratios = [a.wrk.rps / b.wrk.rps for pts in runs.values() for _, _, a, b in pts]
+    gm_all = geomean(all_ratios)
+    per_run = ", ".join(
+        f"run {r} **{geomean([a.wrk.rps / b.wrk.rps for _, _, a, b in pts]):.3f}**" for r, pts in runs.items()
+    )
+    extra = [a.cpu_us_per_req - b.cpu_us_per_req for pts in runs.values() for _, _, a, b in pts]
+    off_cpu = [b.cpu_us_per_req for pts in runs.values() for _, _, _, b in pts]
+    mark = "PASS" if gm_all >= TARGET_FEATURE_RATIO else "FAIL"
+    bullets = [
+        f"- {mark}: throughput {feat} on / off, geometric mean of the points: {per_run}"
+        + (f"; all {len(all_ratios)} points **{gm_all:.3f}**" if len(runs) > 1 else "")
+        + f" (target >= {TARGET_FEATURE_RATIO:.2f}; lowest point {min(all_ratios):.2f}, "
+        f"highest {max(all_ratios):.2f}).",
+        f"- Proxy CPU per request, {feat} on minus off: {min(extra):+.0f} to {max(extra):+.0f} µs "
+        f"(mean {sum(extra) / len(extra):+.0f} µs on a mean of {sum(off_cpu) / len(off_cpu):.0f} µs without it; "
+        "CPU µs/req is the figure least disturbed by other load; the ratio column is on / off, the bracket the "
+        "difference).",
+    ]
+    if has_db:
+        db_on = [a.db_cpu_us_per_req or 0.0 for pts in runs.values() for _, _, a, _ in pts]
+        db_off = [b.db_cpu_us_per_req or 0.0 for pts in runs.values() for _, _, _, b in pts]
+        bullets.append(
+            f"- PostgreSQL server CPU per request: {min(db_on):.0f}-{max(db_on):.0f} µs with the {feat} on, "
+            f"{min(db_off):.0f}-{max(db_off):.0f} µs with it off; spent on the load CPU ({cpu_list(args.load_cpus)}), "
+            "not the proxy's."
+        )
+    noise = [m.noise_pct for pts in runs.values() for _, _, a, b in pts for m in (a, b)]
+    errors = sum(m.wrk.errors for pts in runs.values() for _, _, a, b in pts for m in (a, b))
+    bullets.append(
+        f"- Other processes used at most {max(noise):.0f}% of a core during these points (re-measured above "
+        f"{args.max_noise:.0f}%); request errors: {errors}."
+    )
+    now = args.started.strftime("%Y-%m-%d %H:%M %Z")
+    order = "on, off, off, on, ..." if v.removes else "off, on, on, off, ..."  # the baseline goes first
+    rep_note = (
+        f" {len(runs)} repetitions (`--repeat {len(runs)}`): the whole set of points measured {len(runs)} times over, "
+        "the alternation continuing."
+        if len(runs) > 1
+        else ""
+    )
+    lines = [
+        v.section,
+        "",
+        f"Run {now} with `{args.command}`; commit {info['commit']}.",
+        "",
+        f'"on" = {on.label}; "off" = {off.label}: {v.feature_note} Same machine, upstream, load and pinning as '
+        f'"Core gateway throughput" (proxy on CPU {cpu_list(args.proxy_cpus)}, wrk and nginx on CPU '
+        f"{cpu_list(args.load_cpus)}; {args.duration} s per point after {args.warmup} s warm-up); usage database: "
+        f"{database_description(args)}. Both proxies run at once and are measured point by point in alternating "
+        f"order ({order}), so drift of the shared machine over the run does not decide their "
+        f"ratio.{rep_note}" + (f" {args.db_note}." if args.db_note else ""),
+        "",
+        *rows,
+        "",
+        *bullets,
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def build_report(
     ms: list[Measurement], variants: list[ProxyVariant], args: argparse.Namespace, info: dict[str, str]
 ) -> str:
-    """Markdown body of the section (table and target verdicts)."""
+    """Markdown body of the section (table and target verdicts). With --repeat, the first repetition."""
     direct = {(m.kind, m.connections): m for m in ms if m.target == "direct"}
-    by = {(m.target, m.kind, m.connections): m for m in ms}
+    by = {(m.target, m.kind, m.connections): m for m in ms if m.rep == 1}
     rows = [
         "| proxy | workload | conns | direct req/s | proxy req/s | ratio | direct p50 / p99 ms "
         "| proxy p50 / p99 ms | added p50 / p99 ms | proxy CPU % | CPU us/req | RSS MB max / after | other CPU % |",
@@ -947,28 +1232,22 @@ def build_report(
             verdict(peak <= TARGET_RSS_MB, f"{tag} RSS under load: {peak:.0f} MB max "
                     f"(target <= {TARGET_RSS_MB:.0f} MB)")  # fmt: skip
     for v in variants:
-        base = next((b for b in variants if b.key == v.baseline), None)
-        if base is None:
+        pair = feature_pair(v, variants)
+        pts = pair_points(ms, pair, args, rep=1) if pair else []
+        if not pair or not pts:
             continue
-        pts = [
-            (kind, c, by[(v.key, kind, c)], by[(base.key, kind, c)])
-            for kind in args.kinds
-            for c in args.connections
-            if (v.key, kind, c) in by and (base.key, kind, c) in by
-        ]
-        if not pts:
-            continue
+        on, off = pair
         ratios = [m.wrk.rps / b.wrk.rps for _, _, m, b in pts]
-        gmean = math.prod(ratios) ** (1.0 / len(ratios))
+        gmean = geomean(ratios)
         text = ", ".join(
             f"{'JSON' if kind == 'json' else 'SSE'} c{c} {m.wrk.rps:,.0f} / {b.wrk.rps:,.0f} = "
             f"{m.wrk.rps / b.wrk.rps:.2f} (CPU {m.cpu_us_per_req:.0f} / {b.cpu_us_per_req:.0f} us/req)"
             for kind, c, m, b in pts
         )
-        verdict(gmean >= TARGET_AUTH_RATIO, f"[{v.label}] vs [{base.label}]: req/s ratio {gmean:.3f} "
-                f"(geometric mean of the points; target >= {TARGET_AUTH_RATIO:.2f}; lowest point "
+        verdict(gmean >= TARGET_FEATURE_RATIO, f"[{on.label}] vs [{off.label}]: req/s ratio {gmean:.3f} "
+                f"(geometric mean of the points; target >= {TARGET_FEATURE_RATIO:.2f}; lowest point "
                 f"{min(ratios):.2f}): {text}")  # fmt: skip
-    one = next((v for v in variants if v.workers == 1 and v.access_log and not v.oidc), None)
+    one = next((v for v in variants if v.workers == 1 and v.access_log and v.ledger and not v.oidc), None)
     for v in variants:
         if v.workers == 1 or one is None:
             continue
@@ -984,11 +1263,7 @@ def build_report(
                     f"(target <= {TARGET_RSS_MB:.0f} MB)")  # fmt: skip
 
     pc, lc = cpu_list(args.proxy_cpus), cpu_list(args.load_cpus)
-    db = (
-        ("PostgreSQL" if "postgres" in args.database_url else args.database_url.split(":", 1)[0])
-        if args.database_url
-        else "SQLite in a temp dir; production would use PostgreSQL"
-    )
+    db = database_description(args)
     now = args.started.strftime("%Y-%m-%d %H:%M %Z")
     oidc = next((v for v in variants if v.oidc), None)
     auth_note = (
@@ -1026,7 +1301,8 @@ def build_report(
         f'Pinning: proxy on CPU {pc}; wrk and nginx on CPU {lc} while the proxy is measured; for "direct" '
         f"nginx moves to CPU {pc} (wrk stays on {lc}). `--workers 2` runs on CPUs "
         f"{cpu_list(args.all_cpus)} while wrk and nginx also need CPU {lc}, so 2x is out of reach on this box. "
-        f"Proxy config: auth none{' (but the OIDC rows)' if oidc else ''}, one openai_compat provider per workload. "
+        + (f"{args.db_note}. " if args.db_note else "")
+        + f"Proxy config: auth none{' (but the OIDC rows)' if oidc else ''}, one openai_compat provider per workload. "
         '"defaults" = production defaults: access log on (one JSON line per request to stderr, here a file) and '
         f"usage ledger on (journal file + database, here {db}).{auth_note}",
         "",
@@ -1046,9 +1322,10 @@ def build_report(
     return "\n".join(lines)
 
 
-def write_results(section: str, path: Path) -> None:
+def write_results(section: str, path: Path, title: str = SECTION) -> None:
+    """Replace the section `title` (up to the next `## `) of `path`, or append it."""
     text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}[ \t]*\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(title)}[ \t]*\n.*?(?=^## |\Z)", re.S | re.M)
     if pattern.search(text):
         text = pattern.sub(lambda _m: section.rstrip("\n") + "\n\n", text, count=1)
     else:
@@ -1086,8 +1363,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="proxy variants: log (1 worker, production defaults: access log and usage ledger on), oidc (log with "
         "auth.mode oidc against tests/oidc/op.mjs, one bearer token on every request; needs Node.js and "
-        "`make node-deps`), nolog (access log off), bare (access log and ledger off), floor (bench/floor.py: bare "
-        "aiohttp pass-through, for reference), w2 (2 workers, defaults); default log,oidc,nolog,bare,floor,w2",
+        "`make node-deps`), noledger (log with usage.enabled false; measured interleaved with log), nolog (access "
+        "log off), bare (access log and ledger off), floor (bench/floor.py: bare aiohttp pass-through, for "
+        "reference), w2 (2 workers, defaults); default log,oidc,noledger,nolog,bare,floor,w2",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="measure interleaved comparisons (a variant with its baseline selected too) this many times over; "
+        "the core table shows the first repetition, a comparison's own section all of them (default 1)",
     )
     p.add_argument("--kinds", default="json,stream", help="json,stream (default both)")
     p.add_argument("--proxy-cpus", default="0", help="CPUs of the (single-worker) proxy (default 0)")
@@ -1137,6 +1422,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.connections = [int(c) for c in (args.connections or "8,64").split(",")]
     args.variants = (args.variants or DEFAULT_VARIANTS).split(",")
     args.kinds = [k for k in args.kinds.split(",") if k]
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
+    args.db_note = ""  # set by main() when it pins a local PostgreSQL
     for k in args.kinds:
         if k not in KINDS:
             p.error(f"unknown kind {k!r}")
@@ -1154,18 +1442,33 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 VARIANTS = {
     "log": ProxyVariant("log", "1 worker, defaults", 1, True),
-    "oidc": ProxyVariant("oidc", "1 worker, defaults + OIDC bearer", 1, True, oidc=True, baseline="log"),
+    "oidc": ProxyVariant(
+        "oidc", "1 worker, defaults + OIDC bearer", 1, True, oidc=True, baseline="log", feature="OIDC bearer auth"
+    ),
+    "noledger": ProxyVariant(
+        "noledger",
+        "1 worker, defaults but usage ledger off",
+        1,
+        True,
+        False,
+        baseline="log",
+        feature="usage ledger",
+        removes=True,
+        feature_note="the same config with `usage.enabled: false` (no journal, no database writes; the access log "
+        "stays on in both, to the same kind of file).",
+        section="## Usage ledger cost (on vs off)",
+    ),
     "nolog": ProxyVariant("nolog", "1 worker, access log off", 1, False),
     "w2": ProxyVariant("w2", "2 workers, defaults", 2, True),
     "bare": ProxyVariant("bare", "1 worker, access log + ledger off", 1, False, False),
     "floor": ProxyVariant("floor", "reference: bare aiohttp pass-through (bench/floor.py)", 1, False, False, True),
 }
-DEFAULT_VARIANTS = "log,oidc,nolog,bare,floor,w2"
+DEFAULT_VARIANTS = "log,oidc,noledger,nolog,bare,floor,w2"
 
 
 def measuring_groups(variants: list[ProxyVariant], hold: bool = False) -> list[list[ProxyVariant]]:
-    """The variants in measuring order. A variant whose baseline is also selected (oidc with log) forms one group
-    with it: both proxies run at once and are measured point by point in alternating order (A B, B A, ...), so
+    """The variants in measuring order. A variant whose baseline is also selected (oidc or noledger with log) forms
+    one group with it: the proxies run at once and are measured point by point in alternating order (A B, B A, ...), so
     that slow drift of a shared machine over the run does not decide their ratio."""
     keys = {v.key for v in variants}
     groups: list[list[ProxyVariant]] = []
@@ -1199,7 +1502,7 @@ def find_tools(openid_provider: bool = False) -> str:
             missing.append("tests/oidc/node_modules (npm package oidc-provider)")
         if missing:
             print(f"bench: the oidc variant needs {', '.join(missing)}. Install with:\n  {OP_HINT}\n"
-                  "(or leave it out: --variants log,nolog,bare,floor,w2)", file=sys.stderr)  # fmt: skip
+                  "(or leave it out: --variants log,noledger,nolog,bare,floor,w2)", file=sys.stderr)  # fmt: skip
             raise SystemExit(2)
     assert nginx is not None
     return nginx
@@ -1251,8 +1554,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bodies[(kind, via_proxy)] = f
         upstream = Nginx(nginx_bin, tmp)
         op: BenchOP | None = None
+        db: DatabasePinning | None = None
         upstream.start()
         try:
+            if local_postgres(args.database_url) and args.load_cpus is not None:
+                db = DatabasePinning(args.database_url, args.load_cpus)
+                try:
+                    db.start()
+                except Exception as exc:
+                    raise RuntimeError(f"PostgreSQL of --database-url: {type(exc).__name__}: {exc}") from exc
+                print(f"bench: {db.describe()}", flush=True)
             print("direct (nginx alone):", flush=True)
             upstream.pin(args.proxy_cpus)
             for kind in args.kinds:
@@ -1286,17 +1597,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                         with contextlib.suppress(KeyboardInterrupt):
                             signal.pause()
                         continue
+                    reps = args.repeat if len(proxies) > 1 else 1
                     if len(proxies) > 1:
-                        print(f"  ({' and '.join(x.variant.key for x in proxies)}: both up, measured point by "
-                              "point in alternating order)", flush=True)  # fmt: skip
+                        print(f"  ({' and '.join(x.variant.key for x in proxies)}: all up, measured point by "
+                              f"point in alternating order{f', {reps} times over' if reps > 1 else ''})",
+                              flush=True)  # fmt: skip
                     points = [(kind, c) for kind in args.kinds for c in args.connections]
-                    for i, (kind, c) in enumerate(points):
+                    for i, (r, kind, c) in enumerate((r, k, c) for r in range(1, reps + 1) for k, c in points):
                         for proxy in proxies if i % 2 == 0 else proxies[::-1]:
                             v = proxy.variant
                             pids = proxy.workers()
                             others = upstream.pids() + ([proxy.proc.pid] if proxy.proc and v.workers > 1 else [])
-                            ms.append(measure(v.key, kind, proxy.port, "/v1/chat/completions", bodies[(kind, True)],
-                                              c, args, pids, others, auths[v.key]))  # fmt: skip
+                            m = measure(v.key, kind, proxy.port, "/v1/chat/completions", bodies[(kind, True)], c,
+                                        args, pids, others, auths[v.key], db)  # fmt: skip
+                            m.rep = r
+                            ms.append(m)
                     for proxy in proxies:
                         if proxy.proc is not None and proxy.proc.poll() is not None:
                             raise RuntimeError(f"the proxy exited during the run:\n{proxy.tail_log()}")
@@ -1310,12 +1625,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             if op is not None:
                 print(f"  (OpenID provider: {op.tokens} access token(s) fetched)", flush=True)
                 op.close()
+            if db is not None:
+                db.restore()
+                told = f"restored the CPU affinity of {db.restored} PostgreSQL processes"
+                if db.restore_errors:
+                    told += f"; FAILED for {len(db.restore_errors)}: {'; '.join(db.restore_errors[:3])}"
+                print(f"bench: {told}", flush=True)
+                if db.errors:
+                    print(f"bench: could not pin {len(db.errors)} PostgreSQL processes: {'; '.join(db.errors[:3])}",
+                          flush=True)  # fmt: skip
+                failed = f", except {len(db.restore_errors)}" if db.restore_errors else ""
+                args.db_note = f"{db.describe()}; affinity restored at the end ({db.restored} still running{failed})"
     if args.hold:
         return 0
 
+    sections = [(v.section, build_pair_section(ms, v, variants, args, info)) for v in variants if v.section]
+    paired = {k for v in variants if v.section and feature_pair(v, variants) for k in (v.key, v.baseline)}
     section = build_report(ms, variants, args, info)
+    write_core = any(v.key not in paired for v in variants)
     print()
     print(section)
+    for _, text in sections:
+        if text:
+            print()
+            print(text)
     OUT.mkdir(exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     raw = OUT / f"core-{stamp}.json"
@@ -1323,8 +1656,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                                "measurements": [asdict(m) for m in ms]}, indent=1))  # fmt: skip
     print(f"bench: raw figures in {raw.relative_to(ROOT)}")
     if args.write:
-        write_results(section, Path(args.results))
-        print(f"bench: updated section {SECTION!r} in {args.results}")
+        if write_core:
+            write_results(section, Path(args.results))
+            print(f"bench: updated section {SECTION!r} in {args.results}")
+        else:
+            print(f"bench: comparison pairs only: section {SECTION!r} left as it is")
+        for title, text in sections:
+            if title and text:
+                write_results(text, Path(args.results), title)
+                print(f"bench: updated section {title!r} in {args.results}")
     errors = sum(m.wrk.errors for m in ms)
     if errors:
         print(f"bench: {errors} request errors during the run: figures are suspect", file=sys.stderr)

@@ -53,14 +53,21 @@ class PayloadTooLarge(ProxyError):
     code = "request_too_large"
 
 
+BEARER_CHALLENGE = 'Bearer error="invalid_token"'
+
+
 class Unauthorized(ProxyError):
+    """401. `challenge` is the WWW-Authenticate value unless `headers` sets one; None sends no challenge (for
+    credentials the client cannot present itself, such as identity headers set by a gateway in front)."""
+
     status = 401
     type = "authentication_error"
     code = "invalid_token"
 
-    def __init__(self, message: str, **kw: Any) -> None:
+    def __init__(self, message: str, *, challenge: str | None = BEARER_CHALLENGE, **kw: Any) -> None:
         headers = kw.pop("headers", None) or {}
-        headers.setdefault("WWW-Authenticate", 'Bearer error="invalid_token"')
+        if challenge is not None:
+            headers.setdefault("WWW-Authenticate", challenge)
         super().__init__(message, headers=headers, **kw)
 
 

@@ -276,7 +276,8 @@ def test_jwks_down_without_cached_keys_is_503_until_keys_arrive(
     health = oidc_proxy.lt.call(oidc_proxy.services.authenticator.health)
     cold = health["issuers"][local_idp.issuer("cold")]
     assert cold["keys"] == 0 and "HTTP 503" in cold["error"]
-    assert health["ok"] is True  # other issuers have keys
+    assert health["ok"] is False  # not ready while any trusted issuer has no keys (the others still serve)
+    assert health["failing_issuers"] == [local_idp.issuer("cold")]
 
     realm.up = True  # the IdP comes back: the next request fetches the keys, no restart
     try:

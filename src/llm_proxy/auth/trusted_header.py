@@ -21,6 +21,12 @@ _MAX_ITEMS = 1000
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+def _rejected(message: str) -> Unauthorized:
+    """401 without `WWW-Authenticate: Bearer`: the client has no bearer token to offer here; its identity comes
+    from the authenticating gateway in front, which owns the login challenge."""
+    return Unauthorized(message, challenge=None)
+
+
 def _peer_address(peer: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     if not peer:
         return None
@@ -82,9 +88,9 @@ class TrustedHeaderAuthenticator:
             return None
         values = [v.strip() for v in header_values(headers, name) if v.strip()]
         if len(values) > 1:
-            raise Unauthorized(f"Ambiguous identity: header '{name}' is repeated")
+            raise _rejected(f"Ambiguous identity: header '{name}' is repeated")
         if values and len(values[0]) > _MAX_VALUE:
-            raise Unauthorized(f"Identity header '{name}' is too long")
+            raise _rejected(f"Identity header '{name}' is too long")
         return values[0] if values else None
 
     def _list(self, headers: Mapping[str, str], name: str | None) -> tuple[str, ...]:
@@ -97,13 +103,13 @@ class TrustedHeaderAuthenticator:
         if not self._trusted(headers, peer):
             log.info("trusted-header request rejected: no valid shared secret and peer not in trusted_networks",
                      extra={"peer": peer})
-            raise Unauthorized(
+            raise _rejected(
                 "Request did not come through the trusted authenticating proxy "
                 "(shared secret missing or wrong, and the peer is not in a trusted network)"
             )
         subject = self._single(headers, self._s.subject_header)
         if subject is None:
-            raise Unauthorized(f"Missing identity header '{self._s.subject_header}'")
+            raise _rejected(f"Missing identity header '{self._s.subject_header}'")
         principal = Principal(
             subject=subject,
             username=self._single(headers, self._s.username_header),
