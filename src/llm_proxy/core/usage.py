@@ -17,11 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ..config import LoadedConfig
-from ..store.db import create_engine, normalize_url, upgrade
-from ..store.repos import UsageRepo, event_from_line, is_row_error
+from ..store.ledger_db import LedgerDB, event_from_line, open_ledger_db, parse_db_url
 from ..types import UsageEvent
 
 log = logging.getLogger("llm_proxy.usage")
@@ -145,12 +143,11 @@ class UsageLedger:
         migrate_timeout: float = 15.0,
         orphan_scan_interval: float = 60.0,
         concurrency: int | None = None,
-        engine: AsyncEngine | None = None,
     ) -> None:
-        url = normalize_url(database_url)  # fail early on an unsupported URL
+        url = parse_db_url(database_url)  # fail early on an unsupported URL
         # Batches in flight at once. PostgreSQL: two, so one backend works while the next batch travels (and
         # a second core helps); SQLite serialises writers anyway.
-        self._concurrency = concurrency or (1 if url.get_backend_name() == "sqlite" else 2)
+        self._concurrency = concurrency or (1 if url.backend == "sqlite" else 2)
         self.database_url = database_url
         self.spool_dir = Path(spool_dir)
         self._batch_size = batch_size
@@ -161,8 +158,7 @@ class UsageLedger:
         self._close_timeout = close_timeout
         self._migrate_timeout = migrate_timeout
         self._scan_interval = orphan_scan_interval
-        self._engine = engine
-        self._repo: UsageRepo | None = UsageRepo(engine) if engine is not None else None
+        self._db: LedgerDB | None = None  # asyncpg / aiosqlite directly: no SQLAlchemy on the write path
 
         self._dir: Path | None = None
         self._lock_fd = -1
@@ -215,11 +211,11 @@ class UsageLedger:
         )
 
     @property
-    def repo(self) -> UsageRepo:
-        """Database access for reports (valid after start())."""
-        if self._repo is None:
+    def db(self) -> LedgerDB:
+        """The ledger's database, also for reports and stored completions (valid after start())."""
+        if self._db is None:
             raise RuntimeError("the usage ledger is not started")
-        return self._repo
+        return self._db
 
     # -- hot path ----------------------------------------------------------------------------------
 
@@ -254,7 +250,10 @@ class UsageLedger:
         self._seq = seg.end_seq = seq + 1
         if self._cursor is None:
             if len(self._mem) < self._queue_size:
-                self._mem.append(line)
+                # A right-sized copy, without the newline: orjson's bytes keep the buffer it grew while
+                # serialising (8 KiB for a ~450-byte line with orjson 3.13), which a queue of thousands of
+                # lines turned into ~20 MB of resident memory under load.
+                self._mem.append(line[:-1])
             else:
                 self._cursor = _Cursor(seg, offset, seq)
                 log.warning(
@@ -271,7 +270,7 @@ class UsageLedger:
         if self._closed:
             self._record_late(line)
             return
-        self._loose.append(line)
+        self._loose.append(line[:-1])  # right-sized, as in record()
         self._wake.set()
 
     def _journal_failed(self, line: bytes, exc: OSError) -> None:
@@ -279,7 +278,7 @@ class UsageLedger:
         if self._journal_error != msg:
             log.error("usage journal write failed; keeping events in memory", extra={"error": str(exc)})
         self._journal_error = self._last_error = msg
-        self._loose.append(line)
+        self._loose.append(line[:-1])
         self._wake.set()
 
     def _record_late(self, line: bytes) -> None:
@@ -330,12 +329,11 @@ class UsageLedger:
         except OSError as exc:
             self._journal_error = self._last_error = f"cannot open journal in {self.spool_dir}: {exc}"
             log.error("usage journal unavailable: events are kept in memory only", extra={"error": str(exc)})
-        if self._engine is None:
-            self._engine = create_engine(self.database_url)
-            self._repo = UsageRepo(self._engine)
+        if self._db is None:
+            self._db = open_ledger_db(self.database_url, connections=self._concurrency)
         if self._auto_migrate:
             try:
-                await asyncio.wait_for(upgrade(self._engine), self._migrate_timeout)
+                await asyncio.wait_for(self._db.migrate(), self._migrate_timeout)
                 self._schema_ok = True
                 self._set_db_ok(True)
             except Exception as exc:  # the writer retries (or reports) in the background
@@ -373,8 +371,8 @@ class UsageLedger:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         self._finish_close()
-        if self._engine is not None:
-            await self._engine.dispose()
+        if self._db is not None:
+            await self._db.close()
 
     def _finish_close(self) -> None:
         backlog = self._seq - self._committed
@@ -615,7 +613,7 @@ class UsageLedger:
 
     async def _ping(self) -> None:
         try:
-            await asyncio.wait_for(self.repo.ping(), 5.0)
+            await asyncio.wait_for(self.db.ping(), 5.0)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -626,16 +624,16 @@ class UsageLedger:
     async def _ensure_schema(self) -> None:
         """Migrate, retrying while the database is unreachable. A migration that fails on a reachable
         database (e.g. no DDL privilege) is reported once and the writer goes on: the tables may exist."""
-        assert self._engine is not None
+        db = self.db
         delay = _BACKOFF_MIN
         while True:
             try:
-                await upgrade(self._engine)
+                await db.migrate()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 try:
-                    await self.repo.ping()
+                    await db.ping()
                 except asyncio.CancelledError:
                     raise
                 except Exception:
@@ -669,15 +667,15 @@ class UsageLedger:
         """Insert journal lines, retrying while the database is away; rows it rejects go to rejected.jsonl."""
         if not lines:
             return
-        repo = self.repo
+        db = self.db
         delay = _BACKOFF_MIN
         while True:
             try:
-                added = await repo.insert_lines(lines)
+                added = await db.insert_lines(lines)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if is_row_error(exc):
+                if db.is_row_error(exc):
                     self._set_db_ok(True)
                     await self._bisect(lines, exc)
                     return

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ..store.repos import GROUP_KEYS
+from ..store.ledger_db import GROUP_KEYS
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -161,16 +161,13 @@ async def fetch_report(
     subject: str | None = None,
 ) -> dict[str, Any]:
     """Run one report against the database at `database_url` (for the CLI; the server uses its ledger)."""
-    from ..store.db import create_engine
-    from ..store.repos import UsageRepo
+    from ..store.ledger_db import open_ledger_db
 
-    engine = create_engine(database_url, pool_size=1)
+    db = open_ledger_db(database_url, connections=1)
     try:
-        rows, totals = await UsageRepo(engine).usage_report(
-            since=since, until=until, group_by=group_by, subject=subject
-        )
+        rows, totals = await db.usage_report(since=since, until=until, group_by=group_by, subject=subject)
     finally:
-        await engine.dispose()
+        await db.close()
     doc = report_document(
         rows, totals, group_by=group_by, since=since, until=until, scope="all" if subject is None else "user"
     )

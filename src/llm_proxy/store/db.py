@@ -1,4 +1,6 @@
-"""Async SQLAlchemy engine from a URL (sqlite+aiosqlite, postgresql+asyncpg) and programmatic migrations."""
+"""Async SQLAlchemy engine from a URL (sqlite+aiosqlite, postgresql+asyncpg) and programmatic migrations.
+
+Not imported by a serving process whose database is at HEAD_REVISION (see store/ledger_db.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
+from .ledger_db import ASYNC_DRIVERS, HEAD_REVISION, backend_of
+
 log = logging.getLogger("llm_proxy.store")
 logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # one INFO line per plugin per run
 
@@ -33,16 +37,7 @@ def normalize_url(raw: str) -> URL:
         url = make_url(raw)
     except ArgumentError:
         raise ValueError(f"database.url '{raw}' is not a database URL") from None
-    name = url.drivername
-    if name in ("sqlite", "sqlite+pysqlite"):
-        url = url.set(drivername="sqlite+aiosqlite")
-    elif name in ("postgres", "postgresql", "postgresql+psycopg2", "postgresql+psycopg"):
-        url = url.set(drivername="postgresql+asyncpg")
-    if url.drivername not in ("sqlite+aiosqlite", "postgresql+asyncpg"):
-        raise ValueError(
-            f"database.url driver '{url.drivername}' is not supported; use sqlite+aiosqlite or postgresql+asyncpg"
-        )
-    return url
+    return url.set(drivername=ASYNC_DRIVERS[backend_of(url.drivername)])
 
 
 def is_sqlite(url: URL) -> bool:
@@ -111,10 +106,6 @@ def _upgrade_sync(connection: Connection, revision: str) -> str | None:
         connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
     command.upgrade(alembic_config(connection), revision)
     return MigrationContext.configure(connection).get_current_revision()
-
-
-# The newest migration shipped; when the database is already there, Alembic (~10 MB resident) is not loaded.
-HEAD_REVISION = "0001_usage_ledger"
 
 
 async def current_revision(engine: AsyncEngine) -> str | None:

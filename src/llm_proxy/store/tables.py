@@ -23,6 +23,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.types import DateTime, TypeDecorator
 
+from .ledger_db import ID_LEN, NAME_LEN, SHORT_LEN
+
 
 class UtcDateTime(TypeDecorator[datetime]):
     """Timezone-aware UTC datetimes: `timestamptz` on PostgreSQL, naive-UTC text on SQLite."""
@@ -57,11 +59,6 @@ metadata = MetaData(
         "pk": "pk_%(table_name)s",
     }
 )
-
-# Lengths of the text columns; longer values are truncated by the repository before insert.
-ID_LEN = 128
-NAME_LEN = 255
-SHORT_LEN = 64
 
 usage_events = Table(
     "usage_events",

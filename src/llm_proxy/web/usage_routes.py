@@ -62,7 +62,7 @@ async def usage_report(request: web.Request) -> web.StreamResponse:
         subject = wanted
     await ledger.flush(FLUSH_WAIT_SECONDS)
     try:
-        rows, totals = await ledger.repo.usage_report(since=since, until=until, group_by=group_by, subject=subject)
+        rows, totals = await ledger.db.usage_report(since=since, until=until, group_by=group_by, subject=subject)
     except Exception as exc:
         raise _unavailable(exc) from None
     doc = report_document(
@@ -96,7 +96,7 @@ async def list_chat_completions(request: web.Request) -> web.StreamResponse:
     subject = None if svc.policy.is_admin(principal) else principal.subject
     await ledger.flush(FLUSH_WAIT_SECONDS)
     try:
-        rows, has_more = await ledger.repo.list_completions(
+        rows, has_more = await ledger.db.list_completions(
             subject=subject, limit=limit, after=q.get("after") or None, order=order, model=q.get("model") or None
         )
     except Exception as exc:
@@ -118,9 +118,9 @@ async def get_chat_completion(request: web.Request) -> web.StreamResponse:
     completion_id = request.match_info["completion_id"]
     subject = None if svc.policy.is_admin(principal) else principal.subject
     try:
-        row = await ledger.repo.get_completion(completion_id, subject=subject)
+        row = await ledger.db.get_completion(completion_id, subject=subject)
         if row is None and await ledger.flush(FLUSH_WAIT_SECONDS):
-            row = await ledger.repo.get_completion(completion_id, subject=subject)
+            row = await ledger.db.get_completion(completion_id, subject=subject)
     except Exception as exc:
         raise _unavailable(exc) from None
     if row is None:
