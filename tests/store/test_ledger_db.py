@@ -3,6 +3,7 @@ inserts, reads, revision, broken connections, the SQLAlchemy fallback, and the s
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -21,8 +22,10 @@ from llm_proxy.core.usage import UsageLedger
 from llm_proxy.store.db import _sqlite_path, create_engine, normalize_url
 from llm_proxy.store.ledger_db import (
     HEAD_REVISION,
+    MigrationFailed,
     PgLedgerDB,
     SqliteLedgerDB,
+    migrate_in_child,
     open_ledger_db,
     parse_db_url,
 )
@@ -227,3 +230,20 @@ def test_serving_path_never_imports_sqlalchemy(db_url: str, tmp_path: Path) -> N
     out = subprocess.run([sys.executable, "-c", _SERVING], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_a_worker_that_migrates_does_so_in_a_child_process(tmp_path: Path) -> None:
+    """A fresh database: the worker's own migration must not leave SQLAlchemy/Alembic in the worker either."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'fresh.db'}"
+    env = {**os.environ, "LEDGER_URL": url, "LEDGER_SPOOL": str(tmp_path / "spool")}
+    out = subprocess.run([sys.executable, "-c", _SERVING], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+    assert asyncio.run(open_ledger_db(url).revision()) == HEAD_REVISION
+
+
+async def test_a_failed_child_migration_is_one_line_without_the_password() -> None:
+    with pytest.raises(MigrationFailed) as info:
+        await migrate_in_child("postgresql+asyncpg://bob:s3cret@127.0.0.1:1/nowhere")
+    msg = str(info.value)
+    assert "s3cret" not in msg and "Traceback" not in msg and "\n" not in msg and msg

@@ -8,6 +8,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -145,3 +146,18 @@ async def upgrade_url(raw_url: str, revision: str = "head") -> str | None:
         return await upgrade(engine, revision)
     finally:
         await engine.dispose()
+
+
+def _main() -> int:
+    """Child-process entry of LedgerDB.migrate(): the database URL on stdin; exit 1 with one line on failure."""
+    raw_url = sys.stdin.read().strip()
+    try:
+        asyncio.run(upgrade_url(raw_url))
+    except Exception as exc:  # one line for the parent's log; never a traceback
+        print(f"{type(exc).__name__}: {exc}".replace("\n", " "), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -462,6 +462,32 @@ async def _select_1(conn: Any, dialect: str) -> None:
     await _Sql(dialect).fetch(conn, "SELECT 1")
 
 
+class MigrationFailed(RuntimeError):
+    pass
+
+
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+
+
+async def migrate_in_child(raw_url: str) -> None:
+    """`python -m llm_proxy.store.db` with the URL on stdin (never on a command line `ps` shows)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "llm_proxy.store.db",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        _, err = await proc.communicate(raw_url.encode())
+    except BaseException:  # cancelled (start-up timeout, shutdown): the child goes too
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
+    if proc.returncode != 0:
+        lines = err.decode(errors="replace").strip().splitlines()
+        why = lines[-1] if lines else f"exit status {proc.returncode}"
+        raise MigrationFailed(_URL_PASSWORD.sub(r"\1***@", why)[:500])
+
+
 class LedgerDB:
     """The ledger's database: batch inserts, ping, schema revision, reports and stored completions.
 
@@ -500,12 +526,11 @@ class LedgerDB:
         return await self._run(lambda conn: _revision(conn, self.dialect))
 
     async def migrate(self) -> None:
-        """Bring the schema to HEAD_REVISION; SQLAlchemy and Alembic are loaded only when that takes work."""
+        """Bring the schema to HEAD_REVISION. The work (SQLAlchemy + Alembic, ~27 MB that a process never gives
+        back) runs in a short-lived child process, so a worker that migrates stays as small as one that did not."""
         if await self.revision() == HEAD_REVISION:
             return
-        from .db import upgrade_url
-
-        await upgrade_url(self.raw_url)
+        await migrate_in_child(self.raw_url)
 
     async def usage_report(
         self,
