@@ -212,8 +212,8 @@ class Script:
                 keep = await self.actions.popleft()(reader, writer)
                 if not keep:
                     break
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass  # the client went away, or the test's loop is closing
         finally:
             self.open -= 1
             writer.close()
@@ -316,6 +316,28 @@ async def test_a_kept_alive_connection_closed_by_the_server_is_retried_once_on_a
         await _get(client2, url)
     await client.close()
     await client2.close()
+
+
+async def test_a_408_sent_on_an_idle_connection_is_not_a_client_error(script: Script) -> None:
+    """Some servers say `408 Request Timeout` on a kept-alive connection before closing it."""
+    client = await _client(f"http://127.0.0.1:{script.port}")
+    url = f"http://127.0.0.1:{script.port}/x"
+
+    async def answer_then_408(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        w.write(ok(b"first"))
+        await w.drain()
+        await asyncio.sleep(0.05)  # the connection sits idle in the pool (a deliberate delay, not synchronisation)
+        w.write(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+        await w.drain()
+        return False
+
+    script.actions.extend([answer_then_408, reply(ok(b"second"))])
+    assert await _get(client, url) == (200, b"first")
+    script.closed.clear()
+    await script.closed.wait()
+    assert await _get(client, url) == (200, b"second")
+    assert script.connections == 2
+    await client.close()
 
 
 async def test_mid_body_disconnect_is_502_and_a_stream_keeps_what_arrived(script: Script) -> None:

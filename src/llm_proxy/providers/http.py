@@ -439,7 +439,13 @@ class _Pool:
         now = self.loop.time()
         while idle:
             conn = idle.pop()
-            if not conn.closed and now - conn.idle_since < KEEPALIVE_SECONDS:
+            # Closed, closing, or broken while idle (a server may send `408` before it hangs up): never reuse.
+            if (
+                not conn.closed
+                and conn._exc is None
+                and not conn.transport.is_closing()  # type: ignore[union-attr]
+                and now - conn.idle_since < KEEPALIVE_SECONDS
+            ):
                 return conn
             conn.abort()
         return None
@@ -849,4 +855,10 @@ class UpstreamClient:
             except BaseException:
                 conn.abort()  # cancelled: the client went away; so does the upstream request
                 raise
+            if conn.status == 408 and reused and not fresh:
+                # A server's `408 Request Timeout` for a kept-alive connection it is closing, read as the answer
+                # to the request we just sent on it: that request was never looked at; once more, new.
+                conn.abort()
+                fresh = True
+                continue
             return UpstreamResponse(conn, pool, provider_id, first_at, timeouts.idle, total_at)
