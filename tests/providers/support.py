@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
+import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
@@ -78,6 +79,18 @@ class FakeUpstream:
     async def close(self) -> None:
         if self.server is not None:
             await self.server.close()
+
+
+def fake_upstream_fixture(handler: Handler) -> Any:
+    """A module-scoped `fake` fixture: one FakeUpstream answering with `handler` for the module's tests."""
+
+    @pytest_asyncio.fixture(scope="module", loop_scope="session")
+    async def fake() -> AsyncIterator[FakeUpstream]:
+        up = await FakeUpstream(handler).start()
+        yield up
+        await up.close()
+
+    return fake
 
 
 async def stream_response(request: web.Request, data: bytes, content_type: str, piece: int = 37,

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import pytest
-import pytest_asyncio
 from aiohttp import web
 
 from llm_proxy.config import ProviderSettings
@@ -28,6 +26,7 @@ from .support import (
     Received,
     accumulate,
     call,
+    fake_upstream_fixture,
     fixture_bytes,
     fixture_json,
     json_response,
@@ -74,11 +73,7 @@ async def _handler(request: web.Request, rec: Received) -> web.StreamResponse:
     return json_response(fixture_bytes(P, resp_file))
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def fake() -> AsyncIterator[FakeUpstream]:
-    up = await FakeUpstream(_handler).start()
-    yield up
-    await up.close()
+fake = fake_upstream_fixture(_handler)
 
 
 def _provider(fake: FakeUpstream, **kw: Any) -> Any:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-import pytest_asyncio
 from aiohttp import web
 
 from llm_proxy.config import ProviderSettings, load_config_text
@@ -22,6 +20,7 @@ from .support import (
     Received,
     accumulate,
     call,
+    fake_upstream_fixture,
     fixture_bytes,
     fixture_json,
     json_response,
@@ -63,11 +62,7 @@ async def _handler(request: web.Request, rec: Received) -> web.StreamResponse:
     return json_response(fixture_bytes(P, "response.json"))
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def fake() -> AsyncIterator[FakeUpstream]:
-    up = await FakeUpstream(_handler).start()
-    yield up
-    await up.close()
+fake = fake_upstream_fixture(_handler)
 
 
 def _provider(base_url: str, **kw: Any) -> Any:

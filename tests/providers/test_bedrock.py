@@ -8,14 +8,12 @@ import struct
 import time
 import uuid
 import zlib
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote
 
 import orjson
 import pytest
-import pytest_asyncio
 from aiohttp import web
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
@@ -36,6 +34,7 @@ from .support import (
     Received,
     accumulate,
     call,
+    fake_upstream_fixture,
     fixture_bytes,
     fixture_json,
     json_response,
@@ -167,11 +166,7 @@ async def _handler(request: web.Request, rec: Received) -> web.StreamResponse:
     return json_response(fixture_bytes(P, f"response_{kind}.json"))
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def fake() -> AsyncIterator[FakeUpstream]:
-    up = await FakeUpstream(_handler).start()
-    yield up
-    await up.close()
+fake = fake_upstream_fixture(_handler)
 
 
 def _provider(fake: FakeUpstream, **kw: Any) -> Any:

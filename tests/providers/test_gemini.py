@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import base64
 import struct
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import pytest
-import pytest_asyncio
 from aiohttp import web
 from google.genai import types as gtypes
 
@@ -30,6 +28,7 @@ from .support import (
     Received,
     accumulate,
     call,
+    fake_upstream_fixture,
     fixture_bytes,
     fixture_json,
     json_response,
@@ -78,11 +77,7 @@ async def _handler(request: web.Request, rec: Received) -> web.StreamResponse:
     return json_response(fixture_bytes(P, f"response_{kind}.json"))
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def fake() -> AsyncIterator[FakeUpstream]:
-    up = await FakeUpstream(_handler).start()
-    yield up
-    await up.close()
+fake = fake_upstream_fixture(_handler)
 
 
 def _provider(fake: FakeUpstream, **kw: Any) -> Any:

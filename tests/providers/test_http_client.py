@@ -186,6 +186,14 @@ class Script:
         self.server: asyncio.Server | None = None
         self.port = 0
 
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return self.base + "/x"
+
     async def start(self, ssl_ctx: ssl.SSLContext | None = None) -> Script:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=ssl_ctx)
         self.port = self.server.sockets[0].getsockname()[1]
@@ -284,8 +292,8 @@ async def test_request_on_the_wire_and_keep_alive_reuse(script: Script) -> None:
 
 
 async def test_connection_close_and_body_to_eof_open_new_connections(script: Script) -> None:
-    client = await _client(f"http://127.0.0.1:{script.port}")
-    url = f"http://127.0.0.1:{script.port}/x"
+    client = await _client(script.base)
+    url = script.url
     script.actions.extend([
         reply(ok(b"a", b"Connection: close\r\n"), keep=False),
         reply(b"HTTP/1.1 200 OK\r\n\r\nto the end", keep=False),
@@ -299,8 +307,8 @@ async def test_connection_close_and_body_to_eof_open_new_connections(script: Scr
 
 
 async def test_a_kept_alive_connection_closed_by_the_server_is_retried_once_on_a_new_one(script: Script) -> None:
-    client = await _client(f"http://127.0.0.1:{script.port}")
-    url = f"http://127.0.0.1:{script.port}/x"
+    client = await _client(script.base)
+    url = script.url
 
     async def close_without_answer(_r: asyncio.StreamReader, _w: asyncio.StreamWriter) -> bool:
         return False
@@ -311,7 +319,7 @@ async def test_a_kept_alive_connection_closed_by_the_server_is_retried_once_on_a
     assert script.connections == 2 and len(script.requests) == 3
 
     script.actions.append(close_without_answer)  # a fresh connection that fails is an error, not a loop
-    client2 = await _client(f"http://127.0.0.1:{script.port}")
+    client2 = await _client(script.base)
     with pytest.raises(UpstreamUnreachable, match="closed the connection before responding"):
         await _get(client2, url)
     await client.close()
@@ -320,8 +328,8 @@ async def test_a_kept_alive_connection_closed_by_the_server_is_retried_once_on_a
 
 async def test_a_408_sent_on_an_idle_connection_is_not_a_client_error(script: Script) -> None:
     """Some servers say `408 Request Timeout` on a kept-alive connection before closing it."""
-    client = await _client(f"http://127.0.0.1:{script.port}")
-    url = f"http://127.0.0.1:{script.port}/x"
+    client = await _client(script.base)
+    url = script.url
 
     async def answer_then_408(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
         w.write(ok(b"first"))
@@ -341,8 +349,8 @@ async def test_a_408_sent_on_an_idle_connection_is_not_a_client_error(script: Sc
 
 
 async def test_mid_body_disconnect_is_502_and_a_stream_keeps_what_arrived(script: Script) -> None:
-    client = await _client(f"http://127.0.0.1:{script.port}")
-    url = f"http://127.0.0.1:{script.port}/x"
+    client = await _client(script.base)
+    url = script.url
     script.actions.append(reply(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part", keep=False))
     with pytest.raises(UpstreamUnreachable, match="closed the connection mid-response"):
         await _get(client, url)
@@ -358,8 +366,8 @@ async def test_mid_body_disconnect_is_502_and_a_stream_keeps_what_arrived(script
 
 
 async def test_pool_limit_caps_open_connections(script: Script) -> None:
-    client = await _client(f"http://127.0.0.1:{script.port}", max_connections=2)
-    url = f"http://127.0.0.1:{script.port}/x"
+    client = await _client(script.base, max_connections=2)
+    url = script.url
     gate = asyncio.Event()
     arrived = 0
 
@@ -381,8 +389,8 @@ async def test_pool_limit_caps_open_connections(script: Script) -> None:
 
 
 async def test_header_with_a_line_break_is_refused_before_sending(script: Script) -> None:
-    client = await _client(f"http://127.0.0.1:{script.port}")
-    url = f"http://127.0.0.1:{script.port}/x"
+    client = await _client(script.base)
+    url = script.url
     with pytest.raises(ProxyError) as info:
         await client.send("p", _req(url, headers={"authorization": "Bearer key\n"}), T)
     assert info.value.code == "bad_upstream_header" and "key" not in info.value.message
@@ -391,8 +399,8 @@ async def test_header_with_a_line_break_is_refused_before_sending(script: Script
 
 
 async def test_gzip_bodies_are_decoded(script: Script) -> None:
-    client = await _client(f"http://127.0.0.1:{script.port}")
-    url = f"http://127.0.0.1:{script.port}/x"
+    client = await _client(script.base)
+    url = script.url
     z = gzip.compress(b"data: zipped\n\n" * 50)
     script.actions.extend([reply(ok(z, b"Content-Encoding: gzip\r\n")), reply(ok(z, b"Content-Encoding: gzip\r\n"))])
     assert await _get(client, url) == (200, b"data: zipped\n\n" * 50)
@@ -402,8 +410,8 @@ async def test_gzip_bodies_are_decoded(script: Script) -> None:
 
 
 async def test_timeouts_first_byte_idle_and_total(script: Script) -> None:
-    client = await _client(f"http://127.0.0.1:{script.port}")
-    url = f"http://127.0.0.1:{script.port}/x"
+    client = await _client(script.base)
+    url = script.url
     release = asyncio.Event()
 
     async def silent(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
@@ -440,8 +448,8 @@ async def test_timeouts_first_byte_idle_and_total(script: Script) -> None:
 
 
 async def test_cancelling_a_request_drops_its_connection(script: Script) -> None:
-    client = await _client(f"http://127.0.0.1:{script.port}")
-    url = f"http://127.0.0.1:{script.port}/x"
+    client = await _client(script.base)
+    url = script.url
     arrived = asyncio.Event()
 
     async def never(r: asyncio.StreamReader, _w: asyncio.StreamWriter) -> bool:
@@ -496,8 +504,8 @@ async def test_tls_with_a_private_ca(tmp_path: Path) -> None:
 
 async def test_a_slow_reader_is_not_cut_by_the_idle_timeout(script: Script) -> None:
     """The idle clock runs only while the reader waits for bytes, not while it is busy with the last ones."""
-    client = await _client(f"http://127.0.0.1:{script.port}")
-    url = f"http://127.0.0.1:{script.port}/x"
+    client = await _client(script.base)
+    url = script.url
     asked = asyncio.Event()
 
     async def frame_per_ask(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
@@ -640,7 +648,7 @@ async def test_plain_http_upstream_through_a_forward_proxy(script: Script, monke
     monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.port}")
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    client = await _client(f"http://127.0.0.1:{script.port}")
+    client = await _client(script.base)
     script.actions.append(reply(ok(b"forwarded")))
     assert await _get(client, f"http://127.0.0.1:{script.port}/v1/x?a=1") == (200, b"forwarded")
     line = proxy.heads[0].split(b"\r\n")[0]

@@ -187,6 +187,22 @@ class _Conn(asyncio.Protocol):
                 self.transport, self, ctx, server_hostname=host  # type: ignore[arg-type]
             )
 
+    def park(self) -> None:
+        """The response was read whole: the connection waits in the pool for the next request."""
+        self._state = _IDLE
+
+    def reusable_at(self, now: float) -> bool:
+        """Still fit for a request: not closed, closing or broken while idle (a server may send `408` before
+        it hangs up), and not idle for longer than the keep-alive limit."""
+        t = self.transport
+        return (
+            not self.closed
+            and self._exc is None
+            and t is not None
+            and not t.is_closing()
+            and now - self.idle_since < KEEPALIVE_SECONDS
+        )
+
     def abort(self) -> None:
         t = self.transport
         if t is not None and not t.is_closing():
@@ -439,13 +455,7 @@ class _Pool:
         now = self.loop.time()
         while idle:
             conn = idle.pop()
-            # Closed, closing, or broken while idle (a server may send `408` before it hangs up): never reuse.
-            if (
-                not conn.closed
-                and conn._exc is None
-                and not conn.transport.is_closing()  # type: ignore[union-attr]
-                and now - conn.idle_since < KEEPALIVE_SECONDS
-            ):
+            if conn.reusable_at(now):
                 return conn
             conn.abort()
         return None
@@ -503,14 +513,9 @@ class _Pool:
         if not (conn.reusable and conn.complete) or conn.buffered:
             conn.abort()
             return
-        conn._state = _IDLE
-        conn.body = []
-        conn.headers = {}
-        while self.waiters:
-            fut = self.waiters.popleft()
-            if not fut.done():
-                fut.set_result(conn)
-                return
+        conn.park()
+        if self._wake_one(conn):  # handed straight to a request waiting for a connection
+            return
         conn.idle_since = self.loop.time()
         self.idle.append(conn)
 
@@ -519,12 +524,14 @@ class _Pool:
         self.open -= 1
         self._wake_one(None)
 
-    def _wake_one(self, value: _Conn | None) -> None:
+    def _wake_one(self, value: _Conn | None) -> bool:
+        """Wake the longest-waiting request (with a connection, or None: "a slot is free"); False if none waits."""
         while self.waiters:
             fut = self.waiters.popleft()
             if not fut.done():
                 fut.set_result(value)
-                return
+                return True
+        return False
 
     def close(self) -> None:
         for conn in list(self.all):
@@ -664,6 +671,13 @@ class ProxyEnv:
         return False
 
 
+def _inflate(dec: zlib._Decompress, data: bytes, final: bool) -> bytes:
+    try:
+        return dec.decompress(data) + dec.flush() if final else dec.decompress(data)
+    except zlib.error:
+        raise BadResponse("body does not match its Content-Encoding") from None
+
+
 class UpstreamResponse:
     """A response whose headers have arrived; the body is read or streamed by the caller."""
 
@@ -688,12 +702,7 @@ class UpstreamResponse:
                 await conn.wait(self._total_at, self._idle, False)
             raw = conn.take()
             dec = _decoder_for(self.headers)
-            if dec is not None:
-                try:
-                    raw = dec.decompress(raw) + dec.flush()
-                except zlib.error:
-                    raise BadResponse("body does not match its Content-Encoding") from None
-            return raw
+            return raw if dec is None else _inflate(dec, raw, final=True)
         except (OSError, TimeoutError, BadResponse) as exc:
             self.close()
             raise _map(exc, self._provider_id, "mid-response") from None
@@ -714,10 +723,7 @@ class UpstreamResponse:
                 if conn.buffered:
                     data = conn.take()
                     if dec is not None:
-                        try:
-                            data = dec.decompress(data)
-                        except zlib.error:
-                            raise BadResponse("body does not match its Content-Encoding") from None
+                        data = _inflate(dec, data, final=False)
                         if not data:
                             continue
                     first = False
