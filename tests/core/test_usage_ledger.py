@@ -14,7 +14,9 @@ import pytest
 import pytest_asyncio
 from sqlalchemy import text
 
-from llm_proxy.core.usage import UsageLedger, iter_journal
+from llm_proxy.core import usage as usage_mod
+from llm_proxy.core.usage import UsageLedger, _journal_line, iter_journal
+from llm_proxy.store.ledger_db import JOURNAL_FIELDS, event_from_line
 from llm_proxy.store.db import create_engine, upgrade
 from llm_proxy.store.repos import UsageRepo
 from llm_proxy.types import UsageEvent
@@ -227,8 +229,12 @@ async def test_live_journals_are_not_adopted_dead_ones_are(db_url: str, tmp_path
     # a journal left by a dead process (here: written by hand, unlocked) is picked up by a periodic scan
     dead = spool / "ledger-99999-dead"
     dead.mkdir()
-    lines = [orjson.dumps(ev(f"req_dead_{i}")) + b"\n" for i in range(5)]
-    (dead / "seg-000000000000.jsonl").write_bytes(b"".join(lines) + b"not json\n" + b'{"request_id": "req_cut')
+    # lines of an older version (JSON objects), of this one (arrays), garbage, then a line cut off by the kill and
+    # the NUL bytes of the segment's reserved (mapped) space behind it
+    lines = [orjson.dumps(ev(f"req_dead_{i}")) + b"\n" for i in range(3)]
+    lines += [_journal_line(ev(f"req_dead_{i}")) for i in range(3, 5)]
+    cut = _journal_line(ev("req_cut"))[:40]
+    (dead / "seg-000000000000.jsonl").write_bytes(b"".join(lines) + b"not json\n" + cut + bytes(64 << 10))
     async def adopted() -> bool:
         return not dead.exists()
 
@@ -307,10 +313,59 @@ async def test_schema_missing_until_migrated(tmp_path: Path) -> None:
     assert len(await db_ids(url)) == 10
 
 
+def test_journal_line_round_trips_every_field() -> None:
+    e = UsageEvent(
+        request_id="req_rt", started_at=1.5, ended_at=2.5, endpoint="embeddings", status=429, subject="s",
+        username="u", model="m", provider_id="p", upstream_model="um", streamed=True, error_type="rate_limit",
+        prompt_tokens=11, completion_tokens=12, total_tokens=23, cached_tokens=5, latency_ms=3.25, ttft_ms=1.75,
+        upstream_latency_ms=2.125, attempts=3, extra={"k": [1, "v"]},
+    )  # fmt: skip
+    assert len({repr(getattr(e, f)) for f in JOURNAL_FIELDS}) == len(JOURNAL_FIELDS)  # all distinct: order shows
+    line = _journal_line(e)
+    assert orjson.loads(line) == [getattr(e, f) for f in JOURNAL_FIELDS]
+    assert event_from_line(line) == e
+    assert event_from_line(orjson.dumps(e)) == e  # the object form of earlier versions
+    # a newer version's longer line, an older version's shorter one
+    assert event_from_line(line[:-2] + b',"new"]') == e
+    short = orjson.dumps([getattr(e, f) for f in JOURNAL_FIELDS[:5]])
+    assert event_from_line(short) == UsageEvent("req_rt", 1.5, 2.5, "embeddings", 429)
+
+
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "pwrite"])
+async def test_journal_with_and_without_a_mapping(
+    mapped: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where space cannot be reserved (no posix_fallocate, a file system without it, a full disk) the journal is
+    written with pwrite: same file contents, same rotation."""
+    if not mapped:
+        monkeypatch.setattr(usage_mod, "_CAN_MAP", False)
+    url = f"sqlite+aiosqlite:///{tmp_path / 'm.db'}"
+    spool = tmp_path / "spool"
+    ledger = UsageLedger(url, spool, flush_interval=60, batch_size=10**6, segment_bytes=8192)
+    await ledger.start()
+    try:
+        assert (ledger._mm is not None) is mapped
+        events = [ev(f"req_m_{i}", extra={"pad": "x" * (i % 300)}) for i in range(200)]
+        events.append(ev("req_big", extra={"pad": "y" * 20000}))  # larger than a segment
+        events.append(ev("req_after_big"))
+        for e in events:
+            ledger.record(e)
+        segs = sorted(p for p in spool_files(spool) if p.name.startswith("seg-"))
+        assert len(segs) > 5
+        closed = segs[:-1]
+        assert all(p.stat().st_size <= 8192 or b"req_big" in p.read_bytes() for p in closed)
+        assert all(b"\0" not in p.read_bytes() for p in closed)  # closed segments are cut to their lines
+        assert [x for p in segs for x in iter_journal(p)] == events
+    finally:
+        assert await ledger.flush(20)
+        await ledger.close()
+    assert len(await db_ids(url)) == len(events)
+
+
 async def test_record_cost_and_journal_format(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'cost.db'}"
     spool = tmp_path / "spool"
-    ledger = UsageLedger(url, spool, queue_size=100_000, flush_interval=60, segment_bytes=1 << 30)
+    ledger = UsageLedger(url, spool, queue_size=100_000, flush_interval=60, segment_bytes=64 << 20)
     await ledger.start()
     events = [ev(f"req_cost_{i}") for i in range(10_000)]
     t0 = time.perf_counter()
@@ -322,7 +377,8 @@ async def test_record_cost_and_journal_format(tmp_path: Path) -> None:
     (seg,) = [p for p in spool_files(spool) if p.name.startswith("seg-")]
     journaled = list(iter_journal(seg))
     assert journaled[0] == events[0] and len(journaled) == len(events)
-    assert os.stat(seg).st_size == sum(len(orjson.dumps(e)) + 1 for e in events)
+    assert ledger.spool_bytes == sum(len(_journal_line(e)) for e in events)
+    assert seg.read_bytes()[:1] == b"["  # positional: a JSON array per line
     await ledger.close()
     assert spool_files(spool) == []
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import logging
+import mmap
 import os
 import secrets
 import time
@@ -19,7 +21,7 @@ from typing import Any
 import orjson
 
 from ..config import LoadedConfig
-from ..store.ledger_db import LedgerDB, event_from_line, open_ledger_db, parse_db_url
+from ..store.ledger_db import JOURNAL_FIELDS, LedgerDB, event_from_line, line_fields, open_ledger_db, parse_db_url
 from ..types import UsageEvent
 
 log = logging.getLogger("llm_proxy.usage")
@@ -37,10 +39,35 @@ _BATCH_BYTES = 32 << 20  # a batch also stops here (stored completions can make 
 _BACKOFF_MIN = 0.05
 _BACKOFF_MAX = 5.0
 _BACKLOG_WARN = 1000
+_TRIM_BYTES = 1 << 20  # a journal mapping keeps at most about this much of it resident
+_CAN_MAP = hasattr(os, "posix_fallocate")  # Linux: the journal is written through a mapping
 
 
 def _default(value: Any) -> Any:
     return str(value)
+
+
+def _journal_line(e: UsageEvent) -> bytes:
+    """One journal line: the event's fields as a JSON array, in the order of JOURNAL_FIELDS."""
+    return orjson.dumps(
+        (e.request_id, e.started_at, e.ended_at, e.endpoint, e.status, e.subject, e.username, e.model, e.provider_id,
+         e.upstream_model, e.streamed, e.error_type, e.prompt_tokens, e.completion_tokens, e.total_tokens,
+         e.cached_tokens, e.latency_ms, e.ttft_ms, e.upstream_latency_ms, e.attempts, e.extra),
+        default=_default,
+        option=_OPTS,
+    )  # fmt: skip
+
+
+if len(JOURNAL_FIELDS) != 21:  # _journal_line() lists them by hand (a tuple: faster than a loop)
+    raise RuntimeError("UsageEvent changed: update _journal_line() and append the new fields at the end")
+
+
+def _readable(line: bytes) -> Any:
+    """A journal line as a JSON object keyed by field name (for logs and rejected.jsonl), else None."""
+    try:
+        return line_fields(orjson.loads(line))
+    except (orjson.JSONDecodeError, ValueError):
+        return None
 
 
 def _clamp(value: Any) -> Any:
@@ -119,8 +146,11 @@ class _Batch:
 class UsageLedger:
     """UsageSink that never blocks and never drops.
 
-    record() appends one orjson line to the current journal segment (a single os.write on an O_APPEND
-    descriptor, so a killed process loses nothing the OS accepted) and queues the event in memory. A
+    record() serialises the event as one JSON array line and copies it into the current journal segment
+    through a shared file mapping of space reserved in advance: the bytes are in the page cache at once,
+    so a killed process loses nothing record() returned from, and no system call is made per event (a
+    line that does not fit, or a file system where space cannot be reserved, takes pwrite instead). It
+    then queues the line in memory. A
     background writer inserts batches (by size or time; on PostgreSQL two at a time, completed in order)
     idempotently on request_id; while the database is away rows wait in the journal and the writer
     retries with bounded backoff. When the in-memory
@@ -163,6 +193,10 @@ class UsageLedger:
         self._dir: Path | None = None
         self._lock_fd = -1
         self._fd = -1
+        self._mm: mmap.mmap | None = None  # the active segment's reserved space, mapped
+        self._cap = 0  # bytes of it
+        self._limit = 0  # record() copies lines ending at or below this offset straight into the mapping
+        self._trimmed = 0  # mapped pages below this offset were let go (_trim)
         self._segments: deque[_Segment] = deque()
         self._active: _Segment | None = None
         self._seq = 0  # rows journaled by this process
@@ -221,31 +255,31 @@ class UsageLedger:
 
     def record(self, event: UsageEvent) -> None:
         try:
-            line = orjson.dumps(event, default=_default, option=_OPTS)
+            line = _journal_line(event)
         except TypeError:  # orjson.JSONEncodeError is a TypeError
             event = _sanitized(event)
             try:
-                line = orjson.dumps(event, default=_default, option=_OPTS)
+                line = _journal_line(event)
             except TypeError as exc:  # cannot happen after _sanitized(); never let record() raise
                 log.error("usage event not serialisable", extra={"request_id": event.request_id, "error": str(exc)})
                 return
-        fd = self._fd
         seg = self._active
-        if fd < 0 or seg is None:
+        if seg is None:
             self._record_loose(line)
             return
-        try:
-            n = os.write(fd, line)
-        except OSError as exc:
-            self._journal_failed(line, exc)
-            return
         offset = seg.size
-        if n != len(line):  # a short write (disk full): cut the partial line off again
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, offset)
-            self._journal_failed(line, OSError(f"short write to {seg.path}"))
-            return
-        seg.size = offset + n
+        end = offset + len(line)
+        mm = self._mm
+        if mm is not None and end <= self._limit:
+            mm[offset:end] = line  # a copy into the page cache: survives a killed process, no system call
+        else:
+            offset = self._write_slow(line)
+            if offset < 0:
+                return
+            seg = self._active
+            assert seg is not None
+            end = offset + len(line)
+        seg.size = end
         seq = self._seq
         self._seq = seg.end_seq = seq + 1
         if self._cursor is None:
@@ -260,8 +294,6 @@ class UsageLedger:
                     "usage queue full: the writer now reads from the journal",
                     extra={"queue_size": self._queue_size, "backlog": seq - self._committed},
                 )
-        if seg.size >= self._segment_bytes:
-            self._rotate()
         if self._wake_at and self._seq - self._committed >= self._wake_at:
             self._wake_at = 0
             self._wake.set()
@@ -272,6 +304,55 @@ class UsageLedger:
             return
         self._loose.append(line[:-1])  # right-sized, as in record()
         self._wake.set()
+
+    def _write_slow(self, line: bytes) -> int:
+        """record()'s write when the line does not fit below the mapping's fast-path limit: past a trim point,
+        into a new segment, or with pwrite. Returns the line's offset in the (then) active segment, -1 when
+        the journal failed (the line is then kept in memory)."""
+        rotated = False
+        while True:
+            seg = self._active
+            assert seg is not None
+            offset = seg.size
+            end = offset + len(line)
+            mm = self._mm
+            if mm is not None and end <= self._cap:
+                self._trim(offset)
+                mm[offset:end] = line
+                return offset
+            if rotated or not offset or end <= self._segment_bytes:
+                break
+            self._rotate()
+            rotated = True
+        return offset if self._pwrite(seg, line) else -1
+
+    def _trim(self, offset: int) -> None:
+        """Let go of the mapped pages behind `offset` (they stay in the page cache, dirty until written back:
+        the journal's contents are unaffected), so that a worker's resident memory does not grow by a whole
+        segment; the next call is due _TRIM_BYTES further on."""
+        page = offset - offset % mmap.PAGESIZE
+        if page > self._trimmed and self._mm is not None:
+            try:
+                self._mm.madvise(mmap.MADV_DONTNEED, self._trimmed, page - self._trimmed)
+            except (OSError, ValueError):  # only memory accounting is at stake
+                pass
+            self._trimmed = page
+        self._limit = min(self._cap, (offset // _TRIM_BYTES + 1) * _TRIM_BYTES)
+
+    def _pwrite(self, seg: _Segment, line: bytes) -> bool:
+        """The journal write without a mapping (none could be set up, or a line larger than a segment)."""
+        offset = seg.size
+        try:
+            n = os.pwrite(self._fd, line, offset)
+        except OSError as exc:
+            self._journal_failed(line, exc)
+            return False
+        if n != len(line):  # a short write (disk full): cut the partial line off again
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, offset)
+            self._journal_failed(line, OSError(f"short write to {seg.path}"))
+            return False
+        return True
 
     def _journal_failed(self, line: bytes, exc: OSError) -> None:
         msg = f"journal write failed: {exc}"
@@ -301,20 +382,61 @@ class UsageLedger:
     def _open_segment(self, first_seq: int) -> None:
         assert self._dir is not None
         path = str(self._dir / f"{_SEG_PREFIX}{first_seq:012d}{_SEG_SUFFIX}")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         seg = _Segment(path, first_seq, first_seq, os.fstat(fd).st_size)
-        if self._fd >= 0:
-            os.close(self._fd)
-        if self._active is not None:
-            self._active.closed = True
+        self._close_active()
         self._fd = fd
         self._active = seg
         self._segments.append(seg)
+        self._map()
+
+    def _map(self) -> None:
+        """Map the active segment's reserved space: record() then copies each line into it.
+
+        The space is allocated first (posix_fallocate), so a write into the mapping can never meet a full
+        disk (which would kill the process with SIGBUS). The tail past the last line reads as NUL bytes,
+        which no journal line contains: readers stop there. Where space cannot be reserved (a full disk, a
+        file system without fallocate) record() writes with pwrite instead."""
+        seg = self._active
+        if seg is None or not _CAN_MAP or self._segment_bytes <= seg.size:
+            return
+        cap = self._segment_bytes
+        try:
+            os.posix_fallocate(self._fd, 0, cap)
+            self._mm = mmap.mmap(self._fd, cap, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            self._mm, self._cap, self._limit = None, 0, 0
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
+                log.warning("usage journal: cannot reserve segment space; writing without a mapping",
+                            extra={"path": seg.path, "error": str(exc)})
+            return
+        self._cap = cap
+        self._trimmed = 0
+        self._trim(seg.size)
+
+    def _unmap(self) -> None:
+        mm, self._mm, self._cap, self._limit = self._mm, None, 0, 0
+        if mm is not None:
+            mm.close()
+
+    def _close_active(self) -> None:
+        """Close the active segment: unmapped and cut to its lines (no reserved NUL tail left behind)."""
+        seg, fd = self._active, self._fd
+        self._unmap()
+        if fd >= 0:
+            if seg is not None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, seg.size)
+            os.close(fd)
+        self._fd = -1
+        if seg is not None:
+            seg.closed = True
+        self._active = None
 
     def _rotate(self) -> None:
         try:
             self._open_segment(self._seq)
-        except OSError as exc:  # keep appending to the current segment
+        except OSError as exc:  # keep appending to the current segment (with pwrite past its mapping)
             self._journal_error = self._last_error = f"journal rotation failed: {exc}"
             log.error("usage journal rotation failed", extra={"error": str(exc)})
 
@@ -376,10 +498,7 @@ class UsageLedger:
 
     def _finish_close(self) -> None:
         backlog = self._seq - self._committed
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        self._active = None
+        self._close_active()
         self._closed = True
         if backlog == 0 and self._dir is not None:
             for seg in self._segments:
@@ -398,7 +517,8 @@ class UsageLedger:
         if self._loose:
             # Neither the journal nor the database took these: the log is the last place to keep them.
             for line in self._loose:
-                log.error("usage event could not be stored", extra={"event": line.decode("utf-8", "replace")})
+                log.error("usage event could not be stored",
+                          extra={"event": _readable(line) or line.decode("utf-8", "replace")})
             self._loose.clear()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
@@ -575,6 +695,9 @@ class UsageLedger:
                 log.warning("cannot delete journal segment", extra={"path": seg.path, "error": str(exc)})
         active = self._active
         if active is not None and active.size and self._taken == self._committed == self._seq and self._cursor is None:
+            # Drop the committed lines (and their pages: the mapping keeps only what is not yet written),
+            # then reserve the space again.
+            self._unmap()
             try:
                 os.ftruncate(self._fd, 0)
             except OSError as exc:
@@ -582,6 +705,7 @@ class UsageLedger:
             else:
                 active.size = 0
                 active.first_seq = self._seq
+            self._map()
 
     def _notify(self) -> None:
         if not self._waiters:
@@ -698,9 +822,10 @@ class UsageLedger:
 
     def _reject(self, line: bytes, exc: BaseException) -> None:
         record: dict[str, Any] = {"error": f"{type(exc).__name__}: {exc}"[:1000]}
-        try:
-            record["event"] = orjson.loads(line)
-        except orjson.JSONDecodeError:
+        event = _readable(line)
+        if event is not None:
+            record["event"] = event
+        else:
             record["line"] = line.decode("utf-8", "replace")
         rid = record["event"].get("request_id") if isinstance(record.get("event"), dict) else None
         log.error("usage row rejected by the database; kept in rejected.jsonl",
@@ -757,7 +882,7 @@ class UsageLedger:
                 lines, consumed = await asyncio.to_thread(_read_lines, path, offset, size, self._batch_size)
                 if not lines:
                     # A last line without its newline (the process died inside a write): keep it aside.
-                    tail = await asyncio.to_thread(_read_tail, path, offset)
+                    tail = await asyncio.to_thread(_read_tail, path, offset, size)
                     self._reject(tail, ValueError("incomplete journal line"))
                     break
                 await self._write(lines)
@@ -777,14 +902,27 @@ def _list_segments(d: Path) -> list[tuple[str, int]]:
     for p in sorted(d.iterdir()):
         if p.name.startswith(_SEG_PREFIX):
             with contextlib.suppress(OSError):
-                out.append((str(p), p.stat().st_size))
+                out.append((str(p), _journal_size(str(p))))
     return out
 
 
-def _read_tail(path: str, offset: int) -> bytes:
+def _journal_size(path: str) -> int:
+    """Bytes of journal in a segment file: up to its first NUL byte (a segment of a process that died keeps its
+    reserved tail of NULs, which no journal line contains), else the whole file."""
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_READ_CHUNK):
+            nul = chunk.find(0)
+            if nul >= 0:
+                return size + nul
+            size += len(chunk)
+    return size
+
+
+def _read_tail(path: str, offset: int, limit: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(offset)
-        return f.read()
+        return f.read(max(0, limit - offset))
 
 
 def _remove_dir(d: Path) -> None:
@@ -797,6 +935,7 @@ def _remove_dir(d: Path) -> None:
 def iter_journal(path: str | os.PathLike[str]) -> Iterable[UsageEvent]:
     """Events of one journal segment file (for tools and tests)."""
     with open(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                yield event_from_line(line)
+        data = f.read(_journal_size(str(path)))
+    for line in data.splitlines():
+        if line.strip():
+            yield event_from_line(line)

@@ -138,19 +138,45 @@ def parse_db_url(raw: str) -> DbUrl:
 # A JSON "\u0000" escape not preceded by another backslash (PostgreSQL jsonb rejects NUL characters).
 _JSON_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 _JSON_NUL_B = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")
-_EVENT_FIELDS = frozenset(f.name for f in dataclasses.fields(UsageEvent))
+# A journal line is a JSON array of a UsageEvent's fields in this order: positional, so no key names to
+# write, store and send (177 instead of 449 bytes for a typical row, and orjson writes a tuple ~2 us faster
+# than an object of 21 keys). New fields go at the end only: a shorter line (an older version's) leaves the
+# missing ones NULL, a longer one (a newer version's) has its extra elements ignored. Lines written before
+# this format are JSON objects keyed by field name; every reader takes both.
+JOURNAL_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(UsageEvent))
+_EVENT_FIELDS = frozenset(JOURNAL_FIELDS)
 # Every field a journal line may carry; a line from another version may lack some (they become NULL).
 _LINE_DEFAULTS: dict[str, Any] = dict.fromkeys(_EVENT_FIELDS)
+
+
+def line_fields(data: Any) -> dict[str, Any]:
+    """The fields of a parsed journal line (an array, or an object from an older version) by name."""
+    if isinstance(data, list):
+        return dict(zip(JOURNAL_FIELDS, data, strict=False))
+    if isinstance(data, dict):
+        return {k: v for k, v in data.items() if k in _EVENT_FIELDS}
+    raise ValueError("journal line is not a JSON array or object")
 
 
 def event_from_line(line: bytes) -> UsageEvent:
     """The UsageEvent of one journal line; raises ValueError or TypeError when it is not one."""
     if b"\x00" in line:
         line = line.replace(b"\x00", b"")
-    data = orjson.loads(line)
+    return UsageEvent(**line_fields(orjson.loads(line)))
+
+
+def _as_array_line(line: bytes) -> bytes:
+    """A journal line in the array form (a line of the older object form converted; anything else unchanged,
+    for the database to reject)."""
+    if line[:1] == b"[":
+        return line
+    try:
+        data = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return line
     if not isinstance(data, dict):
-        raise ValueError("journal line is not a JSON object")
-    return UsageEvent(**{k: v for k, v in data.items() if k in _EVENT_FIELDS})
+        return line
+    return orjson.dumps([data.get(f) for f in JOURNAL_FIELDS], default=str)
 
 
 def _s(value: Any, limit: int) -> str | None:
@@ -188,7 +214,7 @@ def _sqlite_rows(lines: Sequence[bytes]) -> tuple[list[dict[str, Any]], list[tup
             line = line.replace(b"\x00", b"")
         if b"\\u0000" in line:  # NUL characters become U+FFFD, as on PostgreSQL
             line = _JSON_NUL_B.sub(rb"\1\\ufffd", line)
-        d = {**_LINE_DEFAULTS, **orjson.loads(line)}  # TypeError when the line is not an object
+        d = {**_LINE_DEFAULTS, **line_fields(orjson.loads(line))}  # ValueError when not an array or object
         extra = d["extra"]
         if extra:
             if isinstance(extra, dict) and "completion" in extra:
@@ -257,12 +283,19 @@ def is_driver_row_error(exc: BaseException) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 # PostgreSQL: the whole batch travels as one JSON array of journal lines (no per-value encoding in the
-# client); the server unpacks it, cleans it up (NUL, lengths) and splits off stored completions.
-_PG_BATCH = """json_to_recordset($1::json) AS t(
-    request_id text, started_at float8, ended_at float8, subject text, username text, endpoint text, model text,
-    provider_id text, upstream_model text, streamed bool, status int4, error_type text, prompt_tokens int8,
-    completion_tokens int8, total_tokens int8, cached_tokens int8, latency_ms float8, ttft_ms float8,
-    upstream_latency_ms float8, attempts int4, extra jsonb)"""
+# client); the server unpacks it (jsonb: parsed once, then each element by position), cleans it up (NUL,
+# lengths) and splits off stored completions.
+_PG_TYPES = {
+    "started_at": "float8", "ended_at": "float8", "latency_ms": "float8", "ttft_ms": "float8",
+    "upstream_latency_ms": "float8", "status": "int4", "attempts": "int4", "streamed": "bool",
+    "prompt_tokens": "int8", "completion_tokens": "int8", "total_tokens": "int8", "cached_tokens": "int8",
+}  # fmt: skip
+_PG_BATCH = "(SELECT {} FROM jsonb_array_elements($1::jsonb) AS e) AS t".format(  # noqa: S608 (constants)
+    ", ".join(
+        f"e->{i} AS {name}" if name == "extra" else f"(e->>{i})::{_PG_TYPES.get(name, 'text')} AS {name}"
+        for i, name in enumerate(JOURNAL_FIELDS)
+    )
+)
 _PG_USAGE_ROWS = """
 INSERT INTO usage_events (request_id, started_at, ended_at, subject, username, endpoint, model, provider_id,
                           upstream_model, streamed, status, error_type, prompt_tokens, completion_tokens,
@@ -338,6 +371,8 @@ def _inserted(status: str) -> int:
 
 async def pg_insert_lines(conn: Any, lines: Sequence[bytes]) -> int:
     """Insert journal lines on an asyncpg connection (one statement, its own transaction); rows added."""
+    if any(line[:1] != b"[" for line in lines):  # from a journal of an older version
+        lines = [_as_array_line(line) for line in lines]
     payload = b"[" + b",".join(lines) + b"]"
     if b"\\u0000" in payload:
         payload = _JSON_NUL_B.sub(rb"\1\\ufffd", payload)
