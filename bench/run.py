@@ -45,6 +45,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -439,9 +440,9 @@ def postgres_server_pid(url: str) -> int:
     return ppid
 
 
-def _set_all_threads(pid: int, cpus: set[int]) -> None:
-    """sched_setaffinity on every thread of `pid` (`taskset -apc`): ProcessLookupError if it is gone, another
-    OSError if it refuses."""
+def _set_all_threads(pid: int, cpus: set[int], policy: int | None = None) -> None:
+    """sched_setaffinity on every thread of `pid` (`taskset -apc`), and the scheduling policy when given
+    (`chrt -ap`): ProcessLookupError if it is gone, another OSError if it refuses."""
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except FileNotFoundError:
@@ -449,6 +450,8 @@ def _set_all_threads(pid: int, cpus: set[int]) -> None:
     for tid in tids:
         with contextlib.suppress(ProcessLookupError, FileNotFoundError):  # a thread that just ended
             os.sched_setaffinity(int(tid), cpus)
+            if policy is not None:
+                os.sched_setscheduler(int(tid), policy, os.sched_param(0))
 
 
 class DatabasePinning:
@@ -458,7 +461,13 @@ class DatabasePinning:
     after every warm-up, when the proxy's pool connections exist: backends forked meanwhile inherit the
     postmaster's (pinned) set anyway, this catches any that did not. restore() puts every process back on the
     CPUs it had; a backend forked while pinned gets the postmaster's original set. It runs from a `finally`
-    (errors, Ctrl-C and SIGTERM/SIGHUP included; a SIGKILLed harness cannot restore)."""
+    (errors, Ctrl-C and SIGTERM/SIGHUP included; a SIGKILLed harness cannot restore).
+
+    While pinned the processes also run at idle priority (SCHED_IDLE): on this 2-core box the load CPU also
+    carries wrk and nginx, and a batch insert (~20-30 ms of CPU per 1000 rows) otherwise takes CFS time slices
+    from them, which at 8 connections slows the load side and, through it, the proxy (fewer requests per event-
+    loop turn). A database on a machine of its own does not do that; SCHED_IDLE lets PostgreSQL use whatever the
+    load CPU leaves idle (60-80% of it) without delaying the load. restore() puts SCHED_OTHER back."""
 
     def __init__(self, url: str, cpus: set[int]) -> None:
         self.url = url
@@ -493,7 +502,7 @@ class DatabasePinning:
                     mask = set(os.sched_getaffinity(pid))
                     # forked after the postmaster was pinned: it inherited our set, its own is the postmaster's
                     self.original[pid] = self.postmaster_cpus if pid != self.postmaster and mask == self.cpus else mask
-                _set_all_threads(pid, self.cpus)
+                _set_all_threads(pid, self.cpus, os.SCHED_IDLE)
             except ProcessLookupError:
                 continue  # a backend that just exited
             except OSError as exc:
@@ -506,7 +515,7 @@ class DatabasePinning:
     def restore(self) -> None:
         for pid in self.family():
             try:
-                _set_all_threads(pid, self.original.get(pid, self.postmaster_cpus))
+                _set_all_threads(pid, self.original.get(pid, self.postmaster_cpus), os.SCHED_OTHER)
             except ProcessLookupError:
                 continue
             except OSError as exc:
@@ -518,7 +527,8 @@ class DatabasePinning:
         was = ", ".join(sorted({cpu_list(m) for m in self.original.values()})) or "?"
         return (
             f"PostgreSQL server (postmaster pid {self.postmaster}) and its processes pinned to CPU "
-            f"{cpu_list(self.cpus)} while measuring: {len(self.pinned)} processes in all (postmaster, background "
+            f"{cpu_list(self.cpus)} at idle priority (SCHED_IDLE: it gets what wrk and nginx leave idle there) while "
+            f"measuring: {len(self.pinned)} processes in all (postmaster, background "
             f"processes and backends, re-pinned after every warm-up to catch new backends; their CPUs before: {was})"
         )
 
@@ -985,6 +995,80 @@ def measure(
     return best
 
 
+def measure_together(
+    proxies: Sequence[Proxy],
+    kind: str,
+    body_file: Path,
+    connections: int,
+    args: argparse.Namespace,
+    quiet_pids: list[int],
+    db: DatabasePinning | None = None,
+) -> list[Measurement]:
+    """One point for several proxies loaded at the same moment (--together): one wrk per proxy, started together,
+    the proxies sharing the proxy CPU. What drifts on the machine over a run (other tenants, clock) then hits them
+    alike, so their ratio of throughput (and of CPU per request) is steadier than from points taken one after the
+    other. Each proxy gets about an equal share of the CPU (the kernel's fair scheduler), so its req/s is about
+    half its single-proxy figure: the ratio is the point. Re-measured like measure() when other processes were busy."""
+    urls = [f"http://127.0.0.1:{x.port}/v1/chat/completions" for x in proxies]
+
+    def wrk_all(seconds: int) -> list[WrkResult]:
+        with ThreadPoolExecutor(len(urls)) as pool:
+            futs = [pool.submit(run_wrk, u, body_file, connections, seconds, args.load_cpus, args.threads)
+                    for u in urls]  # fmt: skip
+            return [f.result() for f in futs]
+
+    best: list[Measurement] | None = None
+    best_noise = 0.0
+    for attempt in range(args.retries + 1):
+        if attempt:
+            t0 = time.monotonic()
+            wait_idle(min(20.0, args.retry_budget), args.max_noise / 2)
+            args.retry_budget -= time.monotonic() - t0
+        if args.warmup:
+            wrk_all(args.warmup)
+        db_pids = db.pin() if db is not None else []
+        pid_sets = [x.workers() for x in proxies]
+        with Sampler([p for ps in pid_sets for p in ps], quiet_pids + db_pids) as s:
+            results = wrk_all(args.duration)
+        time.sleep(1.0)
+        total = sum(r.requests for r in results)
+        db_us = sum(s.quiet_cpu_s[p] for p in db_pids) if db is not None else 0.0
+        cores = " ".join(f"{k}={v:.0f}%" for k, v in sorted(s.core_pct.items()))
+        out: list[Measurement] = []
+        for x, pids, res in zip(proxies, pid_sets, results, strict=True):
+            m = Measurement(x.variant.key, kind, connections, res)
+            m.cpu_pct = {str(p): round(s.cpu_pct[p], 1) for p in pids}
+            m.core_pct = {k: round(v, 1) for k, v in s.core_pct.items()}
+            m.rss_max_mb = [round(s.max_rss[p], 1) for p in pids]
+            m.rss_after_mb = [round(rss_mb(p), 1) for p in pids]
+            m.noise_pct = round(s.noise_pct, 1)
+            if res.requests:
+                m.cpu_us_per_req = round(1e6 * sum(s.cpu_s[p] for p in pids) / res.requests, 1)
+            if db is not None and total:
+                # The database serves every proxy with a ledger: its CPU per row, for rows of those proxies.
+                rows = sum(r.requests for y, r in zip(proxies, results, strict=True) if y.variant.ledger)
+                m.db_cpu_us_per_req = round(1e6 * db_us / rows, 1) if x.variant.ledger and rows else 0.0
+            flag = f"  !! {res.errors} errors" if res.errors else ""
+            print(
+                f"  {x.variant.key:<8} {kind:<6} c={connections:<3} {res.rps:>9.0f} req/s  p50={res.p50_ms:.2f}ms "
+                f"p99={res.p99_ms:.2f}ms  [{cores} other={m.noise_pct:.0f}%] proxy cpu="
+                f"{sum(s.cpu_pct[p] for p in pids):.0f}% ({m.cpu_us_per_req:.0f} us/req) rss={max(m.rss_max_mb):.0f}MB"
+                + (f" db={m.db_cpu_us_per_req:.0f} us/req" if m.db_cpu_us_per_req is not None else "")
+                + flag,
+                flush=True,
+            )
+            out.append(m)
+        if best is None or s.noise_pct < best_noise:
+            best, best_noise = out, s.noise_pct
+        if attempt:
+            args.retry_budget -= args.warmup + args.duration + 1
+        if s.noise_pct <= args.max_noise or args.retry_budget <= 0:
+            break
+        print("  (noisy: other processes were busy; measuring again)", flush=True)
+    assert best is not None
+    return best
+
+
 # --------------------------------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------------------------------
@@ -1159,9 +1243,15 @@ def build_pair_section(
         f'"on" = {on.label}; "off" = {off.label}: {v.feature_note} Same machine, upstream, load and pinning as '
         f'"Core gateway throughput" (proxy on CPU {cpu_list(args.proxy_cpus)}, wrk and nginx on CPU '
         f"{cpu_list(args.load_cpus)}; {args.duration} s per point after {args.warmup} s warm-up); usage database: "
-        f"{database_description(args)}. Both proxies run at once and are measured point by point in alternating "
-        f"order ({order}), so drift of the shared machine over the run does not decide their "
-        f"ratio.{rep_note}" + (f" {args.db_note}." if args.db_note else ""),
+        f"{database_description(args)}. " + (
+            f"Both proxies run at once, both on CPU {cpu_list(args.proxy_cpus)}, and every point loads them at the "
+            "same moment (`--together`: one wrk each, started together), so whatever drifts on the shared machine "
+            "hits both alike; each gets about half of the core (the kernel's fair scheduler), so each one's req/s is "
+            "about half of what it does alone, and their ratio is the figure."
+            if args.together else
+            f"Both proxies run at once and are measured point by point in alternating order ({order}), so drift "
+            "of the shared machine over the run does not decide their ratio."
+        ) + f"{rep_note}" + (f" {args.db_note}." if args.db_note else ""),
         "",
         *rows,
         "",
@@ -1209,9 +1299,10 @@ def build_report(
         mark = "n/a " if ok is None else ("PASS" if ok else "FAIL")
         verdicts.append(f"- {mark} {text}")
 
+    paired = {k for v in variants if feature_pair(v, variants) for k in (v.key, v.baseline)}
     for v in variants:
-        if v.workers != 1 or v.floor:
-            continue
+        if v.workers != 1 or v.floor or (args.together and v.key in paired):
+            continue  # (--together: these proxies shared one core, their absolute figures are not the targets')
         tag = f"[{v.label}]"
         m = by.get((v.key, "json", 64))
         if m:
@@ -1373,6 +1464,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=1,
         help="measure interleaved comparisons (a variant with its baseline selected too) this many times over; "
         "the core table shows the first repetition, a comparison's own section all of them (default 1)",
+    )
+    p.add_argument(
+        "--together",
+        action="store_true",
+        help="comparisons: load both proxies at the same moment (one wrk each, both proxies on the proxy CPU, sharing "
+        "it) instead of one after the other; the machine's drift then hits both alike (see RESULTS.md)",
     )
     p.add_argument("--kinds", default="json,stream", help="json,stream (default both)")
     p.add_argument("--proxy-cpus", default="0", help="CPUs of the (single-worker) proxy (default 0)")
@@ -1599,11 +1696,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                         continue
                     reps = args.repeat if len(proxies) > 1 else 1
                     if len(proxies) > 1:
-                        print(f"  ({' and '.join(x.variant.key for x in proxies)}: all up, measured point by "
-                              f"point in alternating order{f', {reps} times over' if reps > 1 else ''})",
-                              flush=True)  # fmt: skip
+                        how = ("loaded together, sharing CPU " + cpu_list(args.proxy_cpus) if args.together
+                               else "measured point by point in alternating order")  # fmt: skip
+                        print(f"  ({' and '.join(x.variant.key for x in proxies)}: all up, {how}"
+                              f"{f', {reps} times over' if reps > 1 else ''})", flush=True)  # fmt: skip
                     points = [(kind, c) for kind in args.kinds for c in args.connections]
                     for i, (r, kind, c) in enumerate((r, k, c) for r in range(1, reps + 1) for k, c in points):
+                        if args.together and len(proxies) > 1:
+                            for m in measure_together(proxies, kind, bodies[(kind, True)], c, args, upstream.pids(),
+                                                      db):  # fmt: skip
+                                m.rep = r
+                                ms.append(m)
+                            continue
                         for proxy in proxies if i % 2 == 0 else proxies[::-1]:
                             v = proxy.variant
                             pids = proxy.workers()
