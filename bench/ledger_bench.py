@@ -26,9 +26,8 @@ import time
 from pathlib import Path
 
 import asyncpg
-import orjson
 
-from llm_proxy.core.usage import UsageLedger
+from llm_proxy.core.usage import UsageLedger, _journal_line
 from llm_proxy.store.db import create_engine, upgrade
 from llm_proxy.store.repos import UsageRepo
 from llm_proxy.types import UsageEvent
@@ -104,7 +103,7 @@ async def bench_record(url: str, spool: Path, events: list[UsageEvent]) -> dict[
 async def bench_repo(url: str, events: list[UsageEvent], batch: int) -> float:
     engine = create_engine(url)
     repo = UsageRepo(engine)
-    lines = [orjson.dumps(e) for e in events]
+    lines = [_journal_line(e)[:-1] for e in events]  # as the ledger queues them
     t0 = time.perf_counter()
     for i in range(0, len(lines), batch):
         await repo.insert_lines(lines[i : i + batch])

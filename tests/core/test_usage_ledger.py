@@ -356,10 +356,18 @@ async def test_journal_with_and_without_a_mapping(
         assert all(p.stat().st_size <= 8192 or b"req_big" in p.read_bytes() for p in closed)
         assert all(b"\0" not in p.read_bytes() for p in closed)  # closed segments are cut to their lines
         assert [x for p in segs for x in iter_journal(p)] == events
+        assert await ledger.flush(20)
+        # caught up: the active segment is emptied in place; what is journaled next is all a replay would see
+        (active,) = [p for p in spool_files(spool) if p.name.startswith("seg-")]
+        assert list(iter_journal(active)) == [] and ledger.spool_bytes == 0
+        more = [ev(f"req_more_{i}") for i in range(3)]
+        for e in more:
+            ledger.record(e)
+        assert list(iter_journal(active)) == more
     finally:
         assert await ledger.flush(20)
         await ledger.close()
-    assert len(await db_ids(url)) == len(events)
+    assert len(await db_ids(url)) == len(events) + 3
 
 
 async def test_record_cost_and_journal_format(tmp_path: Path) -> None:
