@@ -370,6 +370,32 @@ async def test_journal_with_and_without_a_mapping(
     assert len(await db_ids(url)) == len(events) + 3
 
 
+async def test_large_caught_up_segment_is_kept_not_zeroed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Emptying a caught-up mapped segment in place is bounded (zeroing holds the event loop): above that the
+    segment keeps its committed lines until it is full, and they no longer count as spooled."""
+    monkeypatch.setattr(usage_mod, "_TRIM_BYTES", 4096)
+    url = f"sqlite+aiosqlite:///{tmp_path / 'k.db'}"
+    spool = tmp_path / "spool"
+    ledger = UsageLedger(url, spool, flush_interval=60, segment_bytes=1 << 20)
+    await ledger.start()
+    try:
+        events = [ev(f"req_k_{i}") for i in range(100)]
+        for e in events:
+            ledger.record(e)
+        assert ledger.spool_bytes > 4096
+        assert await ledger.flush(20)
+        (active,) = [p for p in spool_files(spool) if p.name.startswith("seg-")]
+        assert list(iter_journal(active)) == events  # kept
+        assert ledger.spool_bytes == 0 and ledger.health()["backlog"] == 0
+        more = ev("req_k_more")
+        ledger.record(more)
+        assert ledger.spool_bytes == len(_journal_line(more))
+    finally:
+        assert await ledger.flush(20)
+        await ledger.close()
+    assert len(await db_ids(url)) == 101
+
+
 async def test_record_cost_and_journal_format(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'cost.db'}"
     spool = tmp_path / "spool"

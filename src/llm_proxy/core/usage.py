@@ -197,6 +197,7 @@ class UsageLedger:
         self._mm: mmap.mmap | None = None  # the active segment's reserved space, mapped
         self._cap = 0  # bytes of it
         self._limit = 0  # record() copies lines ending at or below this offset straight into the mapping
+        self._active_done = 0  # bytes at the start of the active segment known to be committed
         self._trimmed = 0  # mapped pages below this offset were let go (_trim)
         self._segments: deque[_Segment] = deque()
         self._active: _Segment | None = None
@@ -388,6 +389,7 @@ class UsageLedger:
         self._close_active()
         self._fd = fd
         self._active = seg
+        self._active_done = 0
         self._segments.append(seg)
         self._map()
 
@@ -560,7 +562,8 @@ class UsageLedger:
 
     @property
     def spool_bytes(self) -> int:
-        return sum(s.size for s in self._segments) + self._orphan_bytes
+        """Journal bytes not known to be in the database (this process's segments and a journal being replayed)."""
+        return sum(s.size for s in self._segments) - self._active_done + self._orphan_bytes
 
     @property
     def backlog(self) -> int:
@@ -697,6 +700,12 @@ class UsageLedger:
         active = self._active
         if active is not None and active.size and self._taken == self._committed == self._seq and self._cursor is None:
             if self._mm is not None:
+                if active.size > _TRIM_BYTES:
+                    # Zeroing more would hold the event loop for over ~0.1 ms: the segment goes on filling up
+                    # and is deleted once full and committed (a replay after kill -9 re-inserts its committed
+                    # rows, which the database ignores).
+                    self._active_done = active.size
+                    return
                 self._clear_mapped(active.size)
             else:
                 try:
@@ -706,6 +715,7 @@ class UsageLedger:
                     return
             active.size = 0
             active.first_seq = self._seq
+            self._active_done = 0
 
     def _clear_mapped(self, size: int) -> None:
         """Empty the mapped active segment in place: its first byte becomes NUL (from then on it reads as empty),
