@@ -16,8 +16,8 @@ from sqlalchemy import text
 
 from llm_proxy.core import usage as usage_mod
 from llm_proxy.core.usage import UsageLedger, _journal_line, iter_journal
-from llm_proxy.store.ledger_db import JOURNAL_FIELDS, event_from_line
 from llm_proxy.store.db import create_engine, upgrade
+from llm_proxy.store.ledger_db import JOURNAL_FIELDS, event_from_line
 from llm_proxy.store.repos import UsageRepo
 from llm_proxy.types import UsageEvent
 

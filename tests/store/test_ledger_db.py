@@ -247,3 +247,28 @@ async def test_a_failed_child_migration_is_one_line_without_the_password() -> No
         await migrate_in_child("postgresql+asyncpg://bob:s3cret@127.0.0.1:1/nowhere")
     msg = str(info.value)
     assert "s3cret" not in msg and "Traceback" not in msg and "\n" not in msg and msg
+
+
+_NEVER_CLOSED = """
+import asyncio, os, sys
+from llm_proxy.core.usage import UsageLedger
+from llm_proxy.types import UsageEvent
+
+async def main():
+    ledger = UsageLedger(os.environ["LEDGER_URL"], os.environ["LEDGER_SPOOL"])
+    await ledger.start()
+    ledger.record(UsageEvent("req_unclosed", 1.0, 2.0, "chat.completions", 200))
+    assert await ledger.flush(20)
+    print("recorded", flush=True)  # and the process ends without closing the ledger
+
+asyncio.run(main())
+"""
+
+
+def test_a_process_that_never_closes_its_sqlite_ledger_still_exits(tmp_path: Path) -> None:
+    """aiosqlite's connection thread would keep the interpreter alive (a crashed worker, a test failing before
+    close() hung until killed); the ledger's is a daemon thread, and the journal keeps what is not committed."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'unclosed.db'}"
+    env = {**os.environ, "LEDGER_URL": url, "LEDGER_SPOOL": str(tmp_path / "spool")}
+    out = subprocess.run([sys.executable, "-c", _NEVER_CLOSED], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "recorded", out.stderr

@@ -752,7 +752,14 @@ class SqliteLedgerDB(LedgerDB):
             import aiosqlite
 
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = await aiosqlite.connect(self.path)
+            pending = aiosqlite.connect(self.path)
+            # aiosqlite runs the connection in a non-daemon thread: a process that ends without closing the
+            # ledger (a crash, a test failing before close) would hang at exit. The journal keeps every row until
+            # it is committed, so nothing depends on that thread finishing.
+            thread = getattr(pending, "_thread", None)
+            if thread is not None:
+                thread.daemon = True
+            db = await pending
             try:
                 # As store/db.py:create_engine sets them on SQLAlchemy's connections.
                 await db.execute("PRAGMA journal_mode=WAL")
