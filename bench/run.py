@@ -923,6 +923,45 @@ class Measurement:
 KINDS = {"json": ("bench-json", "/v1/chat/completions"), "stream": ("bench-stream", "/stream/v1/chat/completions")}
 
 
+def _settle_before_retry(args: argparse.Namespace) -> None:
+    """Before a re-measurement: wait (within the retry budget) for other processes to settle."""
+    t0 = time.monotonic()
+    wait_idle(min(20.0, args.retry_budget), args.max_noise / 2)
+    args.retry_budget -= time.monotonic() - t0
+
+
+def _measurement(target: str, kind: str, connections: int, res: WrkResult, s: Sampler, pids: list[int]) -> Measurement:
+    """A point from its wrk result and the sampler's figures for the processes `pids`."""
+    m = Measurement(target, kind, connections, res)
+    m.cpu_pct = {str(p): round(s.cpu_pct[p], 1) for p in pids}
+    m.core_pct = {k: round(v, 1) for k, v in s.core_pct.items()}
+    m.rss_max_mb = [round(s.max_rss[p], 1) for p in pids]
+    m.rss_after_mb = [round(rss_mb(p), 1) for p in pids]
+    m.noise_pct = round(s.noise_pct, 1)
+    if pids and res.requests:
+        m.cpu_us_per_req = round(1e6 * sum(s.cpu_s[p] for p in pids) / res.requests, 1)
+    return m
+
+
+def _print_point(m: Measurement, noisy: bool = False) -> None:
+    res = m.wrk
+    flag = f"  !! {res.errors} errors" if res.errors else ""
+    cores = " ".join(f"{k}={v:.0f}%" for k, v in sorted(m.core_pct.items()))
+    proc = (
+        f" proxy cpu={sum(m.cpu_pct.values()):.0f}% ({m.cpu_us_per_req:.0f} us/req) rss={max(m.rss_max_mb):.0f}MB"
+        if m.rss_max_mb
+        else ""
+    )
+    if m.db_cpu_us_per_req is not None:
+        proc += f" db={m.db_cpu_us_per_req:.0f} us/req"
+    print(
+        f"  {m.target:<8} {m.kind:<6} c={m.connections:<3} {res.rps:>9.0f} req/s  p50={res.p50_ms:.2f}ms "
+        f"p99={res.p99_ms:.2f}ms  [{cores} other={m.noise_pct:.0f}%]{proc}{flag}"
+        + ("  (noisy: other processes were busy)" if noisy else ""),
+        flush=True,
+    )
+
+
 def measure(
     target: str,
     kind: str,
@@ -944,9 +983,7 @@ def measure(
     best: Measurement | None = None
     for attempt in range(args.retries + 1):
         if attempt:
-            t0 = time.monotonic()
-            wait_idle(min(20.0, args.retry_budget), args.max_noise / 2)
-            args.retry_budget -= time.monotonic() - t0
+            _settle_before_retry(args)
         auth = authorization() if authorization else None
         if args.warmup:
             run_wrk(url, body_file, connections, args.warmup, args.load_cpus, args.threads, auth)
@@ -954,32 +991,11 @@ def measure(
         with Sampler(pids, quiet_pids + db_pids) as s:
             res = run_wrk(url, body_file, connections, args.duration, args.load_cpus, args.threads, auth)
         time.sleep(1.0)
-        m = Measurement(target, kind, connections, res)
-        m.cpu_pct = {str(p): round(v, 1) for p, v in s.cpu_pct.items()}
-        m.core_pct = {k: round(v, 1) for k, v in s.core_pct.items()}
-        m.rss_max_mb = [round(s.max_rss[p], 1) for p in pids]
-        m.rss_after_mb = [round(rss_mb(p), 1) for p in pids]
-        m.noise_pct = round(s.noise_pct, 1)
-        if pids and res.requests:
-            m.cpu_us_per_req = round(1e6 * sum(s.cpu_s.values()) / res.requests, 1)
+        m = _measurement(target, kind, connections, res, s, pids)
         if db is not None and res.requests:
             m.db_cpu_us_per_req = round(1e6 * sum(s.quiet_cpu_s[p] for p in db_pids) / res.requests, 1)
-        flag = f"  !! {res.errors} errors" if res.errors else ""
-        cores = " ".join(f"{k}={v:.0f}%" for k, v in sorted(m.core_pct.items()))
-        proc = (
-            f" proxy cpu={sum(s.cpu_pct.values()):.0f}% ({m.cpu_us_per_req:.0f} us/req) rss={max(m.rss_max_mb):.0f}MB"
-            if pids
-            else ""
-        )
-        if m.db_cpu_us_per_req is not None:
-            proc += f" db={m.db_cpu_us_per_req:.0f} us/req"
         noisy = m.noise_pct > args.max_noise
-        print(
-            f"  {target:<8} {kind:<6} c={connections:<3} {res.rps:>9.0f} req/s  p50={res.p50_ms:.2f}ms "
-            f"p99={res.p99_ms:.2f}ms  [{cores} other={m.noise_pct:.0f}%]{proc}{flag}"
-            + ("  (noisy: other processes were busy)" if noisy else ""),
-            flush=True,
-        )
+        _print_point(m, noisy)
         if best is None or m.noise_pct < best.noise_pct:
             best = m
         if attempt:
@@ -1021,9 +1037,7 @@ def measure_together(
     best_noise = 0.0
     for attempt in range(args.retries + 1):
         if attempt:
-            t0 = time.monotonic()
-            wait_idle(min(20.0, args.retry_budget), args.max_noise / 2)
-            args.retry_budget -= time.monotonic() - t0
+            _settle_before_retry(args)
         if args.warmup:
             wrk_all(args.warmup)
         db_pids = db.pin() if db is not None else []
@@ -1031,32 +1045,15 @@ def measure_together(
         with Sampler([p for ps in pid_sets for p in ps], quiet_pids + db_pids) as s:
             results = wrk_all(args.duration)
         time.sleep(1.0)
-        total = sum(r.requests for r in results)
         db_us = sum(s.quiet_cpu_s[p] for p in db_pids) if db is not None else 0.0
-        cores = " ".join(f"{k}={v:.0f}%" for k, v in sorted(s.core_pct.items()))
+        # The database serves every proxy with a ledger: its CPU per row, for rows of those proxies.
+        rows = sum(r.requests for y, r in zip(proxies, results, strict=True) if y.variant.ledger)
         out: list[Measurement] = []
         for x, pids, res in zip(proxies, pid_sets, results, strict=True):
-            m = Measurement(x.variant.key, kind, connections, res)
-            m.cpu_pct = {str(p): round(s.cpu_pct[p], 1) for p in pids}
-            m.core_pct = {k: round(v, 1) for k, v in s.core_pct.items()}
-            m.rss_max_mb = [round(s.max_rss[p], 1) for p in pids]
-            m.rss_after_mb = [round(rss_mb(p), 1) for p in pids]
-            m.noise_pct = round(s.noise_pct, 1)
-            if res.requests:
-                m.cpu_us_per_req = round(1e6 * sum(s.cpu_s[p] for p in pids) / res.requests, 1)
-            if db is not None and total:
-                # The database serves every proxy with a ledger: its CPU per row, for rows of those proxies.
-                rows = sum(r.requests for y, r in zip(proxies, results, strict=True) if y.variant.ledger)
+            m = _measurement(x.variant.key, kind, connections, res, s, pids)
+            if db is not None and any(r.requests for r in results):
                 m.db_cpu_us_per_req = round(1e6 * db_us / rows, 1) if x.variant.ledger and rows else 0.0
-            flag = f"  !! {res.errors} errors" if res.errors else ""
-            print(
-                f"  {x.variant.key:<8} {kind:<6} c={connections:<3} {res.rps:>9.0f} req/s  p50={res.p50_ms:.2f}ms "
-                f"p99={res.p99_ms:.2f}ms  [{cores} other={m.noise_pct:.0f}%] proxy cpu="
-                f"{sum(s.cpu_pct[p] for p in pids):.0f}% ({m.cpu_us_per_req:.0f} us/req) rss={max(m.rss_max_mb):.0f}MB"
-                + (f" db={m.db_cpu_us_per_req:.0f} us/req" if m.db_cpu_us_per_req is not None else "")
-                + flag,
-                flush=True,
-            )
+            _print_point(m)
             out.append(m)
         if best is None or s.noise_pct < best_noise:
             best, best_noise = out, s.noise_pct
