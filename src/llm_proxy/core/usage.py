@@ -725,10 +725,7 @@ class UsageLedger:
         mm = self._mm
         assert mm is not None
         mm[0] = 0
-        zeros = memoryview(_ZEROS)
-        for start in range(1, size, len(_ZEROS)):
-            end = min(size, start + len(_ZEROS))
-            mm[start:end] = zeros[: end - start]
+        mm[1:size] = memoryview(_ZEROS)[: size - 1]  # size <= _TRIM_BYTES (_collect_segments)
         self._trimmed = 0
         self._trim(0)
 
