@@ -19,10 +19,12 @@ $(STAMP): $(LOCK) pyproject.toml
 
 bootstrap: $(STAMP)
 
-# The real OpenID provider used by the auth tests (npm package oidc-provider, pinned by its lock file).
+# The real OpenID provider used by the auth tests (npm package oidc-provider) and the IDE's real client
+# (LangChain JS @langchain/openai), each pinned by its lock file.
 node-deps:
-	@if [ -f tests/oidc/package-lock.json ] && [ ! -d tests/oidc/node_modules ]; then \
-		cd tests/oidc && npm ci --no-audit --no-fund --loglevel=error; fi
+	@for d in tests/oidc tests/ide; do \
+		if [ -f $$d/package-lock.json ] && [ ! -d $$d/node_modules ]; then \
+			(cd $$d && npm ci --no-audit --no-fund --loglevel=error) || exit 1; fi; done
 
 # With CONFIG unset: dev mode (OpenAI if OPENAI_API_KEY is set, else the bundled emulator).
 run: bootstrap
