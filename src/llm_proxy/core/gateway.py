@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import BadRequest, Forbidden, ProxyError
+from ..ingress.schema import VALIDATORS
 from ..ports import Policy
 from ..providers.base import Endpoint, StreamDecoder, Target
 from ..providers.http import UpstreamClient, UpstreamResponse
@@ -177,20 +178,13 @@ class Gateway:
     async def handle(self, ctx: RequestContext, endpoint: Endpoint, body: dict[str, Any]) -> bytes | StreamSession:
         ctx.endpoint = endpoint
         model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise BadRequest("'model' is required and must be a string", param="model", code="missing_model")
-        ctx.model = model
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise BadRequest("'stream' must be a boolean", param="stream")
+        if isinstance(model, str):
+            ctx.model = model
+        VALIDATORS[endpoint](body)  # the schemas GET /openapi.json publishes
+        assert isinstance(model, str)
+        stream = body.get("stream") is True
         if stream and endpoint not in _STREAMABLE:
             raise BadRequest(f"streaming is not supported for {endpoint}", param="stream")
-        if endpoint == "chat.completions":
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise BadRequest("'messages' must be a non-empty array", param="messages")
-        elif endpoint == "embeddings" and "input" not in body:
-            raise BadRequest("'input' is required", param="input")
         ctx.streamed = stream
 
         route = self.router.resolve(model)
