@@ -267,6 +267,8 @@ def error_from_body(
 class AnthropicStreamDecoder:
     """Anthropic Messages SSE events -> OpenAI chunks."""
 
+    done: bool | None = None  # its end marker is not tracked (core/gateway.py: only an empty stream fails)
+
     def __init__(self, public_model: str, client_wants_usage: bool, secrets: list[str | None] | None = None) -> None:
         self._secrets = secrets or []
         self._split = SSESplitter()

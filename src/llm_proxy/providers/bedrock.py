@@ -269,6 +269,8 @@ def error_from_response(
 class BedrockStreamDecoder:
     """ConverseStream event-stream messages -> OpenAI chunks."""
 
+    done: bool | None = None  # its end marker is not tracked (core/gateway.py: only an empty stream fails)
+
     def __init__(self, public_model: str, client_wants_usage: bool, secrets: list[str | None]) -> None:
         self._frames = EventStreamDecoder()
         self._w = ChunkWriter(public_model)

@@ -449,6 +449,8 @@ def error_from_body(
 class GeminiStreamDecoder:
     """streamGenerateContent?alt=sse events (each a GenerateContentResponse) -> OpenAI chunks."""
 
+    done: bool | None = None  # its end marker is not tracked (core/gateway.py: only an empty stream fails)
+
     def __init__(
         self, public_model: str, client_wants_usage: bool, secrets: list[str | None], provider_id: str = "gemini"
     ) -> None:
