@@ -246,3 +246,44 @@ def test_an_event_that_never_ends_is_refused(px: ProxyServer) -> None:
     assert info.value.status_code == 502
     assert info.value.body["code"] == "upstream_response_too_large"  # type: ignore[index]
 
+
+@pytest.mark.parametrize(
+    ("endpoint", "extra", "param", "code"),
+    [
+        ("chat", {"n": 1_000_000_000}, "n", "integer_above_max_value"),
+        ("chat", {"n": 0}, "n", "integer_below_min_value"),
+        ("chat", {"max_tokens": -1}, "max_tokens", "integer_below_min_value"),
+        ("chat", {"max_completion_tokens": 0}, "max_completion_tokens", "integer_below_min_value"),
+        ("chat", {"max_tokens": 10**12}, "max_tokens", "integer_above_max_value"),
+        ("chat", {"max_tokens": "100"}, "max_tokens", "invalid_type"),
+        ("chat", {"n": True}, "n", "invalid_type"),
+        ("chat", {"top_logprobs": 1000}, "top_logprobs", "integer_above_max_value"),
+        ("completions", {"best_of": 10**6}, "best_of", "integer_above_max_value"),
+        ("completions", {"max_tokens": -5}, "max_tokens", "integer_below_min_value"),
+        ("completions", {"logprobs": 99}, "logprobs", "integer_above_max_value"),
+    ],
+)
+def test_costly_parameters_out_of_range_are_400_before_the_upstream(
+    px: ProxyServer, upstream: RawUpstream, endpoint: str, extra: dict[str, object], param: str, code: str
+) -> None:
+    """18.10: n in the billions, negative max_tokens...: OpenAI's 400 envelope with `param`; nothing sent upstream."""
+    before = upstream.requests
+    c = _client(px)
+    with pytest.raises(openai.BadRequestError) as info:
+        if endpoint == "chat":
+            c.chat.completions.create(model="m", messages=_msg("big"), extra_body=extra)  # type: ignore[arg-type]
+        else:
+            c.completions.create(model="m", prompt="hi", extra_body=extra)
+    err = info.value.body
+    assert isinstance(err, dict) and (err["param"], err["code"], err["type"]) == (param, code, "invalid_request_error")
+    assert info.value.response.headers.get("x-request-id")
+    assert upstream.requests == before
+
+
+def test_parameters_in_range_pass(px: ProxyServer) -> None:
+    """The bounds refuse nothing a client means."""
+    stream = _client(px).chat.completions.create(
+        model="m", messages=_msg("finished-no-done"), stream=True, n=1, max_tokens=4096,  # type: ignore[arg-type]
+        max_completion_tokens=1, top_logprobs=20, logprobs=True,
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == "hello"
