@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,7 +94,7 @@ class StreamSession:
         resp: UpstreamResponse,
         decoder: StreamDecoder,
         ctx: RequestContext,
-        chunks: AsyncIterator[bytes] | None = None,
+        chunks: AsyncGenerator[bytes, None] | None = None,
         pending: list[bytes] | None = None,
         dep: Deployment | None = None,
         done: bool = False,
@@ -127,6 +127,8 @@ class StreamSession:
                                 ctx.first_token_at = time.perf_counter()
                             yield out[0] if len(out) == 1 else b"".join(out)
                         if decoder.done:
+                            # Closed here, not by the loop's finalizer hook (a task and a self-pipe write).
+                            await self._chunks.aclose()
                             break
                 except (UpstreamUnreachable, UpstreamTimeout):
                     out = decoder.close()  # the upstream left or stalled: fine if the answer had ended
@@ -440,6 +442,7 @@ class Gateway:
                     break
                 pending = decoder.feed(chunk)
                 if decoder.done:  # the whole answer was in the first reads
+                    await chunks.aclose()
                     pending.extend(decoder.close())
                     done = True
                     break

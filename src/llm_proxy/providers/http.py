@@ -22,7 +22,7 @@ import re
 import ssl
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import unquote, urlsplit
@@ -768,7 +768,7 @@ class UpstreamResponse:
             self.close()
             raise _map(exc, self._provider_id, "mid-response") from None
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
         """Body bytes as they arrive (what one socket read brought, or all that piled up meanwhile).
 
         The first chunk must arrive by the first-byte deadline and each later one within `idle` of the

@@ -107,8 +107,8 @@ class OpenAIStreamDecoder:
 
     End of the stream: `data: [DONE]` sets `done` (the gateway stops reading there: llama.cpp, for one, drops
     the connection right after it without ending the chunked body). A stream whose body ends without [DONE]
-    counts as done at close() when its last read carried a finish_reason or the usage chunk came (servers
-    that omit [DONE]); otherwise it was cut short.
+    counts as done at close() when a whole event of its last read carried a finish_reason, or the usage chunk
+    came (servers that omit [DONE]); otherwise it was cut short.
     """
 
     __slots__ = ("_buf", "_from", "_last", "_model_json", "_split", "_to", "_want_usage", "done", "usage")
@@ -155,8 +155,10 @@ class OpenAIStreamDecoder:
         if rest:
             self._split.feed(rest)
         out = self._frames(self._split.close())
-        if not self.done and (self.usage is not None or _FINISHED.search(self._last) is not None):
-            self.done = True
+        if not self.done:  # no [DONE]: finished all the same if a whole event of the last read had a finish_reason
+            last = self._last
+            end = last.rfind(b"\n\n")
+            self.done = self.usage is not None or (end > 0 and _FINISHED.search(last, 0, end) is not None)
         return out
 
     def _fast(self, chunk: bytes) -> bytes | None:
