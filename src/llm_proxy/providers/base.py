@@ -41,9 +41,9 @@ class StreamDecoder(Protocol):
     b'data: [DONE]\\n\\n' is never returned: the web layer writes it. `usage` holds the token counts
     once the upstream has reported them (as far as known when the stream is cut short).
 
-    `done`: True once the upstream has ended its answer (its end marker, or at close() a finish reason),
-    after which the gateway reads no more; False while it has not (a body that ends then was cut short);
-    None for a decoder that does not tell (only a stream with nothing in it is then an error).
+    `done`: True once the upstream has ended its answer (its end marker, a finish reason seen by close(), or
+    an error event the decoder relayed), after which the gateway reads no more; False (or None) while it has
+    not: a body that ends then was cut short.
     """
 
     usage: Usage | None

@@ -1,4 +1,4 @@
-"""The OpenAI stream decoder's end of stream: [DONE], a body that ends without it, events that never end."""
+"""Stream decoders' end of stream: [DONE], a body that ends without it, events that never end."""
 
 from __future__ import annotations
 
@@ -6,10 +6,14 @@ import orjson
 import pytest
 
 from llm_proxy.errors import ProxyError
+from llm_proxy.providers.anthropic import AnthropicStreamDecoder
+from llm_proxy.providers.bedrock import BedrockStreamDecoder
+from llm_proxy.providers.gemini import GeminiStreamDecoder
 from llm_proxy.providers.openai_compat import OpenAIStreamDecoder
 from llm_proxy.providers.sse import MAX_EVENT_BYTES, SSESplitter
 
-from .support import split_every
+from .support import fixture_bytes, fixture_json, split_every
+from .test_bedrock import encode_events
 
 
 def _ev(content: str | None = None, finish: str | None = None, *, spaced: bool = False) -> bytes:
@@ -76,3 +80,41 @@ def test_an_event_that_never_ends_is_refused() -> None:
     s = SSESplitter()  # the other decoders' splitter, likewise
     with pytest.raises(ProxyError):
         s.feed(b"event: x\n\n" + b"data: " + b"y" * (MAX_EVENT_BYTES + 1))
+
+
+# ---- the other decoders: done at close() if their answer ended ---------------------------------------------
+
+def _anthropic(raw: bytes) -> AnthropicStreamDecoder:
+    d = AnthropicStreamDecoder("public", True)
+    d.feed(raw)
+    d.close()
+    return d
+
+
+def _gemini(raw: bytes) -> GeminiStreamDecoder:
+    d = GeminiStreamDecoder("public", True, [], "g")
+    d.feed(raw)
+    d.close()
+    return d
+
+
+def _bedrock(events: list[dict[str, object]]) -> BedrockStreamDecoder:
+    d = BedrockStreamDecoder("public", True, [])
+    d.feed(encode_events(events))
+    d.close()
+    return d
+
+
+def test_anthropic_gemini_and_bedrock_streams_cut_before_their_end_are_not_done() -> None:
+    a = fixture_bytes("anthropic", "stream_text.sse")
+    assert _anthropic(a).done is True
+    assert _anthropic(a[: a.index(b"event: message_delta")]).done is False  # no stop_reason came
+    assert _anthropic(fixture_bytes("anthropic", "stream_error.sse")).done is True  # the upstream's error, relayed
+
+    g = fixture_bytes("gemini", "stream_text.sse")
+    assert _gemini(g).done is True
+    assert _gemini(g[: g.rindex(b"data: ")]).done is False  # the event with the finishReason is missing
+
+    b = fixture_json("bedrock", "stream_text.json")
+    assert _bedrock(b).done is True
+    assert _bedrock([e for e in b if e["event"] not in ("messageStop", "metadata")]).done is False
