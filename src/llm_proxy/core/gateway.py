@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import BadRequest, Forbidden, ProxyError
+import orjson
+
+from ..errors import BadRequest, Forbidden, ProxyError, UpstreamTimeout, UpstreamUnreachable
 from ..ports import Policy
-from ..providers.base import Endpoint, StreamDecoder, Target
+from ..providers.base import Endpoint, Provider, StreamDecoder, Target
 from ..providers.http import UpstreamClient, UpstreamResponse
 from ..types import Principal, Usage, UsageEvent
 from .resilience import ELSEWHERE, NEVER, Deployment, retry_after_seconds, retry_scope
@@ -78,6 +80,11 @@ class StreamSession:
 
     The gateway has read the upstream up to its first frame (`pending`) before handing the session
     over, so a stream that fails before anything could reach the client is retried instead.
+
+    The end: the decoder's `done` (OpenAI's `data: [DONE]`) ends the relay at once, the connection going back
+    to the pool only if its body ends properly soon after. A body that ends while `done` is False (the
+    upstream's answer was cut short: no end marker, no finish reason) is an error in-band
+    (`upstream_stream_truncated`); so is an upstream that hangs up, unless what came had ended the answer.
     """
 
     __slots__ = ("_chunks", "_ctx", "_decoder", "_dep", "_done", "_finished", "_pending", "_resp")
@@ -87,7 +94,7 @@ class StreamSession:
         resp: UpstreamResponse,
         decoder: StreamDecoder,
         ctx: RequestContext,
-        chunks: AsyncIterator[bytes] | None = None,
+        chunks: AsyncGenerator[bytes, None] | None = None,
         pending: list[bytes] | None = None,
         dep: Deployment | None = None,
         done: bool = False,
@@ -112,15 +119,30 @@ class StreamSession:
                 self._pending = None
                 yield pending[0] if len(pending) == 1 else b"".join(pending)
             if not self._done:
-                async for chunk in self._chunks:
-                    out = decoder.feed(chunk)
-                    if out:
-                        if ctx.first_token_at is None:
-                            ctx.first_token_at = time.perf_counter()
-                        yield out[0] if len(out) == 1 else b"".join(out)
-                out = decoder.close()
+                try:
+                    async for chunk in self._chunks:
+                        out = decoder.feed(chunk)
+                        if out:
+                            if ctx.first_token_at is None:
+                                ctx.first_token_at = time.perf_counter()
+                            yield out[0] if len(out) == 1 else b"".join(out)
+                        if decoder.done:
+                            # Closed here, not by the loop's finalizer hook (a task and a self-pipe write).
+                            await self._chunks.aclose()
+                            break
+                except (UpstreamUnreachable, UpstreamTimeout):
+                    out = decoder.close()  # the upstream left or stalled: fine if the answer had ended
+                    if not decoder.done:
+                        raise
+                else:
+                    out = decoder.close()
                 if out:
                     yield b"".join(out)
+            if decoder.done is False:
+                raise ProxyError(
+                    f"Upstream provider '{ctx.provider_id}' ended the stream before the answer was complete",
+                    status=502, type="api_error", code="upstream_stream_truncated",
+                )
             clean = True
         except ProxyError:
             failed = True  # the upstream broke the stream (not the client)
@@ -154,6 +176,57 @@ class StreamSession:
 
 
 _STREAMABLE: frozenset[str] = frozenset({"chat.completions", "completions"})
+
+# What a stream's body must be, by UpstreamRequest.framing (no Content-Type at all is let through).
+_STREAM_TYPES: dict[str, str] = {"sse": "text/event-stream", "aws-eventstream": "application/vnd.amazon.eventstream"}
+
+# Parameters that multiply what the upstream bills (or are plainly wrong): (name, lowest, highest), checked with
+# a dict lookup each. n as OpenAI bounds it; max_tokens above any model's output window is a mistake (or abuse);
+# legacy completions allow max_tokens 0 (echo + logprobs: scoring a prompt). logprobs / top_logprobs: the
+# usual servers' ceilings (OpenAI 20 and 5, vLLM's max_logprobs 20 by default).
+_MAX_TOKENS = 1 << 20
+_LIMITS: dict[str, tuple[tuple[str, int, int], ...]] = {
+    "chat.completions": (
+        ("n", 1, 128), ("max_tokens", 1, _MAX_TOKENS), ("max_completion_tokens", 1, _MAX_TOKENS),
+        ("top_logprobs", 0, 20),
+    ),
+    "completions": (("n", 1, 128), ("max_tokens", 0, _MAX_TOKENS), ("best_of", 1, 20), ("logprobs", 0, 20)),
+}
+
+
+def _check_limits(body: Mapping[str, Any], limits: tuple[tuple[str, int, int], ...]) -> None:
+    for name, lo, hi in limits:
+        v = body.get(name)
+        if v is None:
+            continue
+        if type(v) is not int:  # bool is an int subclass, and 2.0 is not an integer either (as OpenAI answers)
+            raise BadRequest(f"Invalid type for '{name}': expected an integer", param=name, code="invalid_type")
+        if v < lo:
+            raise BadRequest(f"Invalid '{name}': integer below minimum value {lo}, got {v}", param=name,
+                             code="integer_below_min_value")
+        if v > hi:
+            raise BadRequest(f"Invalid '{name}': integer above maximum value {hi}, got {v}", param=name,
+                             code="integer_above_max_value")
+
+
+def _not_a_stream(provider: Provider, provider_id: str, headers: Mapping[str, str], ctype: str, raw: bytes
+                  ) -> ProxyError:
+    """A 200 to a stream request whose body is not a stream (an error object in JSON, an HTML page...)."""
+    if ctype.startswith("application/json"):
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            data = None
+        if isinstance(data, dict) and "error" in data:  # an error object sent with 200: its message, as a 502
+            exc = provider.parse_error(502, headers, raw)
+            exc.status = 502
+            if exc.code is None:
+                exc.code = "bad_upstream_response"
+            return exc
+    return ProxyError(
+        f"Upstream provider '{provider_id}' answered a stream request with {ctype[:60]!r} instead of an event stream",
+        status=502, type="api_error", code="bad_upstream_response",
+    )
 
 
 def _attempt_entry(ctx: RequestContext, target: Target, status: int, error: str | None) -> dict[str, Any]:
@@ -191,6 +264,9 @@ class Gateway:
                 raise BadRequest("'messages' must be a non-empty array", param="messages")
         elif endpoint == "embeddings" and "input" not in body:
             raise BadRequest("'input' is required", param="input")
+        limits = _LIMITS.get(endpoint)
+        if limits is not None:
+            _check_limits(body, limits)
         ctx.streamed = stream
 
         route = self.router.resolve(model)
@@ -346,6 +422,13 @@ class Gateway:
                     ) from None
                 ctx.usage = usage
                 return out
+            ctype = resp.headers.get("content-type")
+            if ctype is not None:
+                ctype = ctype.lower()
+                if not ctype.startswith(_STREAM_TYPES.get(req.framing, "text/event-stream")):
+                    raw = await resp.read()
+                    ctx.upstream_ended = time.perf_counter()
+                    raise _not_a_stream(provider, target.provider_id, resp.headers, ctype, raw)
             decoder = provider.stream_decoder(endpoint, target, want_usage)
             chunks = resp.chunks()
             pending: list[bytes] = []
@@ -358,8 +441,19 @@ class Gateway:
                     done = True
                     break
                 pending = decoder.feed(chunk)
+                if decoder.done:  # the whole answer was in the first reads
+                    await chunks.aclose()
+                    pending.extend(decoder.close())
+                    done = True
+                    break
             if pending:
                 ctx.first_token_at = time.perf_counter()
+            elif done and not decoder.done:
+                # A 200 with nothing in it (llama.cpp's answer to a prompt over its context window, say).
+                raise ProxyError(
+                    f"Upstream provider '{target.provider_id}' ended the stream without sending anything",
+                    status=502, type="api_error", code="upstream_stream_empty",
+                )
         except BaseException:
             resp.close()  # drops the connection: this is also how an upstream request is cancelled
             raise
