@@ -123,6 +123,9 @@ class ProviderSettings(_Model):
     tls_cafile: str | None = None
     timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
     max_connections: int = Field(256, ge=1)
+    # A non-streamed answer (an error body included) larger than this, before or after gzip/deflate decoding, is
+    # refused with 502 `upstream_response_too_large` and its connection dropped (streams are relayed as they come).
+    max_response_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     # Route `<id>/<anything>` to upstream model `<anything>` even when not registered.
     passthrough_models: bool = False
     # Provider-specific options.

@@ -20,8 +20,18 @@ import pytest
 
 from llm_proxy.config import ProviderSettings, TimeoutSettings
 from llm_proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
+from llm_proxy.providers import http as http_mod
 from llm_proxy.providers.base import UpstreamRequest
-from llm_proxy.providers.http import MAX_BUFFERED, BadResponse, ProxyEnv, UpstreamClient, _Conn, _Pool
+from llm_proxy.providers.http import (
+    INFLATE_PIECE,
+    MAX_BUFFERED,
+    BadResponse,
+    ProxyEnv,
+    TooLarge,
+    UpstreamClient,
+    _Conn,
+    _Pool,
+)
 
 from ..helpers import tls_material
 
@@ -653,4 +663,117 @@ async def test_plain_http_upstream_through_a_forward_proxy(script: Script, monke
     assert await _get(client, f"http://127.0.0.1:{script.port}/v1/x?a=1") == (200, b"forwarded")
     line = proxy.heads[0].split(b"\r\n")[0]
     assert line == f"POST http://127.0.0.1:{script.port}/v1/x?a=1 HTTP/1.1".encode()
+    await client.close()
+
+
+# ---- body caps, compressed bodies, a stream's end marker --------------------------------------------------
+
+
+async def test_a_body_over_max_response_bytes_is_refused_and_dropped(script: Script) -> None:
+    pool = _Pool(asyncio.get_running_loop(), "upstream", 80, None, 4, max_body=4096)
+    conn = _Conn(pool)
+    t = FakeTransport()
+    conn.connection_made(t)
+    conn.start(b"POST / HTTP/1.1\r\n\r\n", False)
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 4097\r\n\r\n")  # refused from its header on
+    assert isinstance(conn._exc, TooLarge) and t.aborted and not conn.reusable
+
+    client = await _client(script.base, max_response_bytes=4096)
+    url = script.url
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + (b"400\r\n" + b"z" * 1024 + b"\r\n") * 5
+    bomb = gzip.compress(b"0" * (1024 * 1024))  # ~1 KiB on the wire
+    script.actions.extend([
+        reply(ok(b"y" * 5000)),
+        reply(chunked + b"0\r\n\r\n"),
+        reply(ok(bomb, b"Content-Encoding: gzip\r\n")),
+        reply(ok(b"y" * 4096)),
+    ])
+    for _ in range(3):
+        script.closed.clear()
+        with pytest.raises(ProxyError) as info:
+            await _get(client, url)
+        assert info.value.status == 502 and info.value.code == "upstream_response_too_large"
+        await script.closed.wait()  # the connection was dropped, not pooled
+    assert await _get(client, url) == (200, b"y" * 4096)  # up to the cap is fine
+    await client.close()
+
+
+async def test_a_compressed_stream_is_inflated_in_bounded_pieces(script: Script) -> None:
+    client = await _client(script.base)
+    plain = b"data: {}\n\n" * (500 * 1024)  # 5 MB from ~5 KB of gzip
+    script.actions.append(reply(ok(gzip.compress(plain), b"Content-Encoding: gzip\r\n")))
+    resp = await client.send("p", _req(script.url, stream=True), T)
+    pieces = [c async for c in resp.chunks()]
+    assert b"".join(pieces) == plain and max(map(len, pieces)) <= INFLATE_PIECE
+    await client.close()
+
+
+async def test_an_error_body_to_a_stream_request_is_read_past_the_pause_limit(script: Script) -> None:
+    client = await _client(script.base)
+    body = b'{"error": "' + b"e" * (3 * MAX_BUFFERED) + b'"}'
+    script.actions.append(reply(ok(body).replace(b"200 OK", b"500 Internal Server Error")))
+    resp = await client.send("p", _req(script.url, stream=True), T)
+    assert resp.status == 500 and await resp.read() == body  # not paused for a reader that waits for the end
+    await client.close()
+
+
+async def test_a_stream_released_at_its_end_marker_goes_back_to_the_pool_once_its_body_ends(
+    script: Script, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await _client(script.base)
+    url = script.url
+    gate = asyncio.Event()
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    done = b"e\r\ndata: [DONE]\n\n\r\n"
+
+    def done_then(rest: bytes | None) -> Action:
+        async def act(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+            w.write(head + done)
+            await w.drain()
+            await gate.wait()  # the client has stopped reading at [DONE] and released the response
+            if rest is None:
+                return False  # hang up inside the chunked body (llama.cpp)
+            w.write(rest)
+            await w.drain()
+            return True
+
+        return act
+
+    async def to_done() -> None:
+        gate.clear()
+        resp = await client.send("p", _req(url, stream=True), T)
+        assert await anext(resp.chunks()) == b"data: [DONE]\n\n"
+        resp.release()
+        gate.set()
+
+    async def idle() -> int:
+        pools = list(client._pools.values())
+        deadline = asyncio.get_running_loop().time() + 5
+        while not (pools and pools[0].idle) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        return sum(len(p.idle) for p in pools)
+
+    script.actions.extend([done_then(b"0\r\n\r\n"), reply(ok(b"reused"))])
+    await to_done()
+    assert await idle() == 1  # the last chunk came in a later read: the connection was kept
+    assert await _get(client, url) == (200, b"reused") and script.connections == 1
+
+    script.closed.clear()
+    script.actions.extend([done_then(None), reply(ok(b"fresh"))])
+    await to_done()
+    await script.closed.wait()
+    assert await _get(client, url) == (200, b"fresh") and script.connections == 2  # the hang-up: not reused
+
+    script.closed.clear()
+    script.actions.extend([done_then(b"0\r\n\r\nHTTP/1.1 200 OK\r\n"), reply(ok(b"fresh again"))])
+    await to_done()  # bytes after the end of the body: never reused
+    await script.closed.wait()
+    assert await _get(client, url) == (200, b"fresh again") and script.connections == 3
+
+    monkeypatch.setattr(http_mod, "LINGER_SECONDS", 0.05)
+    script.closed.clear()
+    script.actions.append(done_then(b""))  # the body never ends: dropped after LINGER_SECONDS
+    await to_done()
+    await script.closed.wait()
+    assert sum(len(p.idle) for p in client._pools.values()) == 0 and script.open == 0
     await client.close()

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import BadRequest, Forbidden, ProxyError
+import orjson
+
+from ..errors import BadRequest, Forbidden, ProxyError, UpstreamTimeout, UpstreamUnreachable
 from ..ingress.schema import VALIDATORS
 from ..ports import Policy
-from ..providers.base import Endpoint, StreamDecoder, Target
+from ..providers.base import Endpoint, Provider, StreamDecoder, Target
 from ..providers.http import UpstreamClient, UpstreamResponse
 from ..types import Principal, Usage, UsageEvent
 from .resilience import ELSEWHERE, NEVER, Deployment, retry_after_seconds, retry_scope
@@ -79,6 +81,11 @@ class StreamSession:
 
     The gateway has read the upstream up to its first frame (`pending`) before handing the session
     over, so a stream that fails before anything could reach the client is retried instead.
+
+    The end: the decoder's `done` (OpenAI's `data: [DONE]`) ends the relay at once, the connection going back
+    to the pool only if its body ends properly soon after. A body that ends while `done` is False (the
+    upstream's answer was cut short: no end marker, no finish reason) is an error in-band
+    (`upstream_stream_truncated`); so is an upstream that hangs up, unless what came had ended the answer.
     """
 
     __slots__ = ("_chunks", "_ctx", "_decoder", "_dep", "_done", "_finished", "_pending", "_resp")
@@ -88,7 +95,7 @@ class StreamSession:
         resp: UpstreamResponse,
         decoder: StreamDecoder,
         ctx: RequestContext,
-        chunks: AsyncIterator[bytes] | None = None,
+        chunks: AsyncGenerator[bytes, None] | None = None,
         pending: list[bytes] | None = None,
         dep: Deployment | None = None,
         done: bool = False,
@@ -113,15 +120,30 @@ class StreamSession:
                 self._pending = None
                 yield pending[0] if len(pending) == 1 else b"".join(pending)
             if not self._done:
-                async for chunk in self._chunks:
-                    out = decoder.feed(chunk)
-                    if out:
-                        if ctx.first_token_at is None:
-                            ctx.first_token_at = time.perf_counter()
-                        yield out[0] if len(out) == 1 else b"".join(out)
-                out = decoder.close()
+                try:
+                    async for chunk in self._chunks:
+                        out = decoder.feed(chunk)
+                        if out:
+                            if ctx.first_token_at is None:
+                                ctx.first_token_at = time.perf_counter()
+                            yield out[0] if len(out) == 1 else b"".join(out)
+                        if decoder.done:
+                            # Closed here, not by the loop's finalizer hook (a task and a self-pipe write).
+                            await self._chunks.aclose()
+                            break
+                except (UpstreamUnreachable, UpstreamTimeout):
+                    out = decoder.close()  # the upstream left or stalled: fine if the answer had ended
+                    if not decoder.done:
+                        raise
+                else:
+                    out = decoder.close()
                 if out:
                     yield b"".join(out)
+            if decoder.done is False:
+                raise ProxyError(
+                    f"Upstream provider '{ctx.provider_id}' ended the stream before the answer was complete",
+                    status=502, type="api_error", code="upstream_stream_truncated",
+                )
             clean = True
         except ProxyError:
             failed = True  # the upstream broke the stream (not the client)
@@ -155,6 +177,29 @@ class StreamSession:
 
 
 _STREAMABLE: frozenset[str] = frozenset({"chat.completions", "completions"})
+
+# What a stream's body must be, by UpstreamRequest.framing (no Content-Type at all is let through).
+_STREAM_TYPES: dict[str, str] = {"sse": "text/event-stream", "aws-eventstream": "application/vnd.amazon.eventstream"}
+
+
+def _not_a_stream(provider: Provider, provider_id: str, headers: Mapping[str, str], ctype: str, raw: bytes
+                  ) -> ProxyError:
+    """A 200 to a stream request whose body is not a stream (an error object in JSON, an HTML page...)."""
+    if ctype.startswith("application/json"):
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            data = None
+        if isinstance(data, dict) and "error" in data:  # an error object sent with 200: its message, as a 502
+            exc = provider.parse_error(502, headers, raw)
+            exc.status = 502
+            if exc.code is None:
+                exc.code = "bad_upstream_response"
+            return exc
+    return ProxyError(
+        f"Upstream provider '{provider_id}' answered a stream request with {ctype[:60]!r} instead of an event stream",
+        status=502, type="api_error", code="bad_upstream_response",
+    )
 
 
 def _attempt_entry(ctx: RequestContext, target: Target, status: int, error: str | None) -> dict[str, Any]:
@@ -340,6 +385,13 @@ class Gateway:
                     ) from None
                 ctx.usage = usage
                 return out
+            ctype = resp.headers.get("content-type")
+            if ctype is not None:
+                ctype = ctype.lower()
+                if not ctype.startswith(_STREAM_TYPES.get(req.framing, "text/event-stream")):
+                    raw = await resp.read()
+                    ctx.upstream_ended = time.perf_counter()
+                    raise _not_a_stream(provider, target.provider_id, resp.headers, ctype, raw)
             decoder = provider.stream_decoder(endpoint, target, want_usage)
             chunks = resp.chunks()
             pending: list[bytes] = []
@@ -352,8 +404,19 @@ class Gateway:
                     done = True
                     break
                 pending = decoder.feed(chunk)
+                if decoder.done:  # the whole answer was in the first reads
+                    await chunks.aclose()
+                    pending.extend(decoder.close())
+                    done = True
+                    break
             if pending:
                 ctx.first_token_at = time.perf_counter()
+            elif done and not decoder.done:
+                # A 200 with nothing in it (llama.cpp's answer to a prompt over its context window, say).
+                raise ProxyError(
+                    f"Upstream provider '{target.provider_id}' ended the stream without sending anything",
+                    status=502, type="api_error", code="upstream_stream_empty",
+                )
         except BaseException:
             resp.close()  # drops the connection: this is also how an upstream request is cancelled
             raise

@@ -37,12 +37,18 @@ MAX_RETRY_AFTER = 300.0
 _DEFAULT_BREAKER = CircuitBreakerSettings()
 
 
+# Faults of one deployment (its credentials, a broken or oversized answer, an empty stream): try another.
+_ELSEWHERE_CODES = frozenset(
+    {"upstream_auth_failed", "bad_upstream_response", "upstream_response_too_large", "upstream_stream_empty"}
+)
+
+
 def retry_scope(exc: ProxyError) -> int:
     """NEVER, ANYWHERE or ELSEWHERE for an attempt that failed with `exc` before anything reached the client."""
     if isinstance(exc, UpstreamUnreachable | UpstreamTimeout):  # connect errors, resets, timeouts
         return ANYWHERE
     code = exc.code
-    if code in ("upstream_auth_failed", "bad_upstream_response"):
+    if code in _ELSEWHERE_CODES:
         return ELSEWHERE
     status = exc.status
     if status == 429 or status == 408:

@@ -10,9 +10,9 @@ Fields the schemas do not name pass through untouched: providers take extras the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sized
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from ..errors import BadRequest
 
@@ -31,6 +31,12 @@ def _int(lo: int, hi: int, nullable: bool = True) -> Schema:
     return {"type": ["integer", "null"] if nullable else "integer", "minimum": lo, "maximum": hi}
 
 
+# Parameters that multiply what the upstream bills (or are plainly wrong) are bounded: n as OpenAI bounds it;
+# max_tokens above any model's output window is a mistake (or abuse); legacy completions allow max_tokens 0
+# (echo + logprobs: scoring a prompt); logprobs / top_logprobs: the usual servers' ceilings (OpenAI 20 and 5,
+# vLLM's max_logprobs 20 by default).
+MAX_TOKENS = 1 << 20
+
 _STOP: Schema = {
     "anyOf": [
         {"type": "string"},
@@ -38,7 +44,7 @@ _STOP: Schema = {
         {"type": "null"},
     ]
 }
-_MAX_TOKENS = _int(1, 10_000_000)
+_MAX_TOKENS = _int(1, MAX_TOKENS)
 _COMMON: dict[str, Schema] = {
     "model": {"type": "string", "minLength": 1, "maxLength": 256},
     "stream": {"type": ["boolean", "null"]},
@@ -92,9 +98,10 @@ COMPLETIONS: Schema = {
                 {"type": "array", "minItems": 1, "items": {"type": "array"}},
             ]
         },
+        "max_tokens": _int(0, MAX_TOKENS),
         "best_of": _int(1, 20),
         "echo": {"type": ["boolean", "null"]},
-        "logprobs": _int(0, 5),
+        "logprobs": _int(0, 20),
         "suffix": _NULLABLE_STR,
     },
 }
@@ -136,6 +143,17 @@ _TYPE_WORDS = {"string": "a string", "integer": "an integer", "number": "a numbe
                "object": "an object", "array": "an array", "null": "null"}
 
 
+def _size(kind: type, lo: int | None, hi: int | None) -> Check | None:
+    if lo is None and hi is None:
+        return None
+    low, high = lo or 0, hi if hi is not None else float("inf")
+
+    def check(v: Any) -> bool:
+        return not isinstance(v, kind) or low <= len(cast(Sized, v)) <= high
+
+    return check
+
+
 def compile_schema(schema: Schema) -> Check:
     """A predicate for one value against one schema of the supported subset."""
     if "anyOf" in schema:
@@ -158,12 +176,10 @@ def compile_schema(schema: Schema) -> Check:
             return (lo is None or v >= lo) and (hi is None or v <= hi)
 
         checks.append(in_range)
-    mn, mx = schema.get("minLength"), schema.get("maxLength")
-    if mn is not None or mx is not None:
-        checks.append(lambda v: not isinstance(v, str) or ((mn is None or len(v) >= mn) and (mx is None or len(v) <= mx)))
-    ilo, ihi = schema.get("minItems"), schema.get("maxItems")
-    if ilo is not None or ihi is not None:
-        checks.append(lambda v: not isinstance(v, list) or ((ilo is None or len(v) >= ilo) and (ihi is None or len(v) <= ihi)))
+    for kind, lo_key, hi_key in ((str, "minLength", "maxLength"), (list, "minItems", "maxItems")):
+        size_check = _size(kind, schema.get(lo_key), schema.get(hi_key))
+        if size_check is not None:
+            checks.append(size_check)
     if "items" in schema:
         item = compile_schema(schema["items"])
         checks.append(lambda v: not isinstance(v, list) or all(item(x) for x in v))
@@ -172,7 +188,7 @@ def compile_schema(schema: Schema) -> Check:
         req = list(required)
         checks.append(lambda v: not isinstance(v, dict) or all(k in v for k in req))
     props = schema.get("properties")
-    if props and schema is not None:
+    if props:
         sub = {k: compile_schema(s) for k, s in props.items()}
         checks.append(lambda v: not isinstance(v, dict) or all(c(v[k]) for k, c in sub.items() if k in v))
     if not checks:
@@ -209,18 +225,46 @@ def describe(schema: Schema) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class _Field:
+    check: Check
+    schema: Schema
+    type_check: Check | None  # the schema's own `type` alone, to tell a wrong type from a wrong value
+
+
+def _reject(name: str, value: Any, f: _Field) -> BadRequest:
+    """The 400 for a field that failed its check, with OpenAI's codes where OpenAI has them."""
+    schema = f.schema
+    if f.type_check is not None and not f.type_check(value):
+        return BadRequest(f"Invalid type for '{name}': expected {describe(schema)}", param=name, code="invalid_type")
+    lo, hi = schema.get("minimum"), schema.get("maximum")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        kind = "integer" if isinstance(value, int) else "decimal"
+        if lo is not None and value < lo:
+            return BadRequest(f"Invalid '{name}': {kind} below minimum value {lo:g}, got {value:g}", param=name,
+                              code=f"{kind}_below_min_value")
+        if hi is not None and value > hi:
+            return BadRequest(f"Invalid '{name}': {kind} above maximum value {hi:g}, got {value:g}", param=name,
+                              code=f"{kind}_above_max_value")
+    return BadRequest(f"Invalid '{name}': expected {describe(schema)}", param=name, code="invalid_value")
+
+
+@dataclass(frozen=True, slots=True)
 class BodyValidator:
-    """Checks a parsed request body (a dict) against one endpoint's schema; raises BadRequest naming the field."""
+    """Checks a parsed request body (a dict) against one endpoint's schema; raises BadRequest naming the field.
+
+    Cost: one dict lookup per top-level field of the body, and the few isinstance tests of the fields it names."""
 
     schema: Schema
     required: tuple[str, ...]
-    fields: Mapping[str, tuple[Check, Schema]]
+    fields: Mapping[str, _Field]
 
     @classmethod
     def of(cls, schema: Schema) -> BodyValidator:
-        props = schema.get("properties", {})
-        return cls(schema, tuple(schema.get("required", ())),
-                   {k: (compile_schema(s), s) for k, s in props.items()})
+        fields: dict[str, _Field] = {}
+        for k, s in schema.get("properties", {}).items():
+            t = s.get("type")
+            fields[k] = _Field(compile_schema(s), s, compile_schema({"type": t}) if t is not None else None)
+        return cls(schema, tuple(schema.get("required", ())), fields)
 
     def __call__(self, body: Mapping[str, Any]) -> None:
         for name in self.required:
@@ -228,9 +272,9 @@ class BodyValidator:
                 raise BadRequest(f"'{name}' is required", param=name, code=f"missing_{name}")
         fields = self.fields
         for name, value in body.items():
-            entry = fields.get(name)
-            if entry is not None and not entry[0](value):
-                raise BadRequest(f"'{name}' must be {describe(entry[1])}", param=name, code="invalid_value")
+            f = fields.get(name)
+            if f is not None and not f.check(value):
+                raise _reject(name, value, f)
 
 
 VALIDATORS: dict[str, BodyValidator] = {

@@ -267,6 +267,8 @@ def error_from_body(
 class AnthropicStreamDecoder:
     """Anthropic Messages SSE events -> OpenAI chunks."""
 
+    done: bool | None = None  # set by close(): the answer ended (a stop reason, or the upstream's error event)
+
     def __init__(self, public_model: str, client_wants_usage: bool, secrets: list[str | None] | None = None) -> None:
         self._secrets = secrets or []
         self._split = SSESplitter()
@@ -290,6 +292,7 @@ class AnthropicStreamDecoder:
             out.append(self._w.finish(finish_reason(self._stop_reason)))
             self._finished = True
         out.extend(self._usage_frame())
+        self.done = self._finished or self.error is not None
         return out
 
     def _usage_frame(self) -> list[bytes]:

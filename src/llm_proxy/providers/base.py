@@ -40,9 +40,14 @@ class StreamDecoder(Protocol):
     Each returned frame is a complete SSE event, e.g. b'data: {...}\\n\\n'. The terminating
     b'data: [DONE]\\n\\n' is never returned: the web layer writes it. `usage` holds the token counts
     once the upstream has reported them (as far as known when the stream is cut short).
+
+    `done`: True once the upstream has ended its answer (its end marker, a finish reason seen by close(), or
+    an error event the decoder relayed), after which the gateway reads no more; False (or None) while it has
+    not: a body that ends then was cut short.
     """
 
     usage: Usage | None
+    done: bool | None
 
     def feed(self, data: bytes) -> list[bytes]: ...
 

@@ -269,6 +269,8 @@ def error_from_response(
 class BedrockStreamDecoder:
     """ConverseStream event-stream messages -> OpenAI chunks."""
 
+    done: bool | None = None  # set by close(): the answer ended (a stop reason, or the upstream's error event)
+
     def __init__(self, public_model: str, client_wants_usage: bool, secrets: list[str | None]) -> None:
         self._frames = EventStreamDecoder()
         self._w = ChunkWriter(public_model)
@@ -300,6 +302,7 @@ class BedrockStreamDecoder:
         if self._want_usage and self.usage is not None and self._finished and not self._usage_sent:
             self._usage_sent = True
             out.append(self._w.usage(self.usage))
+        self.done = self._finished or self.error is not None  # also at `metadata`, the last event: no more reads
         return out
 
     def _fail(self, err: ProxyError) -> bytes:

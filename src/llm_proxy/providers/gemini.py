@@ -449,6 +449,8 @@ def error_from_body(
 class GeminiStreamDecoder:
     """streamGenerateContent?alt=sse events (each a GenerateContentResponse) -> OpenAI chunks."""
 
+    done: bool | None = None  # set by close(): the answer ended (a stop reason, or the upstream's error event)
+
     def __init__(
         self, public_model: str, client_wants_usage: bool, secrets: list[str | None], provider_id: str = "gemini"
     ) -> None:
@@ -473,6 +475,7 @@ class GeminiStreamDecoder:
         if self._want_usage and self.usage is not None and not self._usage_sent and self._finished:
             self._usage_sent = True
             out.append(self._w.usage(self.usage))
+        self.done = bool(self._finished) or self.error is not None
         return out
 
     def _events(self, events: list[tuple[bytes | None, bytes]]) -> list[bytes]:

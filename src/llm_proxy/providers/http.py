@@ -7,7 +7,8 @@ a strict response parser (status line, headers, Content-Length / chunked / read-
 pool per provider and origin with a connection limit, TLS through the standard `ssl` module, and the
 `HTTPS_PROXY` / `HTTP_PROXY` / `NO_PROXY` environment (CONNECT tunnels; plain-http upstreams in absolute
 form). It has no cookies, redirects or compression negotiation (it never sends Accept-Encoding; a gzip or
-deflate body is still decoded). Timers are lazy: one per wait, re-armed only if data arrived meanwhile.
+deflate body is still decoded, within the same size cap as a plain one). A non-streamed body is capped at the
+provider's `max_response_bytes`. Timers are lazy: one per wait, re-armed only if data arrived meanwhile.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import re
 import ssl
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import unquote, urlsplit
@@ -35,6 +36,9 @@ log = logging.getLogger("llm_proxy.upstream")
 KEEPALIVE_SECONDS = 30.0  # an idle pooled connection older than this is closed instead of reused
 MAX_HEAD_BYTES = 64 * 1024  # status line + headers of one response
 MAX_BUFFERED = 1024 * 1024  # a stream's undelivered body bytes before reading from the socket pauses
+DEFAULT_MAX_BODY = 32 * 1024 * 1024  # ProviderSettings.max_response_bytes' default
+INFLATE_PIECE = 1024 * 1024  # a compressed stream is inflated in pieces of at most this many bytes
+LINGER_SECONDS = 1.0  # a stream read up to its end marker waits this long for its body's end to be reused
 
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
@@ -43,6 +47,10 @@ _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 class BadResponse(Exception):
     """The upstream broke HTTP/1.1 framing (the connection is dropped)."""
+
+
+class TooLarge(BadResponse):
+    """A non-streamed body (or its inflated form) over the provider's `max_response_bytes`."""
 
 
 class ProxyRefused(ConnectionError):
@@ -67,6 +75,11 @@ def _map(exc: BaseException, provider_id: str, stage: str) -> ProxyError:
         if stage == "connecting":
             return UpstreamUnreachable(f"Upstream provider '{provider_id}' connection timed out")
         return UpstreamTimeout(f"Upstream provider '{provider_id}' timed out {stage}")
+    if isinstance(exc, TooLarge):
+        return ProxyError(
+            f"Upstream provider '{provider_id}' sent a response larger than the proxy accepts ({exc})",
+            status=502, type="api_error", code="upstream_response_too_large",
+        )
     if isinstance(exc, BadResponse):
         return UpstreamUnreachable(
             f"Upstream provider '{provider_id}' sent an invalid HTTP response ({exc})", code="bad_upstream_response"
@@ -90,6 +103,9 @@ class _Conn(asyncio.Protocol):
     def __init__(self, pool: _Pool) -> None:
         self.pool = pool
         self.loop = pool.loop
+        self.cap = pool.max_body  # a non-streamed body's limit
+        self._soft = MAX_BUFFERED if MAX_BUFFERED < pool.max_body else pool.max_body
+        self._linger: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.reusable = False
@@ -139,6 +155,9 @@ class _Conn(asyncio.Protocol):
             self.closed = True
             self.pool.lost(self)
         self.reusable = False
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         if self._state == _EOF_BODY:
             self._message_done()
         elif self._state not in (_IDLE, _DONE):
@@ -190,6 +209,21 @@ class _Conn(asyncio.Protocol):
     def park(self) -> None:
         """The response was read whole: the connection waits in the pool for the next request."""
         self._state = _IDLE
+
+    def linger(self) -> None:
+        """The reader stopped at the stream's own end marker (`data: [DONE]`) before the body's framing ended
+        (the last chunk often comes in a later read): back to the pool once it has, dropped if it has not
+        within LINGER_SECONDS, or if anything but the end of the body comes."""
+        self._linger = self.loop.call_later(LINGER_SECONDS, self.abort)
+
+    def whole(self) -> None:
+        """The body is to be read whole (an error answer to a stream request): stop pausing, apply the cap."""
+        self.flow = False
+        if self._paused:
+            self._paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
+        if self.buffered > self.cap:
+            raise TooLarge(f"over {self.cap} bytes")
 
     def reusable_at(self, now: float) -> bool:
         """Still fit for a request: not closed, closing or broken while idle (a server may send `408` before
@@ -329,6 +363,8 @@ class _Conn(asyncio.Protocol):
                 raise BadResponse("bad Content-Length")
             self.reusable = keep
             self._left = int(cl_b)
+            if self._left > self.cap and not self.flow:
+                raise TooLarge(f"Content-Length {self._left} over {self.cap} bytes")
             self._state = _LEN
             if self._left == 0:
                 self._message_done()
@@ -339,9 +375,13 @@ class _Conn(asyncio.Protocol):
     def _sink(self, piece: bytes) -> None:
         self.body.append(piece)
         self.buffered += len(piece)
-        if self.buffered > MAX_BUFFERED and self.flow and not self._paused:
-            self._paused = True
-            self.transport.pause_reading()  # type: ignore[union-attr]
+        if self.buffered > self._soft:
+            if self.flow:
+                if not self._paused:
+                    self._paused = True
+                    self.transport.pause_reading()  # type: ignore[union-attr]
+            elif self.buffered > self.cap:
+                raise TooLarge(f"over {self.cap} bytes")
         w = self._waiter
         if w is not None and self._wake_on_data:
             self._wake()
@@ -349,6 +389,11 @@ class _Conn(asyncio.Protocol):
     def _message_done(self) -> None:
         self._state = _DONE
         self.complete = True
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+            # After this read is parsed: bytes past the end of the body (if any) forbid the reuse first.
+            self.loop.call_soon(self.pool.release, self)
         self._wake()
 
     # -- waiting ----------------------------------------------------------------------------------------
@@ -438,8 +483,10 @@ class _Pool:
         ssl_ctx: ssl.SSLContext | None,
         limit: int,
         proxy: HttpProxy | None = None,
+        max_body: int = DEFAULT_MAX_BODY,
     ) -> None:
         self.loop = loop
+        self.max_body = max_body
         self.host = host
         self.port = port
         self.ssl = ssl_ctx
@@ -511,6 +558,9 @@ class _Pool:
         if conn.closed:
             return
         if not (conn.reusable and conn.complete) or conn.buffered:
+            if conn.reusable and not conn.buffered and conn._linger is None and conn._exc is None:
+                conn.linger()  # read up to the stream's end marker, the body's framing still to come
+                return
             conn.abort()
             return
         conn.park()
@@ -671,11 +721,15 @@ class ProxyEnv:
         return False
 
 
-def _inflate(dec: zlib._Decompress, data: bytes, final: bool) -> bytes:
+def _inflate(dec: zlib._Decompress, data: bytes, limit: int, final: bool) -> bytes:
+    """At most `limit` bytes inflated from `data`; what did not fit stays in `dec.unconsumed_tail`."""
     try:
-        return dec.decompress(data) + dec.flush() if final else dec.decompress(data)
+        out = dec.decompress(data, limit)
+        if final and not dec.unconsumed_tail:
+            out += dec.flush()
     except zlib.error:
         raise BadResponse("body does not match its Content-Encoding") from None
+    return out
 
 
 class UpstreamResponse:
@@ -698,16 +752,23 @@ class UpstreamResponse:
     async def read(self) -> bytes:
         conn = self._conn
         try:
+            conn.whole()
             while not conn.complete:
                 await conn.wait(self._total_at, self._idle, False)
             raw = conn.take()
             dec = _decoder_for(self.headers)
-            return raw if dec is None else _inflate(dec, raw, final=True)
+            if dec is None:
+                return raw
+            cap = conn.cap
+            out = _inflate(dec, raw, cap + 1, final=True)
+            if len(out) > cap or dec.unconsumed_tail:
+                raise TooLarge(f"over {cap} bytes once decoded")
+            return out
         except (OSError, TimeoutError, BadResponse) as exc:
             self.close()
             raise _map(exc, self._provider_id, "mid-response") from None
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
         """Body bytes as they arrive (what one socket read brought, or all that piled up meanwhile).
 
         The first chunk must arrive by the first-byte deadline and each later one within `idle` of the
@@ -722,8 +783,12 @@ class UpstreamResponse:
             while True:
                 if conn.buffered:
                     data = conn.take()
-                    if dec is not None:
-                        data = _inflate(dec, data, final=False)
+                    if dec is not None:  # in bounded pieces: a small read may inflate to a lot
+                        data = _inflate(dec, data, INFLATE_PIECE, final=False)
+                        while dec.unconsumed_tail:
+                            first = False
+                            yield data
+                            data = _inflate(dec, dec.unconsumed_tail, INFLATE_PIECE, final=False)
                         if not data:
                             continue
                     first = False
@@ -803,7 +868,9 @@ class UpstreamClient:
             if scheme == "https":
                 ctx = self._ssl.get(provider_id) or self._ssl.setdefault(provider_id, _ssl_context(s))
             proxy = self._proxies.for_url(scheme, host)
-            pool = self._pools[key] = _Pool(asyncio.get_running_loop(), host, port, ctx, s.max_connections, proxy)
+            pool = self._pools[key] = _Pool(
+                asyncio.get_running_loop(), host, port, ctx, s.max_connections, proxy, s.max_response_bytes
+            )
         if pool.proxy is not None and pool.ssl is None:  # plain http through the proxy: absolute-form target
             line = b" " + url.split("#", 1)[0].encode() + line[line.index(b" HTTP/1.1") :]
             if pool.proxy.auth:

@@ -13,7 +13,7 @@ from ..errors import ProxyError, RateLimited, UpstreamError
 from ..types import Usage
 from .base import Endpoint, Target, UpstreamRequest
 from .credentials import KeySource, scrub
-from .sse import SSESplitter, frame
+from .sse import MAX_EVENT_BYTES, SSESplitter, event_too_large, frame
 
 _PATHS: dict[str, str] = {
     "chat.completions": "/chat/completions",
@@ -24,6 +24,7 @@ _PATHS: dict[str, str] = {
 # The first `"model": "..."` key of a chunk, matched on bytes so the hot path need not parse JSON.
 _MODEL_KEY = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
 _USAGE_OBJ = re.compile(rb'"usage"\s*:\s*\{')
+_FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')  # a choice's finish_reason with a value (not null)
 
 
 def rewrite_model(payload: bytes, model_json: bytes) -> bytes:
@@ -103,9 +104,14 @@ class OpenAIStreamDecoder:
     Fast path: a read holding only whole single-line `data: {...}` events with one `model` value and no
     usage object is relayed with one bytes.replace. Anything else (the usage chunk, [DONE], comments,
     CRLF, events split across reads) goes through the SSE splitter event by event.
+
+    End of the stream: `data: [DONE]` sets `done` (the gateway stops reading there: llama.cpp, for one, drops
+    the connection right after it without ending the chunked body). A stream whose body ends without [DONE]
+    counts as done at close() when a whole event of its last read carried a finish_reason, or the usage chunk
+    came (servers that omit [DONE]); otherwise it was cut short.
     """
 
-    __slots__ = ("_buf", "_from", "_model_json", "_split", "_to", "_want_usage", "usage")
+    __slots__ = ("_buf", "_from", "_last", "_model_json", "_split", "_to", "_want_usage", "done", "usage")
 
     def __init__(self, public_model: str, client_wants_usage: bool) -> None:
         self._split = SSESplitter()
@@ -115,13 +121,18 @@ class OpenAIStreamDecoder:
         self._buf = b""
         self._from: bytes | None = None  # the upstream's `"model":"..."` bytes, once seen
         self._to = b'"model":' + self._model_json
+        self._last = b""  # the latest read, for close()'s look for a finish_reason
+        self.done: bool | None = False
 
     def feed(self, data: bytes) -> list[bytes]:
+        self._last = data
         if self._split.pending:
             return self._frames(self._split.feed(data))
         buf = self._buf + data if self._buf else data
         end = buf.rfind(b"\n\n")
         if end < 0:
+            if len(buf) > MAX_EVENT_BYTES:
+                raise event_too_large()
             self._buf = buf
             return []
         # Events before the usage chunk take the fast path; the usage chunk and what follows do not.
@@ -139,9 +150,16 @@ class OpenAIStreamDecoder:
 
     def close(self) -> list[bytes]:
         rest, self._buf = self._buf, b""
+        if self.done:
+            return []
         if rest:
             self._split.feed(rest)
-        return self._frames(self._split.close())
+        out = self._frames(self._split.close())
+        if not self.done:  # no [DONE]: finished all the same if a whole event of the last read had a finish_reason
+            last = self._last
+            end = last.rfind(b"\n\n")
+            self.done = self.usage is not None or (end > 0 and _FINISHED.search(last, 0, end) is not None)
+        return out
 
     def _fast(self, chunk: bytes) -> bytes | None:
         events = chunk.count(b"\n\n")
@@ -167,8 +185,13 @@ class OpenAIStreamDecoder:
 
     def _frames(self, events: list[tuple[bytes | None, bytes]]) -> list[bytes]:
         out: list[bytes] = []
+        if self.done:
+            return out
         for _name, payload in events:
-            if payload == b"[DONE]" or not payload:
+            if payload == b"[DONE]":
+                self.done = True
+                break  # the upstream's end: nothing after it is relayed
+            if not payload:
                 continue
             if _USAGE_OBJ.search(payload) is not None:
                 kept = self._usage_chunk(payload)

@@ -2,6 +2,19 @@
 
 from __future__ import annotations
 
+from ..errors import ProxyError
+
+# The most one SSE event may hold while it is incomplete: an upstream that never ends its event must not grow
+# memory without bound (an OpenAI chunk is < 1 KiB; a Gemini event with an inline image a few MiB).
+MAX_EVENT_BYTES = 8 * 1024 * 1024
+
+
+def event_too_large() -> ProxyError:
+    return ProxyError(
+        f"The upstream sent a stream event larger than {MAX_EVENT_BYTES // (1024 * 1024)} MiB",
+        status=502, type="api_error", code="upstream_response_too_large",
+    )
+
 
 class SSESplitter:
     """Splits a byte stream into SSE events; returns each event's joined `data:` payload.
@@ -30,6 +43,8 @@ class SSESplitter:
                 events.append(ev)
             start = end + 2
         self._buf = buf[start:]
+        if len(self._buf) > MAX_EVENT_BYTES:
+            raise event_too_large()
         return events
 
     @property
