@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from ..errors import BadRequest, Forbidden, ProxyError
 from ..ports import Policy
 from ..providers.base import Endpoint, StreamDecoder, Target
 from ..providers.http import UpstreamClient, UpstreamResponse
+from ..providers.sse import frame
 from ..types import Principal, Usage, UsageEvent
 from .resilience import ELSEWHERE, NEVER, Deployment, retry_after_seconds, retry_scope
 from .routing import Route, Router
+
+log = logging.getLogger("llm_proxy.gateway")
 
 
 @dataclass(slots=True)
@@ -39,6 +45,7 @@ class RequestContext:
     upstream_ended: float | None = None
     attempts: int = 0
     recorded: bool = False  # the usage event was already handed to the ledger
+    client_request_id: str | None = None  # the caller's own id (x-client-request-id / x-request-id), checked
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_event(self) -> UsageEvent:
@@ -70,7 +77,61 @@ class RequestContext:
             upstream_latency_ms=up_ms,
             attempts=self.attempts,
             extra=self.extra,
+            usage_estimated=u.estimated if u else False,
         )
+
+
+# Frames a stream keeps for an estimate of its completion when the upstream reports no usage; past this the
+# count of the kept part is scaled by the bytes relayed in all.
+_KEEP_BYTES = 1 << 20
+
+
+class UsageEstimate:
+    """What a stream needs to estimate its usage if the upstream reports none (core/usage_estimate.py)."""
+
+    __slots__ = ("body", "endpoint", "target", "want_usage")
+
+    def __init__(self, endpoint: str, body: dict[str, Any], target: Target, want_usage: bool) -> None:
+        self.endpoint = endpoint
+        self.body = body
+        self.target = target
+        self.want_usage = want_usage
+
+    async def stream_usage(self, frames: list[bytes], relayed: int, kept: int) -> tuple[Usage, bytes | None]:
+        """The estimated usage, and the usage chunk for a client that asked for one."""
+        from . import usage_estimate
+
+        texts, head = usage_estimate.stream_texts(frames)
+        prompt, framing = usage_estimate.prompt_texts(self.endpoint, self.body)
+        scale = relayed / kept if kept else 1.0
+        usage = await usage_estimate.estimate(self.target.upstream_model, prompt, framing, texts, scale)
+        if not self.want_usage:
+            return usage, None
+        chunk = {
+            "id": head.get("id", ""),
+            "object": head.get("object", "chat.completion.chunk"),
+            "created": head.get("created", int(time.time())),
+            "model": self.target.public_model,
+            "choices": [],
+            "usage": usage.to_openai(),
+        }
+        return usage, frame(orjson.dumps(chunk))
+
+
+async def _estimate_response(endpoint: str, body: dict[str, Any], model: str, out: bytes) -> tuple[bytes, Usage]:
+    """A non-streamed answer without `usage`: estimated, and added to the answer the client gets."""
+    from . import usage_estimate
+
+    data = orjson.loads(out)
+    prompt, framing = usage_estimate.prompt_texts(endpoint, body)
+    completion = usage_estimate.response_texts(data) if endpoint != "embeddings" else []
+    usage = await usage_estimate.estimate(model, prompt, framing if endpoint == "chat.completions" else 0,
+                                          completion)
+    if isinstance(data, dict):
+        data["usage"] = usage.to_openai() if endpoint != "embeddings" else {
+            "prompt_tokens": usage.prompt_tokens, "total_tokens": usage.total_tokens}
+        out = orjson.dumps(data)
+    return out, usage
 
 
 class StreamSession:
@@ -80,7 +141,8 @@ class StreamSession:
     over, so a stream that fails before anything could reach the client is retried instead.
     """
 
-    __slots__ = ("_chunks", "_ctx", "_decoder", "_dep", "_done", "_finished", "_pending", "_resp")
+    __slots__ = ("_chunks", "_ctx", "_decoder", "_dep", "_done", "_estimate", "_estimated", "_finished", "_kept",
+                 "_pending", "_relayed", "_resp", "_seen")
 
     def __init__(
         self,
@@ -91,6 +153,7 @@ class StreamSession:
         pending: list[bytes] | None = None,
         dep: Deployment | None = None,
         done: bool = False,
+        estimate: UsageEstimate | None = None,
     ) -> None:
         self._resp = resp
         self._decoder = decoder
@@ -100,6 +163,11 @@ class StreamSession:
         self._dep = dep  # tracked for least_busy and the circuit breaker (None: single deployment)
         self._done = done  # upstream ended and decoder closed during the pre-read
         self._finished = False
+        # The relayed frames (references, up to _KEEP_BYTES), for an estimate if no usage arrives.
+        self._estimate = estimate
+        self._estimated: Usage | None = None
+        self._seen: list[bytes] = []
+        self._kept = self._relayed = 0
 
     async def frames(self) -> AsyncGenerator[bytes, None]:
         ctx = self._ctx
@@ -110,23 +178,48 @@ class StreamSession:
             pending = self._pending
             if pending:
                 self._pending = None
-                yield pending[0] if len(pending) == 1 else b"".join(pending)
+                blob = pending[0] if len(pending) == 1 else b"".join(pending)
+                self._keep(blob)
+                yield blob
             if not self._done:
                 async for chunk in self._chunks:
                     out = decoder.feed(chunk)
                     if out:
                         if ctx.first_token_at is None:
                             ctx.first_token_at = time.perf_counter()
-                        yield out[0] if len(out) == 1 else b"".join(out)
+                        blob = out[0] if len(out) == 1 else b"".join(out)
+                        self._keep(blob)
+                        yield blob
                 out = decoder.close()
                 if out:
-                    yield b"".join(out)
+                    blob = b"".join(out)
+                    self._keep(blob)
+                    yield blob
+            est = self._estimate
+            if decoder.usage is None and est is not None:
+                # The upstream reported no usage (llama.cpp, no stream_options support): estimate it.
+                seen, self._seen = self._seen, []
+                try:
+                    self._estimated, usage_frame = await est.stream_usage(seen, self._relayed, self._kept)
+                except Exception:  # an estimate must never break an answer that is complete
+                    log.exception("usage estimate failed", extra={"request_id": ctx.request_id})
+                    usage_frame = None
+                if usage_frame is not None:
+                    yield usage_frame
+            self._seen = []
             clean = True
         except ProxyError:
             failed = True  # the upstream broke the stream (not the client)
             raise
         finally:
             self._finish(clean, failed)
+
+    def _keep(self, blob: bytes) -> None:
+        n = len(blob)
+        self._relayed += n
+        if self._kept < _KEEP_BYTES and self._estimate is not None:
+            self._seen.append(blob)
+            self._kept += n
 
     def close(self) -> None:
         """Drop the upstream if the frames were not relayed to the end (idempotent)."""
@@ -138,7 +231,8 @@ class StreamSession:
         self._finished = True
         ctx = self._ctx
         ctx.upstream_ended = time.perf_counter()
-        ctx.usage = self._decoder.usage
+        ctx.usage = self._decoder.usage or self._estimated
+        self._seen = []
         if clean:
             self._resp.release()
         else:
@@ -324,6 +418,11 @@ class Gateway:
         ctx.upstream_ended = None
         req = provider.build_request(endpoint, body, target, stream)
         await provider.sign(req)
+        # After signing, so SigV4 never covers them (AWS accepts unsigned headers that are not x-amz-*).
+        headers = req.headers
+        headers["x-request-id"] = ctx.request_id
+        if ctx.client_request_id is not None:
+            headers["x-client-request-id"] = ctx.client_request_id
         resp = await self.client.send(target.provider_id, req, dep.timeouts, deadline)
         try:
             if resp.status >= 400:
@@ -344,6 +443,11 @@ class Gateway:
                         f"Upstream provider '{target.provider_id}' returned a body that could not be read",
                         status=502, type="api_error", code="bad_upstream_response",
                     ) from None
+                if usage is None:  # the upstream reported none: estimate it (off the usual path)
+                    try:
+                        out, usage = await _estimate_response(endpoint, body, target.upstream_model, out)
+                    except Exception:  # an estimate must never break an answer
+                        log.exception("usage estimate failed", extra={"request_id": ctx.request_id})
                 ctx.usage = usage
                 return out
             decoder = provider.stream_decoder(endpoint, target, want_usage)
@@ -363,4 +467,5 @@ class Gateway:
         except BaseException:
             resp.close()  # drops the connection: this is also how an upstream request is cancelled
             raise
-        return StreamSession(resp, decoder, ctx, chunks, pending, track, done)
+        estimate = UsageEstimate(endpoint, body, target, want_usage)
+        return StreamSession(resp, decoder, ctx, chunks, pending, track, done, estimate)

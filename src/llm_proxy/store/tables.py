@@ -84,6 +84,7 @@ usage_events = Table(
     Column("upstream_latency_ms", Double()),
     Column("attempts", Integer(), nullable=False, server_default=text("1")),
     Column("extra", JsonType),
+    Column("usage_estimated", Boolean(), nullable=False, server_default=false()),  # counts are estimates
 )
 # BRIN on PostgreSQL: rows arrive in (nearly) time order, so a block-range index serves time-range reports
 # at a fraction of a B-tree's insert cost. SQLite ignores the option and builds a B-tree.
