@@ -117,6 +117,22 @@ def test_reported_usage_is_not_marked_estimated(compat_proxy: ProxyServer, emula
     assert not ev.usage_estimated and (ev.prompt_tokens, ev.completion_tokens) == (7, 3)
 
 
+def test_upstream_known_to_report_usage_keeps_no_frames(compat_proxy: ProxyServer, emulator: Emulator) -> None:
+    """After a stream that reported usage the next streams of that model keep no frames; one that then reports
+    none gets no counts (NULL: `llm-proxy usage` counts it as without tokens) and the one after is estimated."""
+    def stream() -> list[Any]:
+        return list(client(compat_proxy).chat.completions.create(
+            model="local/gpt-4o", messages=MSG, stream=True, stream_options={"include_usage": True}))
+
+    emulator.script({"responses": ["reported", LLAMA_CPP, LLAMA_CPP]})
+    assert stream()[-1].usage is not None and not last_event(compat_proxy).usage_estimated
+    chunks = stream()
+    assert all(c.usage is None for c in chunks)  # nothing kept to estimate from: no made-up numbers
+    ev = last_event(compat_proxy)
+    assert ev.total_tokens is None and not ev.usage_estimated and ev.status == 200
+    assert stream()[-1].usage is not None and last_event(compat_proxy).usage_estimated
+
+
 def test_legacy_completions_stream_without_usage(compat_proxy: ProxyServer, emulator: Emulator) -> None:
     emulator.script({"responses": [{"content": "abcdefgh ijkl", "no_usage": True}]})
     chunks = list(client(compat_proxy).completions.create(

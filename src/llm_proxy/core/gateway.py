@@ -84,18 +84,34 @@ class RequestContext:
 # Frames a stream keeps for an estimate of its completion when the upstream reports no usage; past this the
 # count of the kept part is scaled by the bytes relayed in all.
 _KEEP_BYTES = 1 << 20
+# (provider id, upstream model) -> whether its last complete stream reported usage; bounded (passthrough
+# providers take model names from clients).
+_REPORTS_MAX = 4096
 
 
 class UsageEstimate:
-    """What a stream needs to estimate its usage if the upstream reports none (core/usage_estimate.py)."""
+    """What a stream needs to estimate its usage if the upstream reports none (core/usage_estimate.py).
 
-    __slots__ = ("body", "endpoint", "target", "want_usage")
+    `keep`: whether the stream keeps (references to) its frames for that. An upstream whose last stream for this
+    model reported usage is trusted to again, so normal upstreams hold no frames; if one then does not, that
+    row has no counts (NULL, reported as such) and the next streams are estimated."""
 
-    def __init__(self, endpoint: str, body: dict[str, Any], target: Target, want_usage: bool) -> None:
+    __slots__ = ("body", "endpoint", "keep", "reports", "target", "want_usage")
+
+    def __init__(self, endpoint: str, body: dict[str, Any], target: Target, want_usage: bool,
+                 reports: dict[tuple[str, str], bool]) -> None:
         self.endpoint = endpoint
         self.body = body
         self.target = target
         self.want_usage = want_usage
+        self.reports = reports
+        self.keep = reports.get((target.provider_id, target.upstream_model)) is not True
+
+    def reported(self, yes: bool) -> None:
+        reports = self.reports
+        if len(reports) >= _REPORTS_MAX:
+            reports.clear()
+        reports[(self.target.provider_id, self.target.upstream_model)] = yes
 
     async def stream_usage(self, frames: list[bytes], relayed: int, kept: int) -> tuple[Usage, bytes | None]:
         """The estimated usage, and the usage chunk for a client that asked for one."""
@@ -172,6 +188,10 @@ class StreamSession:
     async def frames(self) -> AsyncGenerator[bytes, None]:
         ctx = self._ctx
         decoder = self._decoder
+        est = self._estimate
+        # Frames kept (references) for an estimate in case no usage arrives: only while the upstream is not
+        # known to report it (UsageEstimate.keep).
+        seen = self._seen if est is not None and est.keep else None
         clean = failed = False
         try:
             # Frames decoded from one upstream read go out in one write: one syscall, not one per event.
@@ -179,7 +199,8 @@ class StreamSession:
             if pending:
                 self._pending = None
                 blob = pending[0] if len(pending) == 1 else b"".join(pending)
-                self._keep(blob)
+                if seen is not None:
+                    self._keep(seen, blob)
                 yield blob
             if not self._done:
                 async for chunk in self._chunks:
@@ -188,25 +209,27 @@ class StreamSession:
                         if ctx.first_token_at is None:
                             ctx.first_token_at = time.perf_counter()
                         blob = out[0] if len(out) == 1 else b"".join(out)
-                        self._keep(blob)
+                        if seen is not None:
+                            self._keep(seen, blob)
                         yield blob
                 out = decoder.close()
                 if out:
                     blob = b"".join(out)
-                    self._keep(blob)
+                    if seen is not None:
+                        self._keep(seen, blob)
                     yield blob
-            est = self._estimate
-            if decoder.usage is None and est is not None:
-                # The upstream reported no usage (llama.cpp, no stream_options support): estimate it.
-                seen, self._seen = self._seen, []
-                try:
-                    self._estimated, usage_frame = await est.stream_usage(seen, self._relayed, self._kept)
-                except Exception:  # an estimate must never break an answer that is complete
-                    log.exception("usage estimate failed", extra={"request_id": ctx.request_id})
-                    usage_frame = None
-                if usage_frame is not None:
-                    yield usage_frame
-            self._seen = []
+            if est is not None:
+                est.reported(decoder.usage is not None)
+                if decoder.usage is None and seen is not None:
+                    # The upstream reported no usage (llama.cpp, no stream_options support): estimate it.
+                    self._seen = []
+                    try:
+                        self._estimated, usage_frame = await est.stream_usage(seen, self._relayed, self._kept)
+                    except Exception:  # an estimate must never break an answer that is complete
+                        log.exception("usage estimate failed", extra={"request_id": ctx.request_id})
+                        usage_frame = None
+                    if usage_frame is not None:
+                        yield usage_frame
             clean = True
         except ProxyError:
             failed = True  # the upstream broke the stream (not the client)
@@ -214,11 +237,11 @@ class StreamSession:
         finally:
             self._finish(clean, failed)
 
-    def _keep(self, blob: bytes) -> None:
+    def _keep(self, seen: list[bytes], blob: bytes) -> None:
         n = len(blob)
         self._relayed += n
-        if self._kept < _KEEP_BYTES and self._estimate is not None:
-            self._seen.append(blob)
+        if self._kept < _KEEP_BYTES:
+            seen.append(blob)
             self._kept += n
 
     def close(self) -> None:
@@ -267,6 +290,7 @@ class Gateway:
         self.router = router
         self.client = client
         self.policy = policy
+        self._reports_usage: dict[tuple[str, str], bool] = {}  # see UsageEstimate
 
     async def handle(self, ctx: RequestContext, endpoint: Endpoint, body: dict[str, Any]) -> bytes | StreamSession:
         ctx.endpoint = endpoint
@@ -467,5 +491,5 @@ class Gateway:
         except BaseException:
             resp.close()  # drops the connection: this is also how an upstream request is cancelled
             raise
-        estimate = UsageEstimate(endpoint, body, target, want_usage)
+        estimate = UsageEstimate(endpoint, body, target, want_usage, self._reports_usage)
         return StreamSession(resp, decoder, ctx, chunks, pending, track, done, estimate)
