@@ -168,11 +168,12 @@ async def fetch_report(
     until: datetime | None,
     group_by: Sequence[str],
     subject: str | None = None,
+    table_prefix: str = "",
 ) -> dict[str, Any]:
     """Run one report against the database at `database_url` (for the CLI; the server uses its ledger)."""
     from ..store.ledger_db import open_ledger_db
 
-    db = open_ledger_db(database_url, connections=1)
+    db = open_ledger_db(database_url, connections=1, table_prefix=table_prefix)
     try:
         rows, totals = await db.usage_report(since=since, until=until, group_by=group_by, subject=subject)
     finally:
