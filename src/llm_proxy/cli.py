@@ -238,10 +238,11 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
     from .store.db import upgrade_url
 
-    url = _load(args.config).settings.database.url
+    database = _load(args.config).settings.database
+    url = database.url
     shown = make_url(url).render_as_string(hide_password=True)
     try:
-        revision = asyncio.run(upgrade_url(url))
+        revision = asyncio.run(upgrade_url(url, table_prefix=database.table_prefix))
     except Exception as exc:
         print(f"llm-proxy db upgrade: {shown}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
@@ -262,7 +263,8 @@ def cmd_usage(args: argparse.Namespace) -> int:
         return 2
     try:
         doc = asyncio.run(
-            fetch_report(loaded.settings.database.url, since=since, until=until, group_by=group_by, subject=args.user)
+            fetch_report(loaded.settings.database.url, since=since, until=until, group_by=group_by, subject=args.user,
+                         table_prefix=loaded.settings.database.table_prefix)
         )
     except Exception as exc:
         print(f"llm-proxy usage: cannot read the usage database: {type(exc).__name__}: {exc}\n"

@@ -71,6 +71,18 @@ DEFAULT_BASE_URL: dict[str, str] = {
 }
 
 
+# OpenAI-compatible servers that read only `max_tokens` (llama.cpp, Ollama, older vLLM): a client's
+# `max_completion_tokens` is renamed for them unless the provider says otherwise (max_tokens_field).
+MAX_TOKENS_RENAMED_TYPES = frozenset({"vllm", "ollama", "openai_compat"})
+
+
+def max_tokens_field(settings: ProviderSettings) -> str:
+    """The provider's max_tokens_field, or its type's default."""
+    if settings.max_tokens_field is not None:
+        return settings.max_tokens_field
+    return "max_tokens" if settings.type in MAX_TOKENS_RENAMED_TYPES else "as_sent"
+
+
 def normalize_provider_type(raw: str) -> str | None:
     return PROVIDER_TYPE_ALIASES.get(raw.strip().lower())
 
@@ -132,6 +144,10 @@ class ProviderSettings(_Model):
     auth: Literal["api_key", "entra"] | None = None  # azure: "entra" sends the token as a bearer
     sampling_params: bool = False  # anthropic: forward temperature/top_p (newer models reject them)
     default_max_tokens: int | None = Field(default=None, ge=1)  # anthropic: when the client sets none
+    # OpenAI-compatible types: what a client's `max_completion_tokens` becomes upstream. `as_sent` passes it
+    # through; `max_tokens` renames it (llama.cpp, Ollama and vLLM before 0.6 ignore the new name and would
+    # not stop); `both` sends both names. Unset: `max_tokens` for vllm, ollama and openai_compat, else `as_sent`.
+    max_tokens_field: Literal["as_sent", "max_tokens", "both"] | None = None
 
 
 class RetrySettings(_Model):
@@ -243,6 +259,9 @@ class DatabaseSettings(_Model):
     url: str = "sqlite+aiosqlite:///./var/llm-proxy.db"
     # Run the ledger's migrations at startup (`llm-proxy db upgrade` does the same on demand).
     auto_migrate: bool = True
+    # Put before the name of every table (and index, and Alembic's version table) the proxy creates, so it
+    # can share a database: e.g. `llm_proxy_` gives llm_proxy_usage_events and llm_proxy_alembic_version.
+    table_prefix: str = Field("", pattern=r"^([a-z_][a-z0-9_]{0,23})?$")
 
 
 class UsageSettings(_Model):
@@ -410,6 +429,14 @@ def _from_llama_stack(doc: dict[str, Any], warnings: list[str], notes: list[str]
                     cfg["region"] = cfg.pop("region_name")
                 if "api_base" in cfg and "base_url" not in cfg:
                     cfg["base_url"] = cfg.pop("api_base")
+                if "api_token" in cfg:  # remote::vllm's name for its key
+                    token = cfg.pop("api_token")
+                    if "api_key" not in cfg:
+                        cfg["api_key"] = token
+                    elif token is not None and cfg["api_key"] != token:
+                        warnings.append(
+                            f"providers.inference[{i}].config: both api_key and api_token are set; using api_key"
+                        )
                 for k in ("tls_verify",):
                     if k in cfg:
                         cfg["verify_tls"] = cfg.pop(k)
@@ -506,6 +533,8 @@ def _from_llama_stack(doc: dict[str, Any], warnings: list[str], notes: list[str]
             url = _sql_backend_url(chosen)
             if url:
                 out["database"] = {"url": url}
+                if chosen.get("table_prefix"):
+                    out["database"]["table_prefix"] = chosen["table_prefix"]
             else:
                 warnings.append(f"storage backend type '{chosen.get('type')}' is not supported (ignored)")
     return out

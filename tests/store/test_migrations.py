@@ -12,11 +12,12 @@ from sqlalchemy import text
 
 from llm_proxy.cli import main
 from llm_proxy.store.db import create_engine, upgrade, upgrade_url
+from llm_proxy.store.ledger_db import HEAD_REVISION
 from llm_proxy.store.repos import table_names
 
 from .dbutil import create_pg_database, drop_pg_database, pg_available, pg_url
 
-HEAD = "0001_usage_ledger"
+HEAD = HEAD_REVISION
 
 
 @pytest_asyncio.fixture(scope="module")

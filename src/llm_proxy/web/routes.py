@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
@@ -35,6 +36,18 @@ _rid_prefix = "req_" + os.urandom(6).hex()
 _rid_counter = itertools.count(1)
 
 
+# A caller's own request id is kept only when it is a short token of safe characters (it goes into headers
+# upstream and into the ledger); anything else is ignored.
+_CLIENT_RID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def _client_request_id(headers: Any) -> str | None:
+    cid = headers.get("x-client-request-id") or headers.get("x-request-id")
+    if cid is None or _CLIENT_RID.fullmatch(cid) is None:
+        return None
+    return str(cid)
+
+
 def _new_request_id() -> str:
     # Unique per process (random prefix) and cheap: no syscall per request.
     return f"{_rid_prefix}{next(_rid_counter):012x}"
@@ -50,6 +63,9 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     svc = request.app[SERVICES]
     rid = _new_request_id()
     ctx = RequestContext(rid, request.path, time.time(), time.perf_counter())
+    cid = _client_request_id(request.headers)
+    if cid is not None:
+        ctx.client_request_id = ctx.extra["client_request_id"] = cid
     request[CTX] = ctx
     resp: web.StreamResponse
     try:
