@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -232,7 +233,8 @@ def test_request_id_sent_upstream_and_client_id_forwarded(compat_proxy: ProxySer
         model="local/gpt-4o", messages=MSG, extra_headers={"x-client-request-id": "ide-7f3a:42"})
     ours = raw.headers["x-request-id"]
     headers = emulator.requests()[-1]["headers"]
-    assert headers["x-request-id"] == ours and ours.startswith("req_")
+    # Upstream: the same id without its `req_` prefix, 32 hex digits (servers that insist on a UUID take it).
+    assert ours.startswith("req_") and headers["x-request-id"] == ours[4:] and uuid.UUID(headers["x-request-id"])
     assert headers["x-client-request-id"] == "ide-7f3a:42"
     ev = last_event(compat_proxy)
     assert ev.request_id == ours and ev.extra["client_request_id"] == "ide-7f3a:42"
@@ -250,7 +252,7 @@ def test_unsafe_client_request_id_is_ignored(compat_proxy: ProxyServer, emulator
     client(compat_proxy).chat.completions.create(model="local/gpt-4o", messages=MSG,
                                                  extra_headers={"x-client-request-id": "a b<script>" + "x" * 200})
     headers = emulator.requests()[-1]["headers"]
-    assert "x-client-request-id" not in headers and headers["x-request-id"].startswith("req_")
+    assert "x-client-request-id" not in headers and uuid.UUID(headers["x-request-id"])
     assert "client_request_id" not in last_event(compat_proxy).extra
 
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import os
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -16,7 +14,7 @@ import orjson
 from aiohttp import web
 
 from .. import __version__
-from ..core.gateway import RequestContext
+from ..core.gateway import RequestContext, new_request_id
 from ..errors import BadRequest, ModelNotFound, PayloadTooLarge, ProxyError, internal_error
 from ..providers.base import Endpoint
 from ..providers.sse import DONE, frame
@@ -32,8 +30,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
-_rid_prefix = "req_" + os.urandom(6).hex()
-_rid_counter = itertools.count(1)
 
 
 # A caller's own request id is kept only when it is a short token of safe characters (it goes into headers
@@ -48,11 +44,6 @@ def _client_request_id(headers: Any) -> str | None:
     return str(cid)
 
 
-def _new_request_id() -> str:
-    # Unique per process (random prefix) and cheap: no syscall per request.
-    return f"{_rid_prefix}{next(_rid_counter):012x}"
-
-
 def _json(data: Any, status: int = 200, request_id: str | None = None) -> web.Response:
     headers = {"x-request-id": request_id} if request_id else None
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)
@@ -61,7 +52,7 @@ def _json(data: Any, status: int = 200, request_id: str | None = None) -> web.Re
 @web.middleware
 async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     svc = request.app[SERVICES]
-    rid = _new_request_id()
+    rid = new_request_id()
     ctx = RequestContext(rid, request.path, time.time(), time.perf_counter())
     cid = _client_request_id(request.headers)
     if cid is not None:
