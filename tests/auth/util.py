@@ -70,3 +70,16 @@ def parts(token: str) -> tuple[dict[str, Any], dict[str, Any], str]:
 
 def assemble(header: dict[str, Any], payload: dict[str, Any], signature: str) -> str:
     return ".".join((b64(json.dumps(header).encode()), b64(json.dumps(payload).encode()), signature))
+
+
+def proxy_config(emulator_url: str, auth: str) -> str:
+    """Native config for auth tests: the emulator as upstream with two models, then `auth` (YAML lines)."""
+    return f"""
+server: {{drain_delay_seconds: 0, shutdown_grace_seconds: 2}}
+providers:
+  - {{id: openai, type: openai, base_url: {emulator_url}, api_key: sk-upstream-secret-0123456789}}
+models:
+  - {{id: openai/gpt-4o, provider: openai, upstream_model: gpt-4o}}
+  - {{id: openai/gpt-4o-mini, provider: openai, upstream_model: gpt-4o-mini}}
+{auth}
+"""

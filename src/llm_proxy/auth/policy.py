@@ -29,6 +29,9 @@ class RulePolicy:
         self._cache: dict[tuple[Principal, str], bool] = {}
 
     def may_use(self, principal: Principal, model_id: str) -> bool:
+        scope = principal.models
+        if scope is not None:  # a service API key: the models it was created for, whatever the rules say
+            return any(fnmatchcase(model_id, g) for g in scope)
         if self._default_all:
             return True
         key = (principal, model_id)

@@ -26,7 +26,7 @@ from ..types import UsageEvent
 T = TypeVar("T")
 
 # The newest migration shipped; when the database is already there, neither Alembic nor SQLAlchemy is loaded.
-HEAD_REVISION = "0001_usage_ledger"
+HEAD_REVISION = "0003_api_keys"
 
 # Lengths of the text columns (store/tables.py); longer values are cut before insert.
 ID_LEN = 128
