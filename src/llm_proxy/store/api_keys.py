@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +19,9 @@ from typing import Any
 import orjson
 
 from .ledger_db import LedgerDB, open_ledger_db, parse_db_url
+
+# aiosqlite logs every statement with its bound parameters at DEBUG: the key hashes must not go there.
+logging.getLogger("aiosqlite").setLevel(logging.INFO)
 
 KEY_PREFIX = "llmp_"
 NOTIFY_CHANNEL = "llm_proxy_api_keys"
