@@ -4,7 +4,6 @@ reaching two proxy processes on one PostgreSQL within 5 s."""
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ from ..helpers import ProxyServer, native_config
 from ..store.dbutil import create_pg_database, drop_pg_database, pg_available, pg_url
 from ..test_shutdown import Proc
 from .fake_hub import FakeHub
-from .util import CHAT, bearer, proxy_config
+from .util import CHAT, bearer, proxy_config, seconds_until_status
 
 REVOCATION_DEADLINE = 5.0
 
@@ -47,26 +46,6 @@ def create_key(cfg: Path, capsys: pytest.CaptureFixture[str], *args: str) -> str
 
 def key_id(key: str) -> str:
     return key[len("llmp_"):].split("_", 1)[0]
-
-
-def status_of(port: int, key: str) -> int:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request("POST", "/v1/chat/completions", body=json.dumps(CHAT),
-                     headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
-        resp = conn.getresponse()
-        resp.read()
-        return resp.status
-    finally:
-        conn.close()
-
-
-def wait_for_status(port: int, key: str, want: int, deadline: float) -> float:
-    """Seconds until a request with `key` gets `want` (polling with a deadline; fails after it)."""
-    start = time.monotonic()
-    while (status := status_of(port, key)) != want:
-        assert time.monotonic() - start < deadline, f"still {status} after {deadline} s"
-    return time.monotonic() - start
 
 
 @pytest.fixture
@@ -105,7 +84,7 @@ def test_create_use_scope_list_and_revoke(
         assert "ci-bot" in table and key not in table and hash_key(key) not in table
 
         assert main(["keys", "revoke", "--config", str(sqlite_cfg), key_id(key)]) == 0
-        took = wait_for_status(px.port, key, 401, REVOCATION_DEADLINE)
+        took = seconds_until_status(px.port, key, 401, REVOCATION_DEADLINE)
         assert took < REVOCATION_DEADLINE
         assert main(["keys", "revoke", "--config", str(sqlite_cfg), key_id(key)]) == 1  # already revoked
     leaks = [r.name for r in caplog.records if key in r.getMessage() or hash_key(key) in r.getMessage()]
@@ -168,11 +147,11 @@ def test_revocation_reaches_two_proxy_processes_on_postgres_within_5_s(
         for p in procs:
             assert p.listening.wait(30), "".join(p.raw)
         for p in procs:
-            wait_for_status(p.port, key, 200, 10)
+            seconds_until_status(p.port, key, 200, 10)
         revoked_at = time.monotonic()
         assert main(["keys", "revoke", "--config", str(cfgs[1]), key]) == 0  # the whole key works too
         for p in procs:
-            wait_for_status(p.port, key, 401, REVOCATION_DEADLINE - (time.monotonic() - revoked_at))
+            seconds_until_status(p.port, key, 401, REVOCATION_DEADLINE - (time.monotonic() - revoked_at))
         took = time.monotonic() - revoked_at
         print(f"revocation reached both processes in {took:.3f} s")
         assert took < REVOCATION_DEADLINE

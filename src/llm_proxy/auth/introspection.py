@@ -17,7 +17,8 @@ from .token_cache import Checked
 
 # Where each kind's answer keeps the principal's fields unless claims_mapping says otherwise.
 _DEFAULT_PATHS: dict[str, dict[str, str]] = {
-    "rfc7662": {"username": "username,preferred_username"},
+    # A client-credentials token has no `sub`: the client it was issued to is the caller.
+    "rfc7662": {"subject": "sub,client_id", "username": "username,preferred_username"},
     "userinfo": {},
     # llama-stack's AuthResponse: {"principal": ..., "attributes": {"roles": [...], "teams": [...], ...}}
     "custom": {
