@@ -103,9 +103,8 @@ class ApiKeyAuthenticator:
 
     # ---- authentication ----------------------------------------------------------------------------
 
-    @staticmethod
-    def owns(token: str) -> bool:
-        return token.startswith(KEY_PREFIX)
+    async def authenticate_if_mine(self, token: str) -> Principal | None:
+        return await self.authenticate_token(token) if token.startswith(KEY_PREFIX) else None
 
     async def authenticate(self, headers: Mapping[str, str], peer: str | None) -> Principal:
         return await self.authenticate_token(bearer_token(headers))

@@ -1,9 +1,10 @@
 """Several bearer modes in order (`auth.mode: [api_keys, oidc, hub]`): the first that owns a token judges it.
 
 Owning is decided without any network call: api_keys owns tokens with its prefix, oidc owns JWTs whose `iss`
-is one of its trusted issuers, hub and introspection own everything (a remote service can judge any bearer, so
-they belong last). The owner's verdict is final: a JWT of a trusted issuer whose signature fails is 401, never
-handed on to the next mode.
+is one of its trusted issuers (a token in its cache is one), hub and introspection own everything (a remote
+service can judge any bearer, so they belong last). The owner's verdict is final: a JWT of a trusted issuer
+whose signature fails is 401, never handed on to the next mode. Per request this costs one await per mode
+asked (~1.3 us over a single mode for a cached JWT).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ class BearerAuthenticator(Protocol):
 
     async def close(self) -> None: ...
 
-    def owns(self, token: str) -> bool: ...
+    async def authenticate_if_mine(self, token: str) -> Principal | None:
+        """The principal; None when the token is not this mode's to judge; raises when it is and fails."""
+        ...
 
     async def authenticate(self, headers: Mapping[str, str], peer: str | None) -> Principal: ...
 
@@ -47,8 +50,9 @@ class ChainAuthenticator:
     async def authenticate(self, headers: Mapping[str, str], peer: str | None) -> Principal:
         token = bearer_token(headers)
         for _, member in self._members:
-            if member.owns(token):
-                return await member.authenticate_token(token)
+            principal = await member.authenticate_if_mine(token)
+            if principal is not None:
+                return principal
         raise Unauthorized("Invalid bearer token: no configured authentication mode accepts this kind of token")
 
     def health(self) -> dict[str, Any]:

@@ -67,8 +67,9 @@ class HubAuthenticator(RemoteTokenChecker):
         await super().close()
 
     async def authenticate_token(self, token: str) -> Principal:
-        if self.jwt.owns(token):
-            return await self.jwt.authenticate_token(token)  # a Hub JWT: every strict check, locally
+        principal = await self.jwt.authenticate_if_mine(token)  # a Hub JWT: every strict check, locally
+        if principal is not None:
+            return principal
         return await super().authenticate_token(token)
 
     async def _check(self, token: str) -> Checked[Principal]:

@@ -49,8 +49,8 @@ class RemoteTokenChecker:
         await self.cache.close()
         await self._fetcher.close()
 
-    def owns(self, token: str) -> bool:
-        return True  # a remote service can judge any bearer: put these modes last in a list
+    async def authenticate_if_mine(self, token: str) -> Principal | None:
+        return await self.authenticate_token(token)  # a service can judge any bearer: these modes go last
 
     async def authenticate(self, headers: Mapping[str, str], peer: str | None) -> Principal:
         return await self.authenticate_token(bearer_token(headers))
