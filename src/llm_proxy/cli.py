@@ -312,7 +312,7 @@ def _when(ts: float | None) -> str:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     """`keys create | list | revoke`: service API keys in the ledger database (migrated first)."""
-    from .store.api_keys import ApiKeyStore
+    from .store.api_keys import KEY_PREFIX, ApiKeyStore
     from .store.db import upgrade_url
 
     url = _load(args.config).settings.database.url
@@ -347,8 +347,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
                           f"{_when(r.revoked_at):<25}  {','.join(r.models)}")
                 return 0
             wanted = args.key_id
-            if wanted.startswith("llmp_"):  # the whole key given: its id is the part after the prefix
-                wanted = wanted[len("llmp_"):].split("_", 1)[0]
+            if wanted.startswith(KEY_PREFIX):  # the whole key given: its id is the part after the prefix
+                wanted = wanted[len(KEY_PREFIX):].split("_", 1)[0]
             if await store.revoke(wanted):
                 print(f"revoked API key {wanted}")
                 return 0

@@ -47,4 +47,6 @@ class RulePolicy:
         return ok
 
     def is_admin(self, principal: Principal) -> bool:
+        if principal.models is not None:
+            return False  # a service API key sees only its own usage, whatever the rules say
         return principal.is_admin or any(r.admin and _matches(r, principal) for r in self._rules)

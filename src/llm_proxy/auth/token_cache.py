@@ -37,6 +37,7 @@ class _Entry(Generic[V]):
     value: V
     checked_at: float
     expires: float
+    refresh_at: float  # a hit from then on re-checks in the background (moved on at each attempt)
 
 
 class TokenCache(Generic[V]):
@@ -72,7 +73,10 @@ class TokenCache(Generic[V]):
         if entry is not None:
             if now < entry.expires:
                 self._good.move_to_end(digest)
-                if now - entry.checked_at >= (entry.expires - entry.checked_at) / 2:
+                if now >= entry.refresh_at:
+                    # At most one attempt per half of the remaining life (and 1 s): a service that is away
+                    # is not asked once per request.
+                    entry.refresh_at = now + max(1.0, (entry.expires - now) / 2)
                     self._refresh_soon(digest, token, check)
                 return entry.value
             del self._good[digest]
@@ -111,7 +115,7 @@ class TokenCache(Generic[V]):
             raise
         now = self._clock()
         expires = now + self.ttl if until is None else min(now + self.ttl, until)
-        entry = _Entry(value, now, expires)
+        entry = _Entry(value, now, expires, now + (expires - now) / 2)
         if expires > now:
             self._good[digest] = entry
             self._good.move_to_end(digest)
