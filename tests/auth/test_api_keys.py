@@ -193,3 +193,12 @@ def test_key_lookups_do_not_import_sqlalchemy(
     out = subprocess.run([sys.executable, "-c", _SERVING], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_bad_expiry_and_unknown_key_id(sqlite_cfg: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for expires, why in (("2001-01-01", "in the past"), ("soon", "duration such as 90d")):
+        assert main(["keys", "create", "--config", str(sqlite_cfg), "--name", "x", "--models", "*",
+                     "--expires", expires]) == 2
+        assert why in capsys.readouterr().err
+    assert main(["keys", "revoke", "--config", str(sqlite_cfg), "nosuchkey"]) == 1
+    assert "no active API key" in capsys.readouterr().err
