@@ -19,6 +19,7 @@ class Principal:
     issuer: str | None = None
     auth_method: str = "none"
     is_admin: bool = False
+    models: tuple[str, ...] | None = None  # a service API key's model scope (globs); None: the policy decides
 
 
 ANONYMOUS = Principal(subject="anonymous", username="anonymous", auth_method="none")

@@ -79,8 +79,10 @@ async def test_two_prefixed_proxies_share_one_postgres_database(shared_db: str, 
 
     tables = await _tables(shared_db)
     for prefix in ("llm_proxy_", "team_b_"):
-        assert {f"{prefix}usage_events", f"{prefix}stored_completions", f"{prefix}alembic_version"} <= tables
-    assert not {"usage_events", "stored_completions", "alembic_version"} & tables  # nothing unprefixed
+        assert {f"{prefix}usage_events", f"{prefix}stored_completions", f"{prefix}alembic_version",
+                f"{prefix}api_keys"} <= tables
+    # nothing unprefixed
+    assert not {"usage_events", "stored_completions", "alembic_version", "api_keys"} & tables
     # Each proxy sees only its own rows, and says which counts are estimates.
     assert docs["llm_proxy_"]["totals"]["requests"] == 3 and docs["team_b_"]["totals"]["requests"] == 2
     assert docs["llm_proxy_"]["totals"]["estimated_requests"] == 1

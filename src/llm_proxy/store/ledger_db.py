@@ -27,7 +27,7 @@ from ..types import UsageEvent
 T = TypeVar("T")
 
 # The newest migration shipped; when the database is already there, neither Alembic nor SQLAlchemy is loaded.
-HEAD_REVISION = "0002_usage_estimated"
+HEAD_REVISION = "0003_api_keys"
 
 # Lengths of the text columns (store/tables.py); longer values are cut before insert.
 ID_LEN = 128
