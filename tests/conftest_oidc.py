@@ -21,6 +21,8 @@ import pytest
 OP_DIR = Path(__file__).parent / "oidc"
 REALM = "konveyor"
 AUDIENCE = "konveyor-api"
+OPAQUE_RESOURCE = "urn:konveyor-opaque"  # tokens for it are opaque (checked by introspection)
+INTROSPECTOR = "llm-proxy-introspect"  # the resource server's client, allowed to introspect
 START_TIMEOUT = 30.0
 
 
@@ -123,6 +125,18 @@ class OpenIDProvider:
     def token_endpoint(self) -> str:
         return f"{self.issuer}/protocol/openid-connect/token"
 
+    @property
+    def introspection_endpoint(self) -> str:
+        return f"{self.token_endpoint}/introspect"
+
+    def revoke(self, token: str, client: str = "llm-cli") -> None:
+        """RFC 7009 revocation by the client the token was issued to."""
+        form = {"token": token, "client_id": client, "client_secret": f"{client}-secret"}
+        url = f"{self.issuer}/protocol/openid-connect/revoke"
+        req = urllib.request.Request(url, data=urllib.parse.urlencode(form).encode(), method="POST")
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 200
+
     def jwks(self) -> dict[str, Any]:
         with urllib.request.urlopen(self.jwks_uri, timeout=10) as resp:
             return dict(json.loads(resp.read()))
@@ -135,6 +149,7 @@ class OpenIDProvider:
         password: str | None = None,
         scope: str | None = None,
         host: str | None = None,
+        resource: str | None = None,
     ) -> str:
         """An access token: client_credentials, or the password grant when `user` is given. `host` picks the
         issuer the way Keycloak's frontend URL does (e.g. "localhost" for the external route)."""
@@ -145,6 +160,8 @@ class OpenIDProvider:
             form.update(grant_type="password", username=user, password=password or f"{user}-password")
         if scope:
             form["scope"] = scope
+        if resource:
+            form["resource"] = resource
         req = urllib.request.Request(self.token_endpoint, data=urllib.parse.urlencode(form).encode(), method="POST")
         if host is not None:
             req.add_header("Host", f"{host}:{self.port}")

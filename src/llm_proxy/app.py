@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -19,26 +20,59 @@ from .ports import Authenticator, UsageSink
 from .providers.base import Provider
 from .providers.http import UpstreamClient
 from .providers.registry import build_provider
+from .types import Principal
 from .web.routes import add_routes, gateway_middleware
 from .web.state import SERVICES, Services
+
+if TYPE_CHECKING:
+    from .auth.chain import BearerAuthenticator as BearerAuth
 
 log = logging.getLogger("llm_proxy")
 
 
 def build_authenticator(loaded: LoadedConfig) -> Authenticator:
     auth = loaded.settings.auth
-    mode = auth.mode
-    if mode == "none":
+    modes = auth.modes
+    if modes == ("none",):
         return NoAuth()
     admin_check = RulePolicy(auth.policy).is_admin
-    if mode == "oidc":
-        from .auth.oidc import OIDCAuthenticator
-
-        return OIDCAuthenticator(auth.oidc, cache_size=auth.token_cache_size, admin_check=admin_check)
-    if mode == "trusted_header":
+    if modes == ("trusted_header",):
         from .auth.trusted_header import TrustedHeaderAuthenticator
 
         return TrustedHeaderAuthenticator(auth.trusted_header, admin_check=admin_check)
+    members = [(mode, _bearer_authenticator(loaded, mode, admin_check)) for mode in modes]
+    if len(members) == 1:
+        return members[0][1]
+    from .auth.chain import ChainAuthenticator
+
+    return ChainAuthenticator(members)
+
+
+def _bearer_authenticator(loaded: LoadedConfig, mode: str, admin_check: Callable[[Principal], bool]) -> BearerAuth:
+    auth = loaded.settings.auth
+    if mode == "oidc":
+        from .auth.oidc import OIDCAuthenticator
+
+        return OIDCAuthenticator(
+            auth.oidc, cache_size=auth.token_cache_size, cache_seconds=auth.token_cache_seconds,
+            admin_check=admin_check,
+        )
+    if mode == "hub":
+        from .auth.hub import HubAuthenticator
+
+        return HubAuthenticator(
+            auth.hub, cache_size=auth.token_cache_size, cache_seconds=auth.token_cache_seconds,
+            admin_check=admin_check,
+        )
+    if mode == "introspection":
+        from .auth.introspection import IntrospectionAuthenticator
+
+        return IntrospectionAuthenticator(auth.introspection, admin_check=admin_check)
+    if mode == "api_keys":
+        from .auth.api_keys import ApiKeyAuthenticator
+
+        db = loaded.settings.database
+        return ApiKeyAuthenticator(auth.api_keys, db.url, table_prefix=db.table_prefix, migrate=db.auto_migrate)
     raise ValueError(f"auth mode '{mode}' is not available in this build")
 
 

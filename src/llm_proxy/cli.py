@@ -1,4 +1,4 @@
-"""Command line: serve | check-config | emulator | db upgrade | usage | --version (thin: parses, then calls)."""
+"""Command line: serve | check-config | emulator | db upgrade | usage | keys | --version (thin: parses, then calls)."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"{args.path}: OK ({loaded.source} format)")
     print(f"  providers: {', '.join(p.id + ' (' + p.type + ')' for p in loaded.settings.providers) or 'none'}")
     print(f"  models: {', '.join(m.id for m in loaded.settings.models) or 'none'}")
-    print(f"  auth: {loaded.settings.auth.mode}")
+    print(f"  auth: {loaded.settings.auth.mode_label}")
     for pid, reason in loaded.disabled_providers.items():
         print(f"  disabled provider {pid}: {reason}")
     for w in loaded.warnings:
@@ -238,10 +238,11 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
     from .store.db import upgrade_url
 
-    url = _load(args.config).settings.database.url
+    database = _load(args.config).settings.database
+    url = database.url
     shown = make_url(url).render_as_string(hide_password=True)
     try:
-        revision = asyncio.run(upgrade_url(url))
+        revision = asyncio.run(upgrade_url(url, table_prefix=database.table_prefix))
     except Exception as exc:
         print(f"llm-proxy db upgrade: {shown}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
@@ -262,7 +263,8 @@ def cmd_usage(args: argparse.Namespace) -> int:
         return 2
     try:
         doc = asyncio.run(
-            fetch_report(loaded.settings.database.url, since=since, until=until, group_by=group_by, subject=args.user)
+            fetch_report(loaded.settings.database.url, since=since, until=until, group_by=group_by, subject=args.user,
+                         table_prefix=loaded.settings.database.table_prefix)
         )
     except Exception as exc:
         print(f"llm-proxy usage: cannot read the usage database: {type(exc).__name__}: {exc}\n"
@@ -277,6 +279,92 @@ def cmd_usage(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(format_table(doc))
     return 0
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _expiry(raw: str | None) -> float | None:
+    """`--expires`: a duration from now (90d, 12h, 30m, 2w) or an ISO date/datetime; None: never."""
+    if not raw or raw.lower() == "never":
+        return None
+    import time
+    from datetime import UTC, datetime
+
+    unit = _DURATION_UNITS.get(raw[-1:].lower())
+    if unit is not None and raw[:-1].isdigit() and int(raw[:-1]) > 0:
+        return time.time() + int(raw[:-1]) * unit
+    try:
+        when = datetime.fromisoformat(raw)
+    except ValueError:
+        raise ValueError(f"--expires '{raw}': give a duration such as 90d, 12h, 30m or an ISO date") from None
+    when = when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+    if when.timestamp() <= time.time():
+        raise ValueError(f"--expires '{raw}' is in the past")
+    return when.timestamp()
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """`keys create | list | revoke`: service API keys in the ledger database (migrated first)."""
+    from .store.api_keys import KEY_PREFIX, ApiKeyStore
+    from .store.db import upgrade_url
+
+    database = _load(args.config).settings.database
+    url = database.url
+    try:
+        expires = _expiry(getattr(args, "expires", None))
+    except ValueError as exc:
+        print(f"llm-proxy keys: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        await upgrade_url(url, table_prefix=database.table_prefix)
+        store = ApiKeyStore(url, table_prefix=database.table_prefix)
+        try:
+            if args.keys_command == "create":
+                models = [m.strip() for m in args.models.split(",") if m.strip()]
+                if not models:
+                    print("llm-proxy keys create: --models names no model", file=sys.stderr)
+                    return 2
+                key, rec = await store.create(args.name, models, expires)
+                print(f"created API key {rec.id} ({rec.name}) for models {', '.join(rec.models)}; "
+                      f"expires {_when(rec.expires_at)}. It is shown only now:", file=sys.stderr)
+                print(key)
+                return 0
+            if args.keys_command == "list":
+                records = await store.list()
+                if args.json:
+                    print(json.dumps([r.public() for r in records], indent=2))
+                    return 0
+                print(f"{'ID':<12}  {'NAME':<24}  {'CREATED':<25}  {'EXPIRES':<25}  {'REVOKED':<25}  MODELS")
+                for r in records:
+                    print(f"{r.id:<12}  {r.name:<24}  {_when(r.created_at):<25}  {_when(r.expires_at):<25}  "
+                          f"{_when(r.revoked_at):<25}  {','.join(r.models)}")
+                return 0
+            wanted = args.key_id
+            if wanted.startswith(KEY_PREFIX):  # the whole key given: its id is the part after the prefix
+                wanted = wanted[len(KEY_PREFIX):].split("_", 1)[0]
+            if await store.revoke(wanted):
+                print(f"revoked API key {wanted}")
+                return 0
+            print(f"llm-proxy keys revoke: no active API key with id '{wanted}'", file=sys.stderr)
+            return 1
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(run())
+    except Exception as exc:
+        print(f"llm-proxy keys: cannot use the database: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_client_config(args: argparse.Namespace) -> int:
@@ -357,6 +445,23 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--json", action="store_true", help="JSON output")
     fmt.add_argument("--csv", action="store_true", help="CSV output")
     p.set_defaults(func=cmd_usage)
+    p = sub.add_parser("keys", help="service API keys (stored hashed in the ledger database)")
+    keys_sub = p.add_subparsers(dest="keys_command", required=True)
+    q = keys_sub.add_parser("create", help="create a key and print it once")
+    q.add_argument("--config", required=True, help="config whose database.url holds the keys")
+    q.add_argument("--name", required=True, help="who or what uses the key (shown in usage reports)")
+    q.add_argument("--models", required=True, help="comma-separated model ids the key may use (globs: openai/*, *)")
+    q.add_argument("--expires", default=None, help="90d, 12h, 30m, 2w, an ISO date, or never (default)")
+    q.set_defaults(func=cmd_keys)
+    q = keys_sub.add_parser("list", help="list keys (never the keys themselves)")
+    q.add_argument("--config", required=True)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_keys)
+    q = keys_sub.add_parser("revoke", help="revoke a key by id (every replica stops accepting it within seconds)")
+    q.add_argument("--config", required=True)
+    q.add_argument("key_id", help="the key's id (from keys list), or the key itself")
+    q.set_defaults(func=cmd_keys)
+
     p = sub.add_parser("client-config", help="print the client config JSON (model, enabled) for the default model")
     p.add_argument("--config", required=True)
     p.set_defaults(func=cmd_client_config)

@@ -71,6 +71,18 @@ DEFAULT_BASE_URL: dict[str, str] = {
 }
 
 
+# OpenAI-compatible servers that read only `max_tokens` (llama.cpp, Ollama, older vLLM): a client's
+# `max_completion_tokens` is renamed for them unless the provider says otherwise (max_tokens_field).
+MAX_TOKENS_RENAMED_TYPES = frozenset({"vllm", "ollama", "openai_compat"})
+
+
+def max_tokens_field(settings: ProviderSettings) -> str:
+    """The provider's max_tokens_field, or its type's default."""
+    if settings.max_tokens_field is not None:
+        return settings.max_tokens_field
+    return "max_tokens" if settings.type in MAX_TOKENS_RENAMED_TYPES else "as_sent"
+
+
 def normalize_provider_type(raw: str) -> str | None:
     return PROVIDER_TYPE_ALIASES.get(raw.strip().lower())
 
@@ -132,6 +144,10 @@ class ProviderSettings(_Model):
     auth: Literal["api_key", "entra"] | None = None  # azure: "entra" sends the token as a bearer
     sampling_params: bool = False  # anthropic: forward temperature/top_p (newer models reject them)
     default_max_tokens: int | None = Field(default=None, ge=1)  # anthropic: when the client sets none
+    # OpenAI-compatible types: what a client's `max_completion_tokens` becomes upstream. `as_sent` passes it
+    # through; `max_tokens` renames it (llama.cpp, Ollama and vLLM before 0.6 ignore the new name and would
+    # not stop); `both` sends both names. Unset: `max_tokens` for vllm, ollama and openai_compat, else `as_sent`.
+    max_tokens_field: Literal["as_sent", "max_tokens", "both"] | None = None
 
 
 class RetrySettings(_Model):
@@ -230,19 +246,86 @@ class PolicySettings(_Model):
     default_allow_all_models: bool = True
 
 
+class RemoteTokenSettings(_Model):
+    """Common to the modes that ask a service about each (new) token: hub and introspection."""
+
+    cache_ttl: float = Field(60.0, gt=0)  # a token seen valid is trusted this long without asking again
+    negative_cache_ttl: float = Field(5.0, ge=0)  # a rejected token is rejected without asking for this long
+    cache_size: int = Field(10000, ge=1)
+    timeout: float = Field(5.0, gt=0)  # per call to the service
+    verify_tls: bool = True
+    tls_cafile: str | None = None
+
+
+class HubSettings(RemoteTokenSettings):
+    """Konveyor's Hub (tackle2-hub) in front: its own JWTs are verified locally (discovery at <url>/oidc),
+    any other bearer is resolved with GET <url>/auth/self."""
+
+    url: str | None = None  # the Hub's base URL, e.g. http://tackle-hub.konveyor-tackle.svc:8080
+    # More `iss` values to accept for the Hub's JWTs (the Hub names its issuer after the host it was reached
+    # on, so tokens issued through its external route carry that host); the discovered issuer is always accepted.
+    issuers: list[str] = Field(default_factory=list)
+    audiences: list[str] = Field(default_factory=list)  # empty: `aud` is not checked (the Hub sets its client ids)
+    algorithms: list[str] = Field(default_factory=lambda: list(DEFAULT_ALGORITHMS))
+    leeway_seconds: float = Field(30.0, ge=0)
+
+
+class IntrospectionSettings(RemoteTokenSettings):
+    """Opaque tokens checked by a service: RFC 7662 introspection (client credentials), an OIDC userinfo-style
+    GET with the bearer, or llama-stack's `custom` endpoint (POST {"api_key": ...})."""
+
+    kind: Literal["rfc7662", "userinfo", "custom"] = "rfc7662"
+    url: str | None = None
+    client_id: str | None = None  # rfc7662: the resource server's client credentials
+    client_secret: str | None = Field(default=None, repr=False)
+    client_auth: Literal["basic", "post"] = "basic"  # client_secret_basic or client_secret_post
+    token_type_hint: str | None = "access_token"
+    # Principal field -> dotted claim path(s) in the response, as auth.oidc.claims_mapping.
+    claims_mapping: dict[str, str] = Field(default_factory=dict)
+    issuer: str | None = None  # recorded as the principal's issuer (default: the URL's origin)
+
+
+class ApiKeySettings(_Model):
+    """Service API keys (`llm-proxy keys create`), stored hashed in the ledger database."""
+
+    refresh_seconds: float = Field(2.0, gt=0, le=5.0)  # poll for new and revoked keys (PostgreSQL: also NOTIFY)
+
+
+AuthMode = Literal["none", "oidc", "trusted_header", "hub", "introspection", "api_keys"]
+# Modes that judge a bearer token, and so can be combined in a list (tried in order, first match wins).
+BEARER_MODES: tuple[str, ...] = ("oidc", "hub", "introspection", "api_keys")
+
+
 class AuthSettings(_Model):
-    mode: Literal["none", "oidc", "trusted_header"] = "none"
+    # One mode, or several bearer modes in order (e.g. [api_keys, oidc, hub]): see docs/auth.md.
+    mode: AuthMode | list[AuthMode] = "none"
     allow_unauthenticated: bool = False
     oidc: OIDCSettings = Field(default_factory=OIDCSettings)
     trusted_header: TrustedHeaderSettings = Field(default_factory=TrustedHeaderSettings)
+    hub: HubSettings = Field(default_factory=HubSettings)
+    introspection: IntrospectionSettings = Field(default_factory=IntrospectionSettings)
+    api_keys: ApiKeySettings = Field(default_factory=ApiKeySettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
     token_cache_size: int = Field(10000, ge=0)
+    # A verified JWT is cached until its `exp`, but never longer than this (a token with an absurd `exp`).
+    token_cache_seconds: float = Field(300.0, gt=0)
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return tuple(self.mode) if isinstance(self.mode, list) else (self.mode,)
+
+    @property
+    def mode_label(self) -> str:
+        return ",".join(self.modes)
 
 
 class DatabaseSettings(_Model):
     url: str = "sqlite+aiosqlite:///./var/llm-proxy.db"
     # Run the ledger's migrations at startup (`llm-proxy db upgrade` does the same on demand).
     auto_migrate: bool = True
+    # Put before the name of every table (and index, and Alembic's version table) the proxy creates, so it
+    # can share a database: e.g. `llm_proxy_` gives llm_proxy_usage_events and llm_proxy_alembic_version.
+    table_prefix: str = Field("", pattern=r"^([a-z_][a-z0-9_]{0,23})?$")
 
 
 class UsageSettings(_Model):
@@ -380,7 +463,9 @@ def _sql_backend_url(backend: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _from_llama_stack(doc: dict[str, Any], warnings: list[str], notes: list[str]) -> dict[str, Any]:
+def _from_llama_stack(
+    doc: dict[str, Any], warnings: list[str], notes: list[str], auth_from_env: bool = False
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in doc:
         if key in _LS_IGNORED_TOP:
@@ -410,6 +495,14 @@ def _from_llama_stack(doc: dict[str, Any], warnings: list[str], notes: list[str]
                     cfg["region"] = cfg.pop("region_name")
                 if "api_base" in cfg and "base_url" not in cfg:
                     cfg["base_url"] = cfg.pop("api_base")
+                if "api_token" in cfg:  # remote::vllm's name for its key
+                    token = cfg.pop("api_token")
+                    if "api_key" not in cfg:
+                        cfg["api_key"] = token
+                    elif token is not None and cfg["api_key"] != token:
+                        warnings.append(
+                            f"providers.inference[{i}].config: both api_key and api_token are set; using api_key"
+                        )
                 for k in ("tls_verify",):
                     if k in cfg:
                         cfg["verify_tls"] = cfg.pop(k)
@@ -480,6 +573,8 @@ def _from_llama_stack(doc: dict[str, Any], warnings: list[str], notes: list[str]
     out["server"] = native_server
     if isinstance(auth_cfg, dict):
         out["auth"] = _ls_auth(auth_cfg, warnings)
+    elif auth_from_env:
+        pass  # LLM_PROXY_AUTH_MODE names the mode (the operator's run.yaml has no auth block): see _auth_env
     else:
         # llama-stack serves without authentication when server.auth is absent (the operator's later
         # topology puts an authenticating hub in front). Keep that behaviour for drop-in use, loudly.
@@ -506,6 +601,8 @@ def _from_llama_stack(doc: dict[str, Any], warnings: list[str], notes: list[str]
             url = _sql_backend_url(chosen)
             if url:
                 out["database"] = {"url": url}
+                if chosen.get("table_prefix"):
+                    out["database"]["table_prefix"] = chosen["table_prefix"]
             else:
                 warnings.append(f"storage backend type '{chosen.get('type')}' is not supported (ignored)")
     return out
@@ -533,8 +630,12 @@ def _ls_auth(auth_cfg: Mapping[str, Any], warnings: list[str]) -> dict[str, Any]
     if auth_cfg.get("access_policy"):
         warnings.append("server.auth.access_policy is not supported; use llm-proxy's auth.policy (ignored)")
     kind = pc.get("type")
+    if kind == "custom":
+        return _ls_custom_auth(pc, warnings)
     if kind != "oauth2_token":
-        warnings.append(f"server.auth.provider_config.type '{kind}' is not supported; only oauth2_token is")
+        warnings.append(
+            f"server.auth.provider_config.type '{kind}' is not supported; only oauth2_token and custom are"
+        )
         return {"mode": "oidc"}
     jwks = pc.get("jwks") or {}
     issuer: dict[str, Any] = {"issuer": pc.get("issuer")}
@@ -557,6 +658,50 @@ def _ls_auth(auth_cfg: Mapping[str, Any], warnings: list[str]) -> dict[str, Any]
         if k not in ("type", "jwks", "issuer", "audience", "verify_tls", "tls_cafile", "claims_mapping"):
             warnings.append(f"unknown key 'server.auth.provider_config.{k}' (ignored)")
     return {"mode": "oidc", "oidc": oidc}
+
+
+def _ls_custom_auth(pc: Mapping[str, Any], warnings: list[str]) -> dict[str, Any]:
+    """llama-stack's `custom` provider (an endpoint that validates the token) is introspection of kind custom."""
+    intro: dict[str, Any] = {"kind": "custom", "url": pc.get("endpoint")}
+    for k in pc:
+        if k not in ("type", "endpoint"):
+            warnings.append(f"unknown key 'server.auth.provider_config.{k}' (ignored)")
+    return {"mode": "introspection", "introspection": intro}
+
+
+# Environment variables that configure authentication whatever the config file says (Konveyor's operator
+# renders a run.yaml without an auth block; these on its Deployment switch hub mode on). See docs/konveyor.md.
+AUTH_MODE_ENV = "LLM_PROXY_AUTH_MODE"  # a mode or a comma-separated list: hub | api_keys,hub | ...
+HUB_URL_ENV = "LLM_PROXY_HUB_URL"
+HUB_CACHE_TTL_ENV = "LLM_PROXY_HUB_CACHE_TTL"
+HUB_ISSUERS_ENV = "LLM_PROXY_HUB_ISSUERS"  # comma-separated extra `iss` values of the Hub's JWTs
+
+
+def _auth_env(doc: dict[str, Any], env: Mapping[str, str], notes: list[str], problems: list[str]) -> None:
+    raw = {name: env.get(name, "").strip() for name in (AUTH_MODE_ENV, HUB_URL_ENV, HUB_CACHE_TTL_ENV,
+                                                         HUB_ISSUERS_ENV)}
+    if not any(raw.values()):
+        return
+    auth = doc.get("auth")
+    auth = dict(auth) if isinstance(auth, dict) else {}
+    if raw[AUTH_MODE_ENV]:
+        modes = [m.strip() for m in raw[AUTH_MODE_ENV].split(",") if m.strip()]
+        auth["mode"] = modes[0] if len(modes) == 1 else modes
+        notes.append(f"auth.mode is {','.join(modes)} (from {AUTH_MODE_ENV})")
+    hub = auth.get("hub")
+    hub = dict(hub) if isinstance(hub, dict) else {}
+    if raw[HUB_URL_ENV]:
+        hub["url"] = raw[HUB_URL_ENV]
+    if raw[HUB_CACHE_TTL_ENV]:
+        try:
+            hub["cache_ttl"] = float(raw[HUB_CACHE_TTL_ENV])
+        except ValueError:
+            problems.append(f"{HUB_CACHE_TTL_ENV}: '{raw[HUB_CACHE_TTL_ENV]}' is not a number of seconds")
+    if raw[HUB_ISSUERS_ENV]:
+        hub["issuers"] = [i.strip() for i in raw[HUB_ISSUERS_ENV].split(",") if i.strip()]
+    if hub:
+        auth["hub"] = hub
+    doc["auth"] = auth
 
 
 # --------------------------------------------------------------------------------------------------
@@ -623,7 +768,8 @@ def load_config_text(text: str, env: Mapping[str, str] | None = None, path: str 
     source = "native"
     if _is_llama_stack(doc):
         source = "llama-stack"
-        doc = _from_llama_stack(doc, warnings, notes)
+        doc = _from_llama_stack(doc, warnings, notes, auth_from_env=bool(env.get(AUTH_MODE_ENV, "").strip()))
+    _auth_env(doc, env, notes, problems)
 
     # Map unset variables to the provider they belong to: that provider is disabled, not fatal.
     disabled: dict[str, str] = {}
@@ -733,12 +879,47 @@ def _validate(settings: Settings, problems: list[str], disabled: dict[str, str],
         problems.append(f"default_model '{settings.default_model}' is not a configured model id")
 
     auth = settings.auth
+    _validate_auth(auth, problems)
+    if settings.database.url and "://" not in settings.database.url:
+        problems.append(f"database.url: '{settings.database.url}' is not a database URL")
+
+
+def _validate_auth(auth: AuthSettings, problems: list[str]) -> None:
+    modes = auth.modes
+    if not modes:
+        problems.append("auth.mode: the list of modes is empty")
+    if len(modes) > 1:
+        if len(set(modes)) != len(modes):
+            problems.append(f"auth.mode: {list(modes)} names a mode twice")
+        other = [m for m in modes if m not in BEARER_MODES]
+        if other:
+            problems.append(
+                f"auth.mode: {other} cannot be combined with other modes; a list may hold {', '.join(BEARER_MODES)}"
+            )
     if auth.mode == "none" and not auth.allow_unauthenticated:
         problems.append(
             "auth.mode is 'none' but auth.allow_unauthenticated is not true; "
             "set auth.mode to oidc or trusted_header, or allow unauthenticated access explicitly"
         )
-    if auth.mode == "oidc":
+    if "hub" in modes:
+        if not auth.hub.url:
+            problems.append(f"auth.hub.url: the Hub's base URL is required for mode hub (or set {HUB_URL_ENV})")
+        _check_url(auth.hub.url, "auth.hub.url", problems)
+        for i, alias in enumerate(auth.hub.issuers):
+            _check_url(alias, f"auth.hub.issuers[{i}]", problems)
+    if "introspection" in modes:
+        it = auth.introspection
+        if not it.url:
+            problems.append("auth.introspection.url: the endpoint is required for mode introspection")
+        _check_url(it.url, "auth.introspection.url", problems)
+        if it.kind == "rfc7662" and not (it.client_id and it.client_secret):
+            problems.append(
+                "auth.introspection: kind rfc7662 needs client_id and client_secret (the resource server's)"
+            )
+    for name, tls in (("hub", auth.hub), ("introspection", auth.introspection)):
+        if name in modes and tls.tls_cafile and not Path(tls.tls_cafile).is_file():
+            problems.append(f"auth.{name}.tls_cafile: file '{tls.tls_cafile}' does not exist")
+    if "oidc" in modes:
         if not auth.oidc.issuers:
             problems.append("auth.oidc.issuers: at least one trusted issuer is required for mode oidc")
         for i, iss in enumerate(auth.oidc.issuers):
@@ -755,8 +936,6 @@ def _validate(settings: Settings, problems: list[str], disabled: dict[str, str],
         th = auth.trusted_header
         if not th.secret and not th.trusted_networks:
             problems.append("auth.trusted_header: set a shared secret or trusted_networks (or both)")
-    if settings.database.url and "://" not in settings.database.url:
-        problems.append(f"database.url: '{settings.database.url}' is not a database URL")
 
 
 def _validate_deployments(i: int, m: ModelSettings, providers: set[str], problems: list[str]) -> None:

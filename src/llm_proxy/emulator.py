@@ -57,6 +57,7 @@ _ITEM_KEYS = frozenset(
         "disconnect_after_chunks",
         "truncate_body",
         "model",
+        "no_usage",
     }
 )
 _ERROR_KEYS = frozenset({"status", "message", "type", "code", "param", "headers"})
@@ -118,6 +119,8 @@ class ScriptItem:
     disconnect_after_chunks: int | None = None
     truncate_body: bool = False
     model: str | None = None
+    # Like llama.cpp and other servers without `stream_options`: no usage object, streamed or not.
+    no_usage: bool = False
 
     @property
     def has_reply(self) -> bool:
@@ -238,6 +241,7 @@ def parse_item(raw: Any, where: str = "item") -> ScriptItem:
         hang=_opt_bool(raw, "hang", where),
         disconnect_after_chunks=_opt_int(raw, "disconnect_after_chunks", where, 0),
         truncate_body=_opt_bool(raw, "truncate_body", where),
+        no_usage=_opt_bool(raw, "no_usage", where),
         model=_opt_str(raw, "model", where),
     )
 
@@ -552,7 +556,9 @@ def _usage(prompt: int, completion: int, override: Mapping[str, Any] | None) -> 
     return usage
 
 
-def _include_usage(body: Mapping[str, Any]) -> bool:
+def _include_usage(body: Mapping[str, Any], item: ScriptItem | None) -> bool:
+    if item is not None and item.no_usage:
+        return False
     options = body.get("stream_options")
     return isinstance(options, Mapping) and options.get("include_usage") is True
 
@@ -602,18 +608,18 @@ def _chat_answer(body: Mapping[str, Any], model: str, item: ScriptItem | None) -
                 {"id": tid, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
                 for tid, call in zip(call_ids, tool_calls, strict=True)
             ]
-        return _Answer(
-            body={
-                "id": cid,
-                "object": "chat.completion",
-                "created": created,
-                "model": model,
-                "choices": [{"index": 0, "message": reply, "logprobs": None, "finish_reason": finish_reason}],
-                "usage": usage,
-            }
-        )
+        answer: dict[str, Any] = {
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "message": reply, "logprobs": None, "finish_reason": finish_reason}],
+        }
+        if not (item and item.no_usage):
+            answer["usage"] = usage
+        return _Answer(body=answer)
 
-    include_usage = _include_usage(body)
+    include_usage = _include_usage(body, item)
     chunks = item.chunks if item else None
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
@@ -697,10 +703,11 @@ def _completion_answer(body: Mapping[str, Any], model: str, item: ScriptItem | N
 
     if not body.get("stream"):
         data = payload(text, finish_reason)
-        data["usage"] = usage
+        if not (item and item.no_usage):
+            data["usage"] = usage
         return _Answer(body=data)
 
-    include_usage = _include_usage(body)
+    include_usage = _include_usage(body, item)
     chunks = item.chunks if item else None
 
     def event(choice_text: str, finish: str | None) -> bytes:

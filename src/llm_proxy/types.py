@@ -19,6 +19,7 @@ class Principal:
     issuer: str | None = None
     auth_method: str = "none"
     is_admin: bool = False
+    models: tuple[str, ...] | None = None  # a service API key's model scope (globs); None: the policy decides
 
 
 ANONYMOUS = Principal(subject="anonymous", username="anonymous", auth_method="none")
@@ -26,12 +27,14 @@ ANONYMOUS = Principal(subject="anonymous", username="anonymous", auth_method="no
 
 @dataclass(slots=True)
 class Usage:
-    """Token counts as reported by the upstream (never computed by tokenizing)."""
+    """Token counts as reported by the upstream, or estimated by core/usage_estimate.py when it reported none
+    (`estimated`)."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
     cached_tokens: int | None = None
+    estimated: bool = False
 
     @classmethod
     def from_openai(cls, data: Any) -> Usage | None:
@@ -82,3 +85,5 @@ class UsageEvent:
     upstream_latency_ms: float | None = None
     attempts: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
+    # New fields go at the end only (the journal's lines are positional: store/ledger_db.py:JOURNAL_FIELDS).
+    usage_estimated: bool = False  # the token counts are estimates (the upstream reported none)

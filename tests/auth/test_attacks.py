@@ -233,6 +233,14 @@ def test_two_authorization_headers(oidc_proxy: ProxyServer, oidc_provider: OpenI
     rejected(reply, "more than one Authorization header", token)
 
 
+@pytest.mark.parametrize("value", ["Bearer {t} {t}", "Bearer {t},Bearer {t}", "Bearer {t}, {t}", "Bearer {t}\t{t}"])
+def test_two_tokens_in_one_header(oidc_proxy: ProxyServer, oidc_provider: OpenIDProvider, value: str) -> None:
+    token = op_token(oidc_provider)
+    reply = request(oidc_proxy, [("Authorization", value.format(t=token))])
+    rejected(reply, "more than one token", token)
+    assert "JWE" not in reply.error["message"]
+
+
 @pytest.mark.parametrize(
     ("token", "reason"),
     [

@@ -147,6 +147,31 @@ async def test_verified_tokens_are_cached_by_hash_until_exp(
     assert len(auth._cache) == 2
 
 
+async def test_a_token_with_an_absurd_exp_is_cached_for_token_cache_seconds_only(
+    local_idp: LocalIdP, make: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local_idp.realm("cache-cap")
+    clock = FakeClock()
+    auth = await make(settings(local_idp.issuer("cache-cap")), clock=clock, cache_seconds=300)
+    calls = 0
+    verify = auth._verify
+
+    async def counting(token: str, now: float) -> Any:
+        nonlocal calls
+        calls += 1
+        return await verify(token, now)
+
+    monkeypatch.setattr(auth, "_verify", counting)
+    token = local_idp.sign("cache-cap", exp=int(clock.now) + 100 * 365 * 86400)
+    await auth.authenticate(hdr(token), None)
+    clock.now += 299
+    await auth.authenticate(hdr(token), None)
+    assert calls == 1
+    clock.now += 2  # 301 s after the first verification: verified again, not trusted until the year 2126
+    await auth.authenticate(hdr(token), None)
+    assert calls == 2
+
+
 async def test_cached_token_dies_with_its_key(local_idp: LocalIdP, make: Callable[..., Any]) -> None:
     realm = local_idp.realm("retire")
     auth = await make(settings(local_idp.issuer("retire"), min_refresh_interval=0))

@@ -13,7 +13,7 @@ from llm_proxy.errors import Unauthorized
 from ..conftest import Emulator
 from ..helpers import ProxyServer, native_config
 from .conftest import POLICY
-from .util import request
+from .util import proxy_config, request
 
 SECRET = "s3cr3t-from-the-oauth2-proxy-sidecar"
 ALICE = [("X-Forwarded-User", "alice-id"), ("X-Forwarded-Preferred-Username", "alice"),
@@ -22,19 +22,7 @@ ALICE = [("X-Forwarded-User", "alice-id"), ("X-Forwarded-Preferred-Username", "a
 
 
 def config(emulator_url: str, trusted: str) -> str:
-    return f"""
-server: {{drain_delay_seconds: 0, shutdown_grace_seconds: 2}}
-providers:
-  - {{id: openai, type: openai, base_url: {emulator_url}, api_key: sk-upstream-secret-0123456789}}
-models:
-  - {{id: openai/gpt-4o, provider: openai, upstream_model: gpt-4o}}
-  - {{id: openai/gpt-4o-mini, provider: openai, upstream_model: gpt-4o-mini}}
-auth:
-  mode: trusted_header
-  trusted_header:
-{trusted}
-{POLICY}
-"""
+    return proxy_config(emulator_url, f"auth:\n  mode: trusted_header\n  trusted_header:\n{trusted}\n{POLICY}")
 
 
 @pytest.fixture(scope="module")

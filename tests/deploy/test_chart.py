@@ -66,6 +66,14 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "trustedHeader": {"secretEnv": "TRUSTED_HEADER_SECRET", "trustedNetworks": ["10.0.0.0/8"]},
         },
     },
+    "auth-hub": {
+        "auth": {
+            "mode": "hub",
+            "hub": {"url": "http://tackle-hub.konveyor-tackle.svc:8080", "issuers": ["https://konveyor.example.com/oidc"]},
+            "apiKeys": True,
+        },
+        "database": {"existingSecret": {"name": "llm-proxy-db", "key": "url"}},
+    },
     "external-postgres": {
         "database": {"existingSecret": {"name": "llm-proxy-db", "key": "url"}},
         "redis": {"existingSecret": {"name": "llm-proxy-redis", "key": "url"}},
@@ -533,6 +541,24 @@ def test_config_yaml_trusted_header(chart):
     }
 
 
+def test_config_yaml_and_env_for_hub(chart):
+    objs = objects(chart, VALUE_SETS["auth-hub"])
+    assert proxy_config(objs)["auth"] == {"mode": ["api_keys", "hub"], "allow_unauthenticated": False}
+    env = env_map(proxy_container(objs))
+    assert {k: v for k, v in env.items() if k.startswith("LLM_PROXY_")} == _CHECK_ENV["auth-hub"]
+    plain = env_map(proxy_container(objects(chart, {"auth": {"mode": "hub", "hub": {"url": "http://hub:8080"}}})))
+    assert (plain["LLM_PROXY_AUTH_MODE"], plain["LLM_PROXY_HUB_URL"]) == ("hub", "http://hub:8080")
+    assert "LLM_PROXY_HUB_ISSUERS" not in plain
+    assert not any(k.startswith("LLM_PROXY_HUB") for k in env_map(proxy_container(objects(chart))))
+
+
+def test_hub_mode_needs_a_url_and_api_keys_an_authenticating_mode(chart):
+    with pytest.raises(helm.HelmValuesError):
+        chart.render({"auth": {"mode": "hub"}}, name="llm-proxy")
+    with pytest.raises(helm.HelmRenderError, match="apiKeys"):
+        chart.render({"auth": {"mode": "none", "apiKeys": True}}, name="llm-proxy")
+
+
 def test_config_yaml_providers_settings_and_extra_config(chart):
     objs = objects(chart, VALUE_SETS["scaled-exposed"])
     config = proxy_config(objs)
@@ -579,6 +605,9 @@ def test_client_configmap(chart):
 
 _CHECK_ENV = {
     "auth-trusted-header": {"TRUSTED_HEADER_SECRET": "not-a-real-secret"},
+    # what the chart sets on the Deployment (test_config_yaml_and_env_for_hub checks it does)
+    "auth-hub": {"LLM_PROXY_AUTH_MODE": "api_keys,hub", "LLM_PROXY_HUB_URL": "http://tackle-hub.konveyor-tackle.svc:8080",
+                 "LLM_PROXY_HUB_ISSUERS": "https://konveyor.example.com/oidc", "LLM_PROXY_HUB_CACHE_TTL": "60"},
 }
 
 

@@ -2,7 +2,9 @@
 //
 //   node op.mjs [--port 0] [--realm konveyor] [--host 127.0.0.1]
 //
-// Serves /realms/<realm>/.well-known/openid-configuration, .../protocol/openid-connect/{token,certs}.
+// Serves /realms/<realm>/.well-known/openid-configuration, .../protocol/openid-connect/{token,certs},
+// .../token/introspect (RFC 7662, for the resource server client llm-proxy-introspect) and .../revoke.
+// Tokens requested with resource=urn:konveyor-opaque are opaque instead of JWTs.
 // The issuer follows the Host header the way Keycloak's frontend URL does: a request for
 // 127.0.0.1:<port> gets issuer http://127.0.0.1:<port>/realms/<realm>, one for localhost:<port> gets
 // http://localhost:<port>/realms/<realm> (same realm, same keys: "internal URL and external route").
@@ -27,6 +29,10 @@ const REALM = args.realm;
 const PREFIX = `/realms/${REALM}`;
 const AUDIENCE = 'konveyor-api';
 const RESOURCE = 'urn:konveyor-api'; // resource indicators must be absolute URIs; `aud` is AUDIENCE
+// Tokens for this resource are opaque (not JWTs): the proxy checks them by RFC 7662 introspection.
+const OPAQUE_RESOURCE = 'urn:konveyor-opaque';
+// The resource server's own client: the only one allowed to introspect tokens.
+const INTROSPECTOR = 'llm-proxy-introspect';
 const API_SCOPES = 'openid profile email models:read models:write';
 
 // ---- users and clients of the realm ---------------------------------------------------------------
@@ -73,6 +79,14 @@ const clients = Object.keys(CLIENT_ROLES).map((clientId) => ({
   token_endpoint_auth_method: 'client_secret_post',
   scope: API_SCOPES,
 }));
+clients.push({
+  client_id: INTROSPECTOR,
+  client_secret: `${INTROSPECTOR}-secret`,
+  grant_types: [],
+  response_types: [],
+  redirect_uris: [],
+  token_endpoint_auth_method: 'client_secret_basic',
+});
 
 // ---- keys: fresh at every start ------------------------------------------------------------------
 
@@ -96,6 +110,9 @@ function tokenAlg(client) {
 }
 
 function getResourceServerInfo(_ctx, resource, client) {
+  if (resource === OPAQUE_RESOURCE) {
+    return { scope: API_SCOPES, audience: 'konveyor-opaque', accessTokenTTL: 300, accessTokenFormat: 'opaque' };
+  }
   if (resource !== RESOURCE) {
     throw new errors.InvalidTarget(`unknown resource ${resource}`);
   }
@@ -133,6 +150,8 @@ function configuration() {
       token: '/protocol/openid-connect/token',
       jwks: '/protocol/openid-connect/certs',
       userinfo: '/protocol/openid-connect/userinfo',
+      introspection: '/protocol/openid-connect/token/introspect',
+      revocation: '/protocol/openid-connect/revoke',
       authorization: '/protocol/openid-connect/auth',
       end_session: '/protocol/openid-connect/logout',
     },
@@ -141,8 +160,12 @@ function configuration() {
     features: {
       devInteractions: { enabled: false },
       clientCredentials: { enabled: true },
-      introspection: { enabled: false },
-      revocation: { enabled: false },
+      introspection: {
+        enabled: true,
+        // Only the resource server may read introspection answers (the others get {"active": false}).
+        allowedPolicy: async (_ctx, client) => client.clientId === INTROSPECTOR,
+      },
+      revocation: { enabled: true },
       resourceIndicators: {
         enabled: true,
         defaultResource: () => RESOURCE,
@@ -202,16 +225,21 @@ async function passwordGrant(ctx) {
   const wantedScopes = new Set(String(params.scope || 'openid profile email models:read').split(' '));
   const allowed = new Set(API_SCOPES.split(' '));
   const scope = [...wantedScopes].filter((s) => allowed.has(s)).join(' ');
-  const info = getResourceServerInfo(ctx, RESOURCE, client);
 
+  const resource = params.resource === OPAQUE_RESOURCE ? OPAQUE_RESOURCE : RESOURCE;
+  const info = getResourceServerInfo(ctx, resource, client);
+  // A stored grant, so that introspection (which looks the grant up) sees the token as active.
+  const grant = new provider.Grant({ accountId: user.sub, clientId: client.clientId });
+  grant.addResourceScope(resource, scope);
+  const grantId = await grant.save();
   const token = new provider.AccessToken({
     accountId: user.sub,
     client,
     gty: 'password',
-    grantId: crypto.randomUUID(),
+    grantId,
     scope,
   });
-  token.resourceServer = new provider.ResourceServer(RESOURCE, info);
+  token.resourceServer = new provider.ResourceServer(resource, info);
   ctx.oidc.entity('AccessToken', token);
   const value = await token.save();
   ctx.body = {
@@ -226,7 +254,7 @@ function makeProvider(issuer) {
   // Each Provider instance gets its own copy of the configuration (oidc-provider consumes parts of it).
   const provider = new Provider(issuer, { ...configuration(), jwks: structuredClone(jwks) });
   provider.proxy = false;
-  provider.registerGrantType('password', passwordGrant, ['username', 'password', 'scope']);
+  provider.registerGrantType('password', passwordGrant, ['username', 'password', 'scope', 'resource']);
   provider.on('server_error', (_ctx, err) => {
     process.stderr.write(`op server_error: ${err.stack}\n`);
   });

@@ -265,7 +265,8 @@ async def test_cli_usage_report(proxy: ProxyServer, emulator: Emulator, db_url: 
     table = capsys.readouterr().out
     lines = table.splitlines()
     assert lines[0].split() == ["USER", "USERNAME", "MODEL", "REQUESTS", "ERRORS", "PROMPT_TOKENS",
-                                "COMPLETION_TOKENS", "TOTAL_TOKENS", "CACHED_TOKENS", "AVG_LATENCY_MS", "AVG_TTFT_MS"]
+                                "COMPLETION_TOKENS", "TOTAL_TOKENS", "CACHED_TOKENS", "ESTIMATED_REQUESTS",
+                                "REQUESTS_WITHOUT_TOKENS", "AVG_LATENCY_MS", "AVG_TTFT_MS"]
     (hal_line,) = [x for x in lines if x.startswith("hal ")]
     assert hal_line.split()[:4] == ["hal", "hal@example.com", "openai/gpt-4o", "2"]
     assert any(x.startswith("TOTAL") for x in lines)

@@ -12,11 +12,10 @@ from sqlalchemy import text
 
 from llm_proxy.cli import main
 from llm_proxy.store.db import create_engine, upgrade, upgrade_url
+from llm_proxy.store.ledger_db import HEAD_REVISION as HEAD
 from llm_proxy.store.repos import table_names
 
 from .dbutil import create_pg_database, drop_pg_database, pg_available, pg_url
-
-HEAD = "0001_usage_ledger"
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -47,7 +46,7 @@ async def test_postgres_from_empty_idempotent_and_concurrent(pg_name: str) -> No
     # three processes' worth of concurrent upgrades: the advisory lock serialises them
     assert await asyncio.gather(*(upgrade_url(url) for _ in range(3))) == [HEAD] * 3
     names, rev = await _tables(url)
-    assert {"usage_events", "stored_completions", "alembic_version"} <= names
+    assert {"usage_events", "stored_completions", "api_keys", "alembic_version"} <= names
     assert rev == HEAD
     assert await upgrade_url(url) == HEAD  # again: nothing to do
 

@@ -162,6 +162,39 @@ class Fetcher:
             raise FetchError(f"{url} did not return JSON") from None
 
 
+    async def call(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        data: Mapping[str, str] | None = None,
+        json: Any = None,
+        seconds: float | None = None,
+    ) -> tuple[int, Any]:
+        """One call that carries a credential (a token check): never follows redirects (the token would go
+        along). Returns (status, parsed JSON body or None)."""
+        await self.start()
+        assert self._session is not None
+        kw: dict[str, Any] = {"allow_redirects": False}
+        if seconds is not None:
+            kw["timeout"] = aiohttp.ClientTimeout(total=seconds, connect=min(seconds, 5.0))
+        async with self._session.request(method, url, headers=headers, data=data, json=json, **kw) as resp:
+            body = await resp.content.read(MAX_DOCUMENT_BYTES + 1)
+            status = resp.status
+        if len(body) > MAX_DOCUMENT_BYTES:
+            raise FetchError(f"the answer from {url} is larger than {MAX_DOCUMENT_BYTES} bytes")
+        try:
+            return status, orjson.loads(body) if body else None
+        except orjson.JSONDecodeError:
+            return status, None
+
+
+def describe_error(exc: BaseException) -> str:
+    """A fetch failure in one line that is safe to log and report (no token, no body)."""
+    return _describe(exc)
+
+
 class FetchError(Exception):
     """Discovery or JWKS could not be fetched or understood; the message is safe to log and report."""
 
@@ -197,6 +230,7 @@ class KeySource:
     clock: Clock = time.time
     jwks_uri: str | None = None
     discovery_issuer: str | None = None
+    discovered_issuer: str | None = None  # the `issuer` the discovery document names
     keys: list[SigningKey] = field(default_factory=list)
     fetched_at: float | None = None  # last successful fetch (clock time)
     last_attempt: float | None = None
@@ -302,6 +336,8 @@ class KeySource:
             )
         self.jwks_uri = uri
         self.name = str(uri)
+        found = doc.get("issuer")
+        self.discovered_issuer = found if isinstance(found, str) and found else None
 
     # ---- background ------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -33,6 +33,7 @@ MAX_TOKEN_BYTES = 16 * 1024
 KEY_WAIT_SECONDS = 5.0
 START_WAIT_SECONDS = 5.0
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+_JWE_RE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]*){4}")
 _SAFE_ALG = re.compile(r"[A-Za-z0-9+-]{1,16}")
 # Keycloak's own token kinds, in its payload `typ`: only access tokens ("Bearer") may call the API.
 _NOT_ACCESS_TOKENS = frozenset({"ID", "Refresh", "Logout", "Offline"})
@@ -63,6 +64,9 @@ def bearer_token(headers: Mapping[str, str]) -> str:
     token = token.strip()
     if not token:
         raise _reject("the Authorization header carries no token")
+    if " " in token or "," in token or "\t" in token:
+        raise Unauthorized("Invalid request: the Authorization header carries more than one token", headers={
+            "WWW-Authenticate": 'Bearer error="invalid_request"'})
     if len(token.encode("utf-8", "surrogatepass")) > MAX_TOKEN_BYTES:
         raise _reject(f"token is larger than {MAX_TOKEN_BYTES} bytes")
     return token
@@ -116,15 +120,24 @@ class _Cached:
 class OIDCAuthenticator:
     """Authenticates `Authorization: Bearer <JWT>` against one or more trusted issuers."""
 
+    mode = "oidc"
+
     def __init__(
         self,
         settings: OIDCSettings,
         *,
         cache_size: int = 10000,
+        cache_seconds: float = 300.0,
         admin_check: Callable[[Principal], bool] | None = None,
         clock: Clock = time.time,
+        auth_method: str = "oidc",
+        audience_optional: bool = False,
+        issuer_aliases: Sequence[str] = (),
     ) -> None:
         self._clock = clock
+        self._cache_seconds = cache_seconds
+        self._auth_method = auth_method
+        self._audience_optional = audience_optional
         self._admin_check = admin_check
         self._cache: OrderedDict[bytes, _Cached] = OrderedDict()
         self._cache_size = cache_size
@@ -159,6 +172,8 @@ class OIDCAuthenticator:
                 source,
                 ClaimsMapper(settings.claims_mapping, client_ids),
             )
+        # More `iss` values for the (single) issuer configured: the Hub's JWTs name the host they came through.
+        self._aliases = frozenset(issuer_aliases)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 
@@ -207,28 +222,73 @@ class OIDCAuthenticator:
     # ---- authentication ----------------------------------------------------------------------------
 
     async def authenticate(self, headers: Mapping[str, str], peer: str | None) -> Principal:
-        token = bearer_token(headers)
+        return await self.authenticate_token(bearer_token(headers))
+
+    def owns(self, token: str) -> bool:
+        """Whether this token is this authenticator's to judge (in a list of modes): a JWT whose `iss` (read
+        before any verification) is a trusted issuer. Its verdict is then final."""
+        if not _TOKEN_RE.fullmatch(token):
+            return False
+        try:
+            iss = _b64json(token.split(".", 2)[1], "payload").get("iss")
+        except Unauthorized:
+            return False
+        return isinstance(iss, str) and self._issuer(iss) is not None
+
+    def _issuer(self, iss: str) -> _Issuer | None:
+        issuer = self._issuers.get(iss)
+        if issuer is None and self._issuers:
+            if iss in self._aliases:
+                return next(iter(self._issuers.values()))
+            for state in self._issuers.values():
+                if state.source.discovered_issuer == iss:
+                    return state
+        return issuer
+
+    async def authenticate_token(self, token: str) -> Principal:
         digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
         now = self._clock()
+        return self._cached(digest, now) or await self._verify_and_cache(token, digest, now)
+
+    async def authenticate_if_mine(self, token: str) -> Principal | None:
+        """In a list of modes: the principal, or None when the token is not this mode's (see owns())."""
+        if token.count(".") != 2:
+            return None  # not a JWS at all (an API key, a Hub personal access token): no hashing, no parsing
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        now = self._clock()
+        hit = self._cached(digest, now)
+        if hit is not None:
+            return hit
+        if not self.owns(token):
+            return None
+        return await self._verify_and_cache(token, digest, now)
+
+    def _cached(self, digest: bytes, now: float) -> Principal | None:
         hit = self._cache.get(digest)
         if hit is not None:
             if now < hit.expires and not hit.key.retired and hit.source.usable(now):
                 self._cache.move_to_end(digest)
                 return hit.principal
             del self._cache[digest]
+        return None
+
+    async def _verify_and_cache(self, token: str, digest: bytes, now: float) -> Principal:
         try:
             principal, expires, key, source = await self._verify(token, now)
         except Unauthorized as exc:
             log.info("bearer token rejected: %s", exc.message)
             raise
         if self._cache_size > 0 and expires > now:
+            # Cached until `exp`, but not beyond token_cache_seconds: a token minted with an absurd expiry
+            # is verified again (and its key's retirement noticed) like any other.
+            expires = min(expires, now + self._cache_seconds)
             self._cache[digest] = _Cached(principal, expires, key, source)
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return principal
 
     async def _verify(self, token: str, now: float) -> tuple[Principal, float, SigningKey, KeySource]:
-        if token.count(".") == 4:
+        if _JWE_RE.fullmatch(token):
             raise _reject("encrypted tokens (JWE) are not supported")
         if not _TOKEN_RE.fullmatch(token):
             raise _reject("malformed token (expected a signed JWT: header.payload.signature)")
@@ -254,7 +314,7 @@ class OIDCAuthenticator:
         iss = claims.get("iss")
         if not isinstance(iss, str) or not iss:
             raise _reject("token has no issuer ('iss')")
-        issuer = self._issuers.get(iss)
+        issuer = self._issuer(iss)
         if issuer is None:
             log.warning(
                 "token issuer %r is not trusted; trusted issuers: %s", iss[:256], list(self._issuers),
@@ -266,7 +326,7 @@ class OIDCAuthenticator:
 
         key = await self._check_signature(issuer.source, kid, alg, f"{h64}.{p64}".encode("ascii"), s64, now)
         expires = self._check_claims(issuer, claims, now)
-        principal = issuer.mapper.principal(claims, issuer=iss, auth_method="oidc")
+        principal = issuer.mapper.principal(claims, issuer=iss, auth_method=self._auth_method)
         if principal is None:
             raise _reject("token has no subject")
         if self._admin_check is not None and self._admin_check(principal):
@@ -339,7 +399,9 @@ class OIDCAuthenticator:
             auds = [a for a in aud if isinstance(a, str)]
         else:
             auds = []
-        if not issuer.audiences.intersection(auds):
+        if not issuer.audiences and self._audience_optional:
+            pass  # hub mode: the Hub sets `aud` to its own client ids
+        elif not issuer.audiences.intersection(auds):
             azp = claims.get("azp")
             if not (issuer.settings.accept_azp and isinstance(azp, str) and azp in issuer.audiences):
                 raise _reject("audience ('aud') is not accepted")

@@ -29,6 +29,9 @@ class RulePolicy:
         self._cache: dict[tuple[Principal, str], bool] = {}
 
     def may_use(self, principal: Principal, model_id: str) -> bool:
+        scope = principal.models
+        if scope is not None:  # a service API key: the models it was created for, whatever the rules say
+            return any(fnmatchcase(model_id, g) for g in scope)
         if self._default_all:
             return True
         key = (principal, model_id)
@@ -44,4 +47,6 @@ class RulePolicy:
         return ok
 
     def is_admin(self, principal: Principal) -> bool:
+        if principal.models is not None:
+            return False  # a service API key sees only its own usage, whatever the rules say
         return principal.is_admin or any(r.admin and _matches(r, principal) for r in self._rules)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
+import os
 import time
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
@@ -15,9 +18,26 @@ from ..ingress.schema import VALIDATORS
 from ..ports import Policy
 from ..providers.base import Endpoint, Provider, StreamDecoder, Target
 from ..providers.http import UpstreamClient, UpstreamResponse
+from ..providers.sse import frame
 from ..types import Principal, Usage, UsageEvent
 from .resilience import ELSEWHERE, NEVER, Deployment, retry_after_seconds, retry_scope
 from .routing import Route, Router
+
+log = logging.getLogger("llm_proxy.gateway")
+
+
+_RID_PREFIX = "req_"
+_RID_PREFIX_LEN = len(_RID_PREFIX)
+_rid_stem = _RID_PREFIX + os.urandom(10).hex()
+_rid_counter = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """`req_` and 32 hex digits: unique per process (a random stem) and cheap (no syscall per request).
+
+    Upstreams get the 32 hex digits alone as their `x-request-id`: request-id middlewares that insist on a UUID
+    (llama-cpp-python's server answers any other value with an empty 400) take that form."""
+    return f"{_rid_stem}{next(_rid_counter):012x}"
 
 
 @dataclass(slots=True)
@@ -42,6 +62,7 @@ class RequestContext:
     upstream_ended: float | None = None
     attempts: int = 0
     recorded: bool = False  # the usage event was already handed to the ledger
+    client_request_id: str | None = None  # the caller's own id (x-client-request-id / x-request-id), checked
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_event(self) -> UsageEvent:
@@ -73,7 +94,77 @@ class RequestContext:
             upstream_latency_ms=up_ms,
             attempts=self.attempts,
             extra=self.extra,
+            usage_estimated=u.estimated if u else False,
         )
+
+
+# Frames a stream keeps for an estimate of its completion when the upstream reports no usage; past this the
+# count of the kept part is scaled by the bytes relayed in all.
+_KEEP_BYTES = 1 << 20
+# (provider id, upstream model) -> whether its last complete stream reported usage; bounded (passthrough
+# providers take model names from clients).
+_REPORTS_MAX = 4096
+
+
+class UsageEstimate:
+    """What a stream needs to estimate its usage if the upstream reports none (core/usage_estimate.py).
+
+    `keep`: whether the stream keeps (references to) its frames for that. An upstream whose last stream for this
+    model reported usage is trusted to again, so normal upstreams hold no frames; if one then does not, that
+    row has no counts (NULL, reported as such) and the next streams are estimated."""
+
+    __slots__ = ("body", "endpoint", "keep", "reports", "target", "want_usage")
+
+    def __init__(self, endpoint: str, body: dict[str, Any], target: Target, want_usage: bool,
+                 reports: dict[tuple[str, str], bool]) -> None:
+        self.endpoint = endpoint
+        self.body = body
+        self.target = target
+        self.want_usage = want_usage
+        self.reports = reports
+        self.keep = reports.get((target.provider_id, target.upstream_model)) is not True
+
+    def reported(self, yes: bool) -> None:
+        reports = self.reports
+        if len(reports) >= _REPORTS_MAX:
+            reports.clear()
+        reports[(self.target.provider_id, self.target.upstream_model)] = yes
+
+    async def stream_usage(self, frames: list[bytes], relayed: int, kept: int) -> tuple[Usage, bytes | None]:
+        """The estimated usage, and the usage chunk for a client that asked for one."""
+        from . import usage_estimate
+
+        texts, head = usage_estimate.stream_texts(frames)
+        prompt, framing = usage_estimate.prompt_texts(self.endpoint, self.body)
+        scale = relayed / kept if kept else 1.0
+        usage = await usage_estimate.estimate(self.target.upstream_model, prompt, framing, texts, scale)
+        if not self.want_usage:
+            return usage, None
+        chunk = {
+            "id": head.get("id", ""),
+            "object": head.get("object", "chat.completion.chunk"),
+            "created": head.get("created", int(time.time())),
+            "model": self.target.public_model,
+            "choices": [],
+            "usage": usage.to_openai(),
+        }
+        return usage, frame(orjson.dumps(chunk))
+
+
+async def _estimate_response(endpoint: str, body: dict[str, Any], model: str, out: bytes) -> tuple[bytes, Usage]:
+    """A non-streamed answer without `usage`: estimated, and added to the answer the client gets."""
+    from . import usage_estimate
+
+    data = orjson.loads(out)
+    prompt, framing = usage_estimate.prompt_texts(endpoint, body)
+    completion = usage_estimate.response_texts(data) if endpoint != "embeddings" else []
+    usage = await usage_estimate.estimate(model, prompt, framing if endpoint == "chat.completions" else 0,
+                                          completion)
+    if isinstance(data, dict):
+        data["usage"] = usage.to_openai() if endpoint != "embeddings" else {
+            "prompt_tokens": usage.prompt_tokens, "total_tokens": usage.total_tokens}
+        out = orjson.dumps(data)
+    return out, usage
 
 
 class StreamSession:
@@ -88,7 +179,8 @@ class StreamSession:
     (`upstream_stream_truncated`); so is an upstream that hangs up, unless what came had ended the answer.
     """
 
-    __slots__ = ("_chunks", "_ctx", "_decoder", "_dep", "_done", "_finished", "_pending", "_resp")
+    __slots__ = ("_chunks", "_ctx", "_decoder", "_dep", "_done", "_estimate", "_estimated", "_finished", "_kept",
+                 "_pending", "_relayed", "_resp", "_seen")
 
     def __init__(
         self,
@@ -99,6 +191,7 @@ class StreamSession:
         pending: list[bytes] | None = None,
         dep: Deployment | None = None,
         done: bool = False,
+        estimate: UsageEstimate | None = None,
     ) -> None:
         self._resp = resp
         self._decoder = decoder
@@ -108,17 +201,29 @@ class StreamSession:
         self._dep = dep  # tracked for least_busy and the circuit breaker (None: single deployment)
         self._done = done  # upstream ended and decoder closed during the pre-read
         self._finished = False
+        # The relayed frames (references, up to _KEEP_BYTES), for an estimate if no usage arrives.
+        self._estimate = estimate
+        self._estimated: Usage | None = None
+        self._seen: list[bytes] = []
+        self._kept = self._relayed = 0
 
     async def frames(self) -> AsyncGenerator[bytes, None]:
         ctx = self._ctx
         decoder = self._decoder
+        est = self._estimate
+        # Frames kept (references) for an estimate in case no usage arrives: only while the upstream is not
+        # known to report it (UsageEstimate.keep).
+        seen = self._seen if est is not None and est.keep else None
         clean = failed = False
         try:
             # Frames decoded from one upstream read go out in one write: one syscall, not one per event.
             pending = self._pending
             if pending:
                 self._pending = None
-                yield pending[0] if len(pending) == 1 else b"".join(pending)
+                blob = pending[0] if len(pending) == 1 else b"".join(pending)
+                if seen is not None:
+                    self._keep(seen, blob)
+                yield blob
             if not self._done:
                 try:
                     async for chunk in self._chunks:
@@ -126,7 +231,10 @@ class StreamSession:
                         if out:
                             if ctx.first_token_at is None:
                                 ctx.first_token_at = time.perf_counter()
-                            yield out[0] if len(out) == 1 else b"".join(out)
+                            blob = out[0] if len(out) == 1 else b"".join(out)
+                            if seen is not None:
+                                self._keep(seen, blob)
+                            yield blob
                         if decoder.done:
                             # Closed here, not by the loop's finalizer hook (a task and a self-pipe write).
                             await self._chunks.aclose()
@@ -138,18 +246,40 @@ class StreamSession:
                 else:
                     out = decoder.close()
                 if out:
-                    yield b"".join(out)
+                    blob = b"".join(out)
+                    if seen is not None:
+                        self._keep(seen, blob)
+                    yield blob
             if decoder.done is False:
                 raise ProxyError(
                     f"Upstream provider '{ctx.provider_id}' ended the stream before the answer was complete",
                     status=502, type="api_error", code="upstream_stream_truncated",
                 )
+            if est is not None:
+                est.reported(decoder.usage is not None)
+                if decoder.usage is None and seen is not None:
+                    # The upstream reported no usage (llama.cpp, no stream_options support): estimate it.
+                    self._seen = []
+                    try:
+                        self._estimated, usage_frame = await est.stream_usage(seen, self._relayed, self._kept)
+                    except Exception:  # an estimate must never break an answer that is complete
+                        log.exception("usage estimate failed", extra={"request_id": ctx.request_id})
+                        usage_frame = None
+                    if usage_frame is not None:
+                        yield usage_frame
             clean = True
         except ProxyError:
             failed = True  # the upstream broke the stream (not the client)
             raise
         finally:
             self._finish(clean, failed)
+
+    def _keep(self, seen: list[bytes], blob: bytes) -> None:
+        n = len(blob)
+        self._relayed += n
+        if self._kept < _KEEP_BYTES:
+            seen.append(blob)
+            self._kept += n
 
     def close(self) -> None:
         """Drop the upstream if the frames were not relayed to the end (idempotent)."""
@@ -161,7 +291,8 @@ class StreamSession:
         self._finished = True
         ctx = self._ctx
         ctx.upstream_ended = time.perf_counter()
-        ctx.usage = self._decoder.usage
+        ctx.usage = self._decoder.usage or self._estimated
+        self._seen = []
         if clean:
             self._resp.release()
         else:
@@ -219,6 +350,7 @@ class Gateway:
         self.router = router
         self.client = client
         self.policy = policy
+        self._reports_usage: dict[tuple[str, str], bool] = {}  # see UsageEstimate
 
     async def handle(self, ctx: RequestContext, endpoint: Endpoint, body: dict[str, Any]) -> bytes | StreamSession:
         ctx.endpoint = endpoint
@@ -363,6 +495,11 @@ class Gateway:
         ctx.upstream_ended = None
         req = provider.build_request(endpoint, body, target, stream)
         await provider.sign(req)
+        # After signing, so SigV4 never covers them (AWS accepts unsigned headers that are not x-amz-*).
+        headers = req.headers
+        headers["x-request-id"] = ctx.request_id[_RID_PREFIX_LEN:]  # see new_request_id
+        if ctx.client_request_id is not None:
+            headers["x-client-request-id"] = ctx.client_request_id
         resp = await self.client.send(target.provider_id, req, dep.timeouts, deadline)
         try:
             if resp.status >= 400:
@@ -383,6 +520,11 @@ class Gateway:
                         f"Upstream provider '{target.provider_id}' returned a body that could not be read",
                         status=502, type="api_error", code="bad_upstream_response",
                     ) from None
+                if usage is None:  # the upstream reported none: estimate it (off the usual path)
+                    try:
+                        out, usage = await _estimate_response(endpoint, body, target.upstream_model, out)
+                    except Exception:  # an estimate must never break an answer
+                        log.exception("usage estimate failed", extra={"request_id": ctx.request_id})
                 ctx.usage = usage
                 return out
             ctype = resp.headers.get("content-type")
@@ -420,4 +562,5 @@ class Gateway:
         except BaseException:
             resp.close()  # drops the connection: this is also how an upstream request is cancelled
             raise
-        return StreamSession(resp, decoder, ctx, chunks, pending, track, done)
+        estimate = UsageEstimate(endpoint, body, target, want_usage, self._reports_usage)
+        return StreamSession(resp, decoder, ctx, chunks, pending, track, done, estimate)

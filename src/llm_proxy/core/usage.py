@@ -53,13 +53,13 @@ def _journal_line(e: UsageEvent) -> bytes:
     return orjson.dumps(
         (e.request_id, e.started_at, e.ended_at, e.endpoint, e.status, e.subject, e.username, e.model, e.provider_id,
          e.upstream_model, e.streamed, e.error_type, e.prompt_tokens, e.completion_tokens, e.total_tokens,
-         e.cached_tokens, e.latency_ms, e.ttft_ms, e.upstream_latency_ms, e.attempts, e.extra),
+         e.cached_tokens, e.latency_ms, e.ttft_ms, e.upstream_latency_ms, e.attempts, e.extra, e.usage_estimated),
         default=_default,
         option=_OPTS,
     )  # fmt: skip
 
 
-if len(JOURNAL_FIELDS) != 21:  # _journal_line() lists them by hand (a tuple: faster than a loop)
+if len(JOURNAL_FIELDS) != 22:  # _journal_line() lists them by hand (a tuple: faster than a loop)
     raise RuntimeError("UsageEvent changed: update _journal_line() and append the new fields at the end")
 
 
@@ -174,8 +174,10 @@ class UsageLedger:
         migrate_timeout: float = 15.0,
         orphan_scan_interval: float = 60.0,
         concurrency: int | None = None,
+        table_prefix: str = "",
     ) -> None:
         url = parse_db_url(database_url)  # fail early on an unsupported URL
+        self._table_prefix = table_prefix
         # Batches in flight at once. PostgreSQL: two, so one backend works while the next batch travels (and
         # a second core helps); SQLite serialises writers anyway.
         self._concurrency = concurrency or (1 if url.backend == "sqlite" else 2)
@@ -244,6 +246,7 @@ class UsageLedger:
             flush_interval=s.usage.flush_interval_seconds,
             queue_size=s.usage.queue_size,
             auto_migrate=s.database.auto_migrate,
+            table_prefix=s.database.table_prefix,
         )
 
     @property
@@ -455,7 +458,8 @@ class UsageLedger:
             self._journal_error = self._last_error = f"cannot open journal in {self.spool_dir}: {exc}"
             log.error("usage journal unavailable: events are kept in memory only", extra={"error": str(exc)})
         if self._db is None:
-            self._db = open_ledger_db(self.database_url, connections=self._concurrency)
+            self._db = open_ledger_db(self.database_url, connections=self._concurrency,
+                                      table_prefix=self._table_prefix)
         if self._auto_migrate:
             try:
                 await asyncio.wait_for(self._db.migrate(), self._migrate_timeout)

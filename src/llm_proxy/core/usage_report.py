@@ -21,6 +21,10 @@ METRICS: tuple[str, ...] = (
     "completion_tokens",
     "total_tokens",
     "cached_tokens",
+    # Rows whose counts are estimates (the upstream reported none), and successful rows with no counts at
+    # all (their tokens are missing from the sums, not zero).
+    "estimated_requests",
+    "requests_without_tokens",
     "avg_latency_ms",
     "avg_ttft_ms",
 )
@@ -139,6 +143,11 @@ def format_table(doc: Mapping[str, Any]) -> str:
     out.append(line(total_line))
     since, until = doc.get("from"), doc.get("to")
     out.append(f"(from {since or 'the beginning'} to {until or 'now'})")
+    estimated, missing = totals.get("estimated_requests") or 0, totals.get("requests_without_tokens") or 0
+    if estimated:
+        out.append(f"{estimated} request(s) have estimated token counts: the upstream reported none")
+    if missing:
+        out.append(f"{missing} successful request(s) have no token counts: their tokens are not in the sums")
     return "\n".join(out) + "\n"
 
 
@@ -159,11 +168,12 @@ async def fetch_report(
     until: datetime | None,
     group_by: Sequence[str],
     subject: str | None = None,
+    table_prefix: str = "",
 ) -> dict[str, Any]:
     """Run one report against the database at `database_url` (for the CLI; the server uses its ledger)."""
     from ..store.ledger_db import open_ledger_db
 
-    db = open_ledger_db(database_url, connections=1)
+    db = open_ledger_db(database_url, connections=1, table_prefix=table_prefix)
     try:
         rows, totals = await db.usage_report(since=since, until=until, group_by=group_by, subject=subject)
     finally:

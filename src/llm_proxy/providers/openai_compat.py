@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from ..config import ProviderSettings
+from ..config import ProviderSettings, max_tokens_field
 from ..errors import ProxyError, RateLimited, UpstreamError
 from ..types import Usage
 from .base import Endpoint, Target, UpstreamRequest
@@ -228,6 +228,7 @@ class OpenAICompatProvider:
         self.base_url = (settings.base_url or "").rstrip("/")
         self.key = KeySource(settings.api_key, settings.api_key_file)
         self._static_headers = {"content-type": "application/json", **settings.headers}
+        self._max_tokens = max_tokens_field(settings)  # as_sent | max_tokens | both
 
     def missing_credentials(self) -> list[str]:
         return []
@@ -235,7 +236,12 @@ class OpenAICompatProvider:
     def build_request(
         self, endpoint: Endpoint, body: dict[str, Any], target: Target, stream: bool
     ) -> UpstreamRequest:
-        body["model"] = target.upstream_model
+        # A shallow copy: the client's dict is reused by every retry attempt (on other deployments too).
+        body = {**body, "model": target.upstream_model}
+        if self._max_tokens != "as_sent" and "max_completion_tokens" in body:
+            body.setdefault("max_tokens", body["max_completion_tokens"])  # a client's own max_tokens stays
+            if self._max_tokens == "max_tokens":
+                del body["max_completion_tokens"]
         if stream and endpoint != "embeddings":
             opts = body.get("stream_options")
             # Always ask for usage so the ledger gets token counts; the decoder hides it again if

@@ -20,7 +20,7 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
-from .ledger_db import ASYNC_DRIVERS, HEAD_REVISION, backend_of
+from .ledger_db import ASYNC_DRIVERS, HEAD_REVISION, backend_of, statements
 
 log = logging.getLogger("llm_proxy.store")
 logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # one INFO line per plugin per run
@@ -87,41 +87,46 @@ def create_engine(raw_url: str, *, pool_size: int = 5) -> AsyncEngine:
     return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, **kwargs)
 
 
-def alembic_config(connection: Connection | None = None) -> Any:
-    """An Alembic Config pointing at the packaged migrations (optionally bound to a connection)."""
+def alembic_config(connection: Connection | None = None, table_prefix: str = "") -> Any:
+    """An Alembic Config pointing at the packaged migrations (optionally bound to a connection), for the tables
+    named with `table_prefix` (migrations/env.py reads it)."""
     from alembic.config import Config
 
     cfg = Config(str(ALEMBIC_INI)) if ALEMBIC_INI.is_file() else Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     if connection is not None:
         cfg.attributes["connection"] = connection
+    cfg.attributes["table_prefix"] = statements(table_prefix).prefix
     return cfg
 
 
-def _upgrade_sync(connection: Connection, revision: str) -> str | None:
+def _upgrade_sync(connection: Connection, revision: str, table_prefix: str = "") -> str | None:
     from alembic import command
     from alembic.runtime.migration import MigrationContext
 
     if connection.dialect.name == "postgresql":
         # Serialises concurrent upgrades (several workers starting at once); released at commit.
         connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
-    command.upgrade(alembic_config(connection), revision)
-    return MigrationContext.configure(connection).get_current_revision()
+    command.upgrade(alembic_config(connection, table_prefix), revision)
+    version_table = statements(table_prefix).version_table
+    return MigrationContext.configure(connection, opts={"version_table": version_table}).get_current_revision()
 
 
-async def current_revision(engine: AsyncEngine) -> str | None:
+async def current_revision(engine: AsyncEngine, table_prefix: str = "") -> str | None:
     """The database's Alembic revision, read with plain SQL (None when unmigrated)."""
+    version_table = statements(table_prefix).version_table  # a checked name
     try:
         async with engine.connect() as conn:
-            row = (await conn.execute(text("SELECT version_num FROM alembic_version"))).first()
+            row = (await conn.execute(text(f"SELECT version_num FROM {version_table}"))).first()  # noqa: S608
     except Exception:  # no table yet, or no database: the full Alembic path decides (and reports)
         return None
     return str(row[0]) if row is not None else None
 
 
-async def upgrade(engine: AsyncEngine, revision: str = "head") -> str | None:
-    """Run Alembic migrations up to `revision` (idempotent); returns the revision now current."""
-    if revision == "head" and await current_revision(engine) == HEAD_REVISION:
+async def upgrade(engine: AsyncEngine, revision: str = "head", *, table_prefix: str = "") -> str | None:
+    """Run Alembic migrations up to `revision` (idempotent) for the tables named with `table_prefix`; returns the
+    revision now current."""
+    if revision == "head" and await current_revision(engine, table_prefix) == HEAD_REVISION:
         return HEAD_REVISION
     url = engine.url
     path = _sqlite_path(url) if is_sqlite(url) else None
@@ -133,26 +138,27 @@ async def upgrade(engine: AsyncEngine, revision: str = "head") -> str | None:
         if fd >= 0:
             await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
         async with engine.begin() as conn:
-            return await conn.run_sync(_upgrade_sync, revision)
+            return await conn.run_sync(_upgrade_sync, revision, table_prefix)
     finally:
         if fd >= 0:
             os.close(fd)
 
 
-async def upgrade_url(raw_url: str, revision: str = "head") -> str | None:
+async def upgrade_url(raw_url: str, revision: str = "head", *, table_prefix: str = "") -> str | None:
     """`llm-proxy db upgrade`: migrate the database at `raw_url`."""
     engine = create_engine(raw_url)
     try:
-        return await upgrade(engine, revision)
+        return await upgrade(engine, revision, table_prefix=table_prefix)
     finally:
         await engine.dispose()
 
 
 def _main() -> int:
-    """Child-process entry of LedgerDB.migrate(): the database URL on stdin; exit 1 with one line on failure."""
-    raw_url = sys.stdin.read().strip()
+    """Child-process entry of LedgerDB.migrate(): the database URL and the table prefix on stdin (one line each);
+    exit 1 with one line on failure."""
+    raw_url, _, rest = sys.stdin.read().strip().partition("\n")
     try:
-        asyncio.run(upgrade_url(raw_url))
+        asyncio.run(upgrade_url(raw_url.strip(), table_prefix=rest.strip()))
     except Exception as exc:  # one line for the parent's log; never a traceback
         print(f"{type(exc).__name__}: {exc}".replace("\n", " "), file=sys.stderr)
         return 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -26,7 +27,7 @@ from ..types import UsageEvent
 T = TypeVar("T")
 
 # The newest migration shipped; when the database is already there, neither Alembic nor SQLAlchemy is loaded.
-HEAD_REVISION = "0001_usage_ledger"
+HEAD_REVISION = "0003_api_keys"
 
 # Lengths of the text columns (store/tables.py); longer values are cut before insert.
 ID_LEN = 128
@@ -289,6 +290,7 @@ _PG_TYPES = {
     "started_at": "float8", "ended_at": "float8", "latency_ms": "float8", "ttft_ms": "float8",
     "upstream_latency_ms": "float8", "status": "int4", "attempts": "int4", "streamed": "bool",
     "prompt_tokens": "int8", "completion_tokens": "int8", "total_tokens": "int8", "cached_tokens": "int8",
+    "usage_estimated": "bool",
 }  # fmt: skip
 _PG_BATCH = "(SELECT {} FROM jsonb_array_elements($1::jsonb) AS e) AS t".format(  # noqa: S608 (constants)
     ", ".join(
@@ -299,12 +301,13 @@ _PG_BATCH = "(SELECT {} FROM jsonb_array_elements($1::jsonb) AS e) AS t".format(
 _PG_USAGE_ROWS = """
 INSERT INTO usage_events (request_id, started_at, ended_at, subject, username, endpoint, model, provider_id,
                           upstream_model, streamed, status, error_type, prompt_tokens, completion_tokens,
-                          total_tokens, cached_tokens, latency_ms, ttft_ms, upstream_latency_ms, attempts, extra)
+                          total_tokens, cached_tokens, latency_ms, ttft_ms, upstream_latency_ms, attempts, extra,
+                          usage_estimated)
 SELECT request_id, to_timestamp(started_at), to_timestamp(ended_at), left(subject, 255), left(username, 255),
        coalesce(left(endpoint, 64), ''), left(model, 255), left(provider_id, 255), left(upstream_model, 255),
        coalesce(streamed, false), status, left(error_type, 64), prompt_tokens, completion_tokens, total_tokens,
        cached_tokens, latency_ms, ttft_ms, upstream_latency_ms, coalesce(attempts, 1),
-       nullif(extra - 'completion', '{}'::jsonb)"""
+       nullif(extra - 'completion', '{}'::jsonb), coalesce(usage_estimated, false)"""
 
 # The usual batch (no stored completions): no CTE, so nothing is materialised.
 _PG_INSERT_USAGE = f"{_PG_USAGE_ROWS}\nFROM {_PG_BATCH}\nON CONFLICT (request_id) DO NOTHING\n"
@@ -337,7 +340,8 @@ SELECT count(*) FROM ins
 _SQLITE_USAGE_INSERT = """
 INSERT INTO usage_events (request_id, started_at, ended_at, subject, username, endpoint, model, provider_id,
                           upstream_model, streamed, status, error_type, prompt_tokens, completion_tokens,
-                          total_tokens, cached_tokens, latency_ms, ttft_ms, upstream_latency_ms, attempts, extra)
+                          total_tokens, cached_tokens, latency_ms, ttft_ms, upstream_latency_ms, attempts, extra,
+                          usage_estimated)
 VALUES (:request_id,
         strftime('%Y-%m-%d %H:%M:%S', CAST(round(:started_at * 1000000) AS INTEGER) / 1000000, 'unixepoch')
            || printf('.%06d', CAST(round(:started_at * 1000000) AS INTEGER) % 1000000),
@@ -351,7 +355,7 @@ VALUES (:request_id,
         substr(:upstream_model, 1, 255),
         coalesce(:streamed, 0), :status, substr(:error_type, 1, 64),
         :prompt_tokens, :completion_tokens, :total_tokens, :cached_tokens,
-        :latency_ms, :ttft_ms, :upstream_latency_ms, coalesce(:attempts, 1), :extra)
+        :latency_ms, :ttft_ms, :upstream_latency_ms, coalesce(:attempts, 1), :extra, coalesce(:usage_estimated, 0))
 ON CONFLICT (request_id) DO NOTHING
 """
 
@@ -362,6 +366,52 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (request_id) DO NOTHING
 """
 
+# --------------------------------------------------------------------------------------------------
+# Table names: database.table_prefix goes before every table the proxy creates (and Alembic's version table)
+# --------------------------------------------------------------------------------------------------
+
+# What database.table_prefix may be: lower case (PostgreSQL folds unquoted names), short enough that the longest
+# index name (ix_<prefix>stored_completions_subject_created_at) stays within PostgreSQL's 63 characters.
+TABLE_PREFIX = re.compile(r"([a-z_][a-z0-9_]{0,23})?")
+_TABLE_NAMES = re.compile(r"\b(usage_events|stored_completions|alembic_version)\b")
+
+
+def check_table_prefix(prefix: str) -> str:
+    if TABLE_PREFIX.fullmatch(prefix) is None:
+        raise ValueError(
+            f"database.table_prefix '{prefix}' must be at most 24 lower-case letters, digits and '_', "
+            "not starting with a digit"
+        )
+    return prefix
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Statements:
+    """The ledger's statements for one table prefix (built once per prefix, at start)."""
+
+    prefix: str
+    usage_events: str
+    stored_completions: str
+    version_table: str
+    pg_insert_usage: str
+    pg_insert: str
+    sqlite_usage_insert: str
+    sqlite_completion_insert: str
+
+
+@functools.lru_cache(maxsize=8)
+def statements(prefix: str = "") -> Statements:
+    check_table_prefix(prefix)
+
+    def named(sql: str) -> str:
+        return _TABLE_NAMES.sub(lambda m: prefix + m[1], sql) if prefix else sql
+
+    return Statements(
+        prefix, prefix + "usage_events", prefix + "stored_completions", prefix + "alembic_version",
+        named(_PG_INSERT_USAGE), named(_PG_INSERT), named(_SQLITE_USAGE_INSERT), named(_SQLITE_COMPLETION_INSERT),
+    )
+
+
 def _inserted(status: str) -> int:
     try:
         return int(status.rsplit(" ", 1)[-1])
@@ -369,8 +419,9 @@ def _inserted(status: str) -> int:
         return 0
 
 
-async def pg_insert_lines(conn: Any, lines: Sequence[bytes]) -> int:
+async def pg_insert_lines(conn: Any, lines: Sequence[bytes], sql: Statements | None = None) -> int:
     """Insert journal lines on an asyncpg connection (one statement, its own transaction); rows added."""
+    sql = sql or statements()
     if any(line[:1] != b"[" for line in lines):  # from a journal of an older version
         lines = [_as_array_line(line) for line in lines]
     payload = b"[" + b",".join(lines) + b"]"
@@ -380,19 +431,20 @@ async def pg_insert_lines(conn: Any, lines: Sequence[bytes]) -> int:
         payload = payload.replace(b"\x00", b"")
     text_payload = payload.decode("utf-8", "replace")
     if b'"completion":' in payload:  # a key only stored completions have
-        return int(await conn.fetchval(_PG_INSERT, text_payload) or 0)
-    return _inserted(str(await conn.execute(_PG_INSERT_USAGE, text_payload)))
+        return int(await conn.fetchval(sql.pg_insert, text_payload) or 0)
+    return _inserted(str(await conn.execute(sql.pg_insert_usage, text_payload)))
 
 
-async def sqlite_insert_lines(db: Any, lines: Sequence[bytes]) -> int:
+async def sqlite_insert_lines(db: Any, lines: Sequence[bytes], sql: Statements | None = None) -> int:
     """Insert journal lines on an aiosqlite connection in one transaction; rows added."""
+    sql = sql or statements()
     usage, completions = _sqlite_rows(lines)
     before = db.total_changes
     try:
-        await db.executemany(_SQLITE_USAGE_INSERT, usage)
+        await db.executemany(sql.sqlite_usage_insert, usage)
         added = db.total_changes - before
         if completions:
-            await db.executemany(_SQLITE_COMPLETION_INSERT, completions)
+            await db.executemany(sql.sqlite_completion_insert, completions)
         await db.commit()
     except BaseException:
         await db.rollback()
@@ -419,6 +471,9 @@ _AGGREGATES = """count(*) AS requests,
   CAST(coalesce(sum(completion_tokens), 0) AS BIGINT) AS completion_tokens,
   CAST(coalesce(sum(total_tokens), 0) AS BIGINT) AS total_tokens,
   CAST(coalesce(sum(cached_tokens), 0) AS BIGINT) AS cached_tokens,
+  CAST(coalesce(sum(CASE WHEN usage_estimated THEN 1 ELSE 0 END), 0) AS BIGINT) AS estimated_requests,
+  CAST(coalesce(sum(CASE WHEN total_tokens IS NULL AND status < 400 THEN 1 ELSE 0 END), 0) AS BIGINT)
+    AS requests_without_tokens,
   avg(latency_ms) AS avg_latency_ms,
   avg(ttft_ms) AS avg_ttft_ms"""
 _COMPLETION_COLUMNS = "request_id, completion_id, created_at, subject, username, model, input_messages, response"
@@ -483,9 +538,9 @@ def _undefined_table(exc: BaseException) -> bool:
     return sq is not None and isinstance(exc, sq.OperationalError) and "no such table" in str(exc)
 
 
-async def _revision(conn: Any, dialect: str) -> str | None:
+async def _revision(conn: Any, dialect: str, version_table: str = "alembic_version") -> str | None:
     try:
-        rows = await _Sql(dialect).fetch(conn, "SELECT version_num FROM alembic_version")
+        rows = await _Sql(dialect).fetch(conn, f"SELECT version_num FROM {version_table}")  # noqa: S608 (checked)
     except Exception as exc:
         if _undefined_table(exc):
             return None
@@ -504,14 +559,15 @@ class MigrationFailed(RuntimeError):
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
 
 
-async def migrate_in_child(raw_url: str) -> None:
-    """`python -m llm_proxy.store.db` with the URL on stdin (never on a command line `ps` shows)."""
+async def migrate_in_child(raw_url: str, table_prefix: str = "") -> None:
+    """`python -m llm_proxy.store.db` with the URL (and the table prefix) on stdin (never on a command line `ps`
+    shows)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "llm_proxy.store.db",
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )
     try:
-        _, err = await proc.communicate(raw_url.encode())
+        _, err = await proc.communicate(f"{raw_url}\n{table_prefix}\n".encode())
     except BaseException:  # cancelled (start-up timeout, shutdown): the child goes too
         if proc.returncode is None:
             proc.kill()
@@ -531,8 +587,9 @@ class LedgerDB:
 
     dialect = ""
 
-    def __init__(self, raw_url: str) -> None:
+    def __init__(self, raw_url: str, table_prefix: str = "") -> None:
         self.raw_url = raw_url
+        self.sql = statements(table_prefix)
 
     async def _run(self, fn: Callable[[Any], Awaitable[T]]) -> T:
         raise NotImplementedError
@@ -551,21 +608,21 @@ class LedgerDB:
         if not lines:
             return 0
         insert = pg_insert_lines if self.dialect == "postgresql" else sqlite_insert_lines
-        return await self._run(lambda conn: insert(conn, lines))
+        return await self._run(lambda conn: insert(conn, lines, self.sql))
 
     async def ping(self) -> None:
         await self._run(lambda conn: _select_1(conn, self.dialect))
 
     async def revision(self) -> str | None:
         """The database's Alembic revision (None when unmigrated); raises when the database is unreachable."""
-        return await self._run(lambda conn: _revision(conn, self.dialect))
+        return await self._run(lambda conn: _revision(conn, self.dialect, self.sql.version_table))
 
     async def migrate(self) -> None:
         """Bring the schema to HEAD_REVISION. The work (SQLAlchemy + Alembic, ~27 MB that a process never gives
         back) runs in a short-lived child process, so a worker that migrates stays as small as one that did not."""
         if await self.revision() == HEAD_REVISION:
             return
-        await migrate_in_child(self.raw_url)
+        await migrate_in_child(self.raw_url, self.sql.prefix)
 
     async def usage_report(
         self,
@@ -593,7 +650,7 @@ class LedgerDB:
                 conds.append(f"started_at < {q.p(until)}")
             if subject is not None:
                 conds.append(f"subject = {q.p(subject)}")
-            return f"SELECT {columns} FROM usage_events{q.where(conds)}"  # noqa: S608
+            return f"SELECT {columns} FROM {self.sql.usage_events}{q.where(conds)}"  # noqa: S608
 
         async def run(conn: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             rows: list[dict[str, Any]] = []
@@ -623,6 +680,7 @@ class LedgerDB:
         """A page of stored completions visible to `subject` (None: all), newest first unless order is "asc";
         `after` is the completion id (or request id) the previous page ended with. Returns (rows, has_more)."""
         direction = "DESC" if order == "desc" else "ASC"
+        table = self.sql.stored_completions
 
         def filters(q: _Sql) -> list[str]:
             conds = []
@@ -637,14 +695,14 @@ class LedgerDB:
             if after is not None:
                 q = _Sql(self.dialect)
                 conds = [f"(completion_id = {q.p(after)} OR request_id = {q.p(after)})", *filters(q)]
-                sql = f"SELECT created_at, request_id FROM stored_completions{q.where(conds)} LIMIT 1"  # noqa: S608
+                sql = f"SELECT created_at, request_id FROM {table}{q.where(conds)} LIMIT 1"  # noqa: S608
                 anchor = await q.fetch(conn, sql)
             q = _Sql(self.dialect)
             conds = filters(q)
             if anchor:  # the row the previous page ended with, compared as stored (no conversion)
                 at, rid = q.p(anchor[0]["created_at"]), q.p(anchor[0]["request_id"])
                 conds.append(f"(created_at, request_id) {'<' if order == 'desc' else '>'} ({at}, {rid})")
-            sql = (f"SELECT {_COMPLETION_COLUMNS} FROM stored_completions{q.where(conds)} "  # noqa: S608
+            sql = (f"SELECT {_COMPLETION_COLUMNS} FROM {table}{q.where(conds)} "  # noqa: S608
                    f"ORDER BY created_at {direction}, request_id {direction} LIMIT {q.p(limit + 1)}")
             rows = [_completion(r) for r in await q.fetch(conn, sql)]
             return rows[:limit], len(rows) > limit
@@ -659,7 +717,7 @@ class LedgerDB:
             conds = [f"(completion_id = {q.p(completion_id)} OR request_id = {q.p(completion_id)})"]
             if subject is not None:
                 conds.append(f"subject = {q.p(subject)}")
-            sql = f"SELECT {_COMPLETION_COLUMNS} FROM stored_completions{q.where(conds)} LIMIT 1"  # noqa: S608
+            sql = f"SELECT {_COMPLETION_COLUMNS} FROM {self.sql.stored_completions}{q.where(conds)} LIMIT 1"  # noqa: S608
             rows = await q.fetch(conn, sql)
             return _completion(rows[0]) if rows else None
 
@@ -671,8 +729,8 @@ class PgLedgerDB(LedgerDB):
 
     dialect = "postgresql"
 
-    def __init__(self, raw_url: str, url: DbUrl, connections: int) -> None:
-        super().__init__(raw_url)
+    def __init__(self, raw_url: str, url: DbUrl, connections: int, table_prefix: str = "") -> None:
+        super().__init__(raw_url, table_prefix)
         # URL query parameters first: the fixed arguments win, as SQLAlchemy's connect_args did.
         self._connect_kwargs = {
             **url.asyncpg_kwargs(),
@@ -741,8 +799,8 @@ class SqliteLedgerDB(LedgerDB):
 
     dialect = "sqlite"
 
-    def __init__(self, raw_url: str, path: Path) -> None:
-        super().__init__(raw_url)
+    def __init__(self, raw_url: str, path: Path, table_prefix: str = "") -> None:
+        super().__init__(raw_url, table_prefix)
         self.path = path
         self._db: Any = None
         self._lock = asyncio.Lock()
@@ -781,17 +839,17 @@ class SqliteLedgerDB(LedgerDB):
             await db.close()
 
 
-def open_ledger_db(raw_url: str, *, connections: int = 2) -> LedgerDB:
+def open_ledger_db(raw_url: str, *, connections: int = 2, table_prefix: str = "") -> LedgerDB:
     """The ledger's database at `raw_url` (nothing connects before the first use). `connections`: batches
-    the writer keeps in flight."""
+    the writer keeps in flight; `table_prefix`: database.table_prefix."""
     url = parse_db_url(raw_url)
     path = url.sqlite_path
     if url.backend == "postgresql" and "host" not in url.query:
-        return PgLedgerDB(raw_url, url, connections)
+        return PgLedgerDB(raw_url, url, connections, table_prefix)
     if path is not None and not url.query:
-        return SqliteLedgerDB(raw_url, path)
+        return SqliteLedgerDB(raw_url, path, table_prefix)
     # In-memory SQLite (one connection shared by migrations, writes and reads), SQLite URI options,
     # multi-host PostgreSQL: SQLAlchemy connects, as it always did.
     from .repos import UsageRepo
 
-    return UsageRepo.from_url(raw_url)
+    return UsageRepo.from_url(raw_url, table_prefix)

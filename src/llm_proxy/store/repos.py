@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from ..types import UsageEvent
 from .db import create_engine, upgrade
 from .ledger_db import GROUP_KEYS, LedgerDB, event_from_line, is_driver_row_error
-from .tables import usage_events
+from .tables import ledger_tables
 
 T = TypeVar("T")
 
@@ -44,14 +44,15 @@ def is_row_error(exc: BaseException) -> bool:
 class UsageRepo(LedgerDB):
     """The ledger's database on an AsyncEngine. One instance per engine."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        super().__init__(engine.url.render_as_string(hide_password=False))
+    def __init__(self, engine: AsyncEngine, table_prefix: str = "") -> None:
+        super().__init__(engine.url.render_as_string(hide_password=False), table_prefix)
         self.engine = engine
         self.dialect = engine.dialect.name
+        self.usage_events = ledger_tables(table_prefix).usage_events
 
     @classmethod
-    def from_url(cls, raw_url: str) -> UsageRepo:
-        return cls(create_engine(raw_url))
+    def from_url(cls, raw_url: str, table_prefix: str = "") -> UsageRepo:
+        return cls(create_engine(raw_url), table_prefix)
 
     async def _run(self, fn: Callable[[Any], Awaitable[T]]) -> T:
         async with self.engine.connect() as conn:
@@ -71,7 +72,8 @@ class UsageRepo(LedgerDB):
         return is_row_error(exc)
 
     async def migrate(self) -> None:
-        await upgrade(self.engine)  # on this engine: an in-memory SQLite database exists only there
+        # On this engine: an in-memory SQLite database exists only there.
+        await upgrade(self.engine, table_prefix=self.sql.prefix)
 
     async def insert_events(self, events: Sequence[UsageEvent]) -> int:
         """Insert events (see insert_lines)."""
@@ -80,15 +82,18 @@ class UsageRepo(LedgerDB):
     # -- for tests and tools ---------------------------------------------------------------------------
 
     async def count_events(self) -> int:
+        usage_events = self.usage_events
         async with self.engine.connect() as conn:
             return int((await conn.execute(select(func.count()).select_from(usage_events))).scalar_one())
 
     async def event_ids(self) -> list[str]:
+        usage_events = self.usage_events
         async with self.engine.connect() as conn:
             res = await conn.execute(select(usage_events.c.request_id))
             return [str(r) for r in res.scalars()]
 
     async def get_event(self, request_id: str) -> dict[str, Any] | None:
+        usage_events = self.usage_events
         async with self.engine.connect() as conn:
             res = await conn.execute(select(usage_events).where(usage_events.c.request_id == request_id))
             row = res.mappings().first()

@@ -1,7 +1,10 @@
-"""SQLAlchemy Core tables of the ledger: usage_events (one row per request) and stored_completions."""
+"""SQLAlchemy Core tables of the ledger: usage_events (one row per request) and stored_completions, each name
+after database.table_prefix."""
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,7 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.types import DateTime, TypeDecorator
 
-from .ledger_db import ID_LEN, NAME_LEN, SHORT_LEN
+from .ledger_db import ID_LEN, NAME_LEN, SHORT_LEN, check_table_prefix
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -52,55 +55,75 @@ class UtcDateTime(TypeDecorator[datetime]):
 
 JsonType = JSON().with_variant(JSONB(), "postgresql")
 
-metadata = MetaData(
-    naming_convention={
-        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-        "uq": "uq_%(table_name)s_%(column_0_name)s",
-        "pk": "pk_%(table_name)s",
-    }
-)
+@dataclass(frozen=True, slots=True)
+class LedgerTables:
+    metadata: MetaData
+    usage_events: Table
+    stored_completions: Table
 
-usage_events = Table(
-    "usage_events",
-    metadata,
-    Column("request_id", String(ID_LEN), primary_key=True),  # the idempotency key
-    Column("started_at", UtcDateTime(), nullable=False),
-    Column("ended_at", UtcDateTime(), nullable=False),
-    Column("subject", String(NAME_LEN)),
-    Column("username", String(NAME_LEN)),
-    Column("endpoint", String(SHORT_LEN), nullable=False),
-    Column("model", String(NAME_LEN)),  # the public model id the client asked for
-    Column("provider_id", String(NAME_LEN)),
-    Column("upstream_model", String(NAME_LEN)),
-    Column("streamed", Boolean(), nullable=False, server_default=false()),
-    Column("status", Integer(), nullable=False),
-    Column("error_type", String(SHORT_LEN)),
-    Column("prompt_tokens", BigInteger()),
-    Column("completion_tokens", BigInteger()),
-    Column("total_tokens", BigInteger()),
-    Column("cached_tokens", BigInteger()),
-    Column("latency_ms", Double()),
-    Column("ttft_ms", Double()),
-    Column("upstream_latency_ms", Double()),
-    Column("attempts", Integer(), nullable=False, server_default=text("1")),
-    Column("extra", JsonType),
-)
-# BRIN on PostgreSQL: rows arrive in (nearly) time order, so a block-range index serves time-range reports
-# at a fraction of a B-tree's insert cost. SQLite ignores the option and builds a B-tree.
-Index("ix_usage_events_started_at", usage_events.c.started_at, postgresql_using="brin")
-Index("ix_usage_events_subject_started_at", usage_events.c.subject, usage_events.c.started_at)
 
-stored_completions = Table(
-    "stored_completions",
-    metadata,
-    Column("request_id", String(ID_LEN), primary_key=True),
-    Column("completion_id", String(NAME_LEN), nullable=False),  # the `id` the client saw (chatcmpl-...)
-    Column("created_at", UtcDateTime(), nullable=False),
-    Column("subject", String(NAME_LEN)),
-    Column("username", String(NAME_LEN)),
-    Column("model", String(NAME_LEN)),
-    Column("input_messages", JsonType, nullable=False),
-    Column("response", JsonType, nullable=False),
-)
-Index("ix_stored_completions_completion_id", stored_completions.c.completion_id)
-Index("ix_stored_completions_subject_created_at", stored_completions.c.subject, stored_completions.c.created_at)
+@functools.lru_cache(maxsize=8)
+def ledger_tables(prefix: str = "") -> LedgerTables:
+    """The tables with database.table_prefix before their names (and so before their index and key names)."""
+    check_table_prefix(prefix)
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+            "uq": "uq_%(table_name)s_%(column_0_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+    usage_events = Table(
+        prefix + "usage_events",
+        metadata,
+        Column("request_id", String(ID_LEN), primary_key=True),  # the idempotency key
+        Column("started_at", UtcDateTime(), nullable=False),
+        Column("ended_at", UtcDateTime(), nullable=False),
+        Column("subject", String(NAME_LEN)),
+        Column("username", String(NAME_LEN)),
+        Column("endpoint", String(SHORT_LEN), nullable=False),
+        Column("model", String(NAME_LEN)),  # the public model id the client asked for
+        Column("provider_id", String(NAME_LEN)),
+        Column("upstream_model", String(NAME_LEN)),
+        Column("streamed", Boolean(), nullable=False, server_default=false()),
+        Column("status", Integer(), nullable=False),
+        Column("error_type", String(SHORT_LEN)),
+        Column("prompt_tokens", BigInteger()),
+        Column("completion_tokens", BigInteger()),
+        Column("total_tokens", BigInteger()),
+        Column("cached_tokens", BigInteger()),
+        Column("latency_ms", Double()),
+        Column("ttft_ms", Double()),
+        Column("upstream_latency_ms", Double()),
+        Column("attempts", Integer(), nullable=False, server_default=text("1")),
+        Column("extra", JsonType),
+        Column("usage_estimated", Boolean(), nullable=False, server_default=false()),  # counts are estimates
+    )
+    # BRIN on PostgreSQL: rows arrive in (nearly) time order, so a block-range index serves time-range reports
+    # at a fraction of a B-tree's insert cost. SQLite ignores the option and builds a B-tree.
+    Index(f"ix_{prefix}usage_events_started_at", usage_events.c.started_at, postgresql_using="brin")
+    Index(f"ix_{prefix}usage_events_subject_started_at", usage_events.c.subject, usage_events.c.started_at)
+
+    stored_completions = Table(
+        prefix + "stored_completions",
+        metadata,
+        Column("request_id", String(ID_LEN), primary_key=True),
+        Column("completion_id", String(NAME_LEN), nullable=False),  # the `id` the client saw (chatcmpl-...)
+        Column("created_at", UtcDateTime(), nullable=False),
+        Column("subject", String(NAME_LEN)),
+        Column("username", String(NAME_LEN)),
+        Column("model", String(NAME_LEN)),
+        Column("input_messages", JsonType, nullable=False),
+        Column("response", JsonType, nullable=False),
+    )
+    Index(f"ix_{prefix}stored_completions_completion_id", stored_completions.c.completion_id)
+    Index(f"ix_{prefix}stored_completions_subject_created_at", stored_completions.c.subject,
+          stored_completions.c.created_at)
+    return LedgerTables(metadata, usage_events, stored_completions)
+
+
+# Without a prefix.
+_default = ledger_tables()
+metadata = _default.metadata
+usage_events = _default.usage_events
+stored_completions = _default.stored_completions

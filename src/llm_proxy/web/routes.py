@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import os
+import re
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
@@ -15,7 +14,7 @@ import orjson
 from aiohttp import web
 
 from .. import __version__
-from ..core.gateway import RequestContext
+from ..core.gateway import RequestContext, new_request_id
 from ..errors import BadRequest, ModelNotFound, PayloadTooLarge, ProxyError, internal_error
 from ..providers.base import Endpoint
 from ..providers.sse import DONE, frame
@@ -31,13 +30,18 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
-_rid_prefix = "req_" + os.urandom(6).hex()
-_rid_counter = itertools.count(1)
 
 
-def _new_request_id() -> str:
-    # Unique per process (random prefix) and cheap: no syscall per request.
-    return f"{_rid_prefix}{next(_rid_counter):012x}"
+# A caller's own request id is kept only when it is a short token of safe characters (it goes into headers
+# upstream and into the ledger); anything else is ignored.
+_CLIENT_RID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def _client_request_id(headers: Any) -> str | None:
+    cid = headers.get("x-client-request-id") or headers.get("x-request-id")
+    if cid is None or _CLIENT_RID.fullmatch(cid) is None:
+        return None
+    return str(cid)
 
 
 def _json(data: Any, status: int = 200, request_id: str | None = None) -> web.Response:
@@ -48,8 +52,11 @@ def _json(data: Any, status: int = 200, request_id: str | None = None) -> web.Re
 @web.middleware
 async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     svc = request.app[SERVICES]
-    rid = _new_request_id()
+    rid = new_request_id()
     ctx = RequestContext(rid, request.path, time.time(), time.perf_counter())
+    cid = _client_request_id(request.headers)
+    if cid is not None:
+        ctx.client_request_id = ctx.extra["client_request_id"] = cid
     request[CTX] = ctx
     resp: web.StreamResponse
     try:

@@ -150,7 +150,7 @@ ${env.NAME} references substituted by the proxy at start.
 {{- with .aliases }}{{ $_ := set $m "aliases" . }}{{ end }}
 {{- $models = append $models $m }}
 {{- end }}
-{{- $auth := dict "mode" $v.auth.mode "allow_unauthenticated" (or (eq $v.auth.mode "none") $v.auth.allowUnauthenticated) }}
+{{- $auth := dict "mode" (include "llm-proxy.authMode" . | fromJson).mode "allow_unauthenticated" (or (eq $v.auth.mode "none") $v.auth.allowUnauthenticated) }}
 {{- if eq $v.auth.mode "oidc" }}
 {{- $issuers := list }}
 {{- range $v.auth.issuers }}
@@ -193,6 +193,15 @@ ${env.NAME} references substituted by the proxy at start.
 {{- end }}
 {{- end }}
 
+{{/* auth.mode as rendered: the mode, or [api_keys, <mode>] with auth.apiKeys (JSON {"mode": ...}). */}}
+{{- define "llm-proxy.authMode" -}}
+{{- if .Values.auth.apiKeys }}
+{{- dict "mode" (list "api_keys" .Values.auth.mode) | toJson }}
+{{- else }}
+{{- dict "mode" .Values.auth.mode | toJson }}
+{{- end }}
+{{- end }}
+
 {{/* The config ConfigMap's data (also used by the migration hook's copy). */}}
 {{- define "llm-proxy.configMapData" -}}
 config.yaml: |
@@ -219,6 +228,19 @@ Pod-level pieces shared by the Deployment and the migration Job.
 {{- else if .Values.redis.url }}
 - name: REDIS_URL
   value: {{ .Values.redis.url | quote }}
+{{- end }}
+{{- if eq .Values.auth.mode "hub" }}
+{{- /* The variables that switch hub mode on for any config (docs/konveyor.md). */}}
+- name: LLM_PROXY_AUTH_MODE
+  value: {{ ternary "api_keys,hub" "hub" (.Values.auth.apiKeys | default false) | quote }}
+- name: LLM_PROXY_HUB_URL
+  value: {{ .Values.auth.hub.url | quote }}
+- name: LLM_PROXY_HUB_CACHE_TTL
+  value: {{ .Values.auth.hub.cacheTtl | toString | quote }}
+{{- with .Values.auth.hub.issuers }}
+- name: LLM_PROXY_HUB_ISSUERS
+  value: {{ join "," . | quote }}
+{{- end }}
 {{- end }}
 {{- with include "llm-proxy.trustFile" . }}
 - name: SSL_CERT_FILE

@@ -21,6 +21,9 @@ readable message instead of producing a pod that cannot work.
 {{- if and (eq $v.auth.mode "trusted_header") (not (or $v.auth.trustedHeader.secretEnv $v.auth.trustedHeader.trustedNetworks)) }}
 {{- fail "auth.mode is trusted_header: set auth.trustedHeader.secretEnv and/or auth.trustedHeader.trustedNetworks" }}
 {{- end }}
+{{- if and $v.auth.apiKeys (not (has $v.auth.mode (list "oidc" "hub"))) }}
+{{- fail (printf "auth.apiKeys goes beside auth.mode oidc or hub, not %s" $v.auth.mode) }}
+{{- end }}
 {{- $providerIds := list }}
 {{- range $v.providers }}
 {{- if has .id $providerIds }}

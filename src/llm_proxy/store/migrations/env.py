@@ -9,10 +9,17 @@ from alembic import context
 from sqlalchemy.engine import Connection
 
 from llm_proxy.store.db import create_engine
-from llm_proxy.store.tables import metadata
+from llm_proxy.store.ledger_db import statements
+from llm_proxy.store.tables import ledger_tables
 
 config = context.config
-target_metadata = metadata
+# database.table_prefix: set by llm_proxy.store.db.alembic_config; for the alembic command line, from the
+# LLM_PROXY_TABLE_PREFIX environment variable. Migrations read it back from config.attributes.
+_prefix = config.attributes.get("table_prefix")
+if _prefix is None:
+    _prefix = config.attributes["table_prefix"] = os.environ.get("LLM_PROXY_TABLE_PREFIX", "")
+_names = statements(_prefix)  # checks the prefix
+target_metadata = ledger_tables(_prefix).metadata
 
 
 def _url() -> str:
@@ -28,6 +35,7 @@ def _run(connection: Connection) -> None:
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        version_table=_names.version_table,
     )
     with context.begin_transaction():
         context.run_migrations()
@@ -43,7 +51,8 @@ async def _run_async() -> None:
 
 
 def run_migrations_offline() -> None:
-    context.configure(url=_url(), target_metadata=target_metadata, literal_binds=True)
+    context.configure(url=_url(), target_metadata=target_metadata, literal_binds=True,
+                      version_table=_names.version_table)
     with context.begin_transaction():
         context.run_migrations()
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from alembic import op
+from alembic import context, op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "0001_usage_ledger"
@@ -24,9 +24,15 @@ def _json() -> sa.types.TypeEngine[Any]:
     return sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 
 
+def _prefix() -> str:
+    """database.table_prefix (migrations/env.py puts it in the config's attributes)."""
+    return str(context.config.attributes.get("table_prefix") or "")
+
+
 def upgrade() -> None:
+    p = _prefix()
     op.create_table(
-        "usage_events",
+        p + "usage_events",
         sa.Column("request_id", sa.String(128), nullable=False),
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("ended_at", sa.DateTime(timezone=True), nullable=False),
@@ -48,13 +54,13 @@ def upgrade() -> None:
         sa.Column("upstream_latency_ms", sa.Double()),
         sa.Column("attempts", sa.Integer(), nullable=False, server_default=sa.text("1")),
         sa.Column("extra", _json()),
-        sa.PrimaryKeyConstraint("request_id", name="pk_usage_events"),
+        sa.PrimaryKeyConstraint("request_id", name=f"pk_{p}usage_events"),
     )
     # BRIN on PostgreSQL (rows arrive in about time order; far cheaper to maintain than a B-tree).
-    op.create_index("ix_usage_events_started_at", "usage_events", ["started_at"], postgresql_using="brin")
-    op.create_index("ix_usage_events_subject_started_at", "usage_events", ["subject", "started_at"])
+    op.create_index(f"ix_{p}usage_events_started_at", p + "usage_events", ["started_at"], postgresql_using="brin")
+    op.create_index(f"ix_{p}usage_events_subject_started_at", p + "usage_events", ["subject", "started_at"])
     op.create_table(
-        "stored_completions",
+        p + "stored_completions",
         sa.Column("request_id", sa.String(128), nullable=False),
         sa.Column("completion_id", sa.String(255), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
@@ -63,14 +69,15 @@ def upgrade() -> None:
         sa.Column("model", sa.String(255)),
         sa.Column("input_messages", _json(), nullable=False),
         sa.Column("response", _json(), nullable=False),
-        sa.PrimaryKeyConstraint("request_id", name="pk_stored_completions"),
+        sa.PrimaryKeyConstraint("request_id", name=f"pk_{p}stored_completions"),
     )
-    op.create_index("ix_stored_completions_completion_id", "stored_completions", ["completion_id"])
+    op.create_index(f"ix_{p}stored_completions_completion_id", p + "stored_completions", ["completion_id"])
     op.create_index(
-        "ix_stored_completions_subject_created_at", "stored_completions", ["subject", "created_at"]
+        f"ix_{p}stored_completions_subject_created_at", p + "stored_completions", ["subject", "created_at"]
     )
 
 
 def downgrade() -> None:
-    op.drop_table("stored_completions")
-    op.drop_table("usage_events")
+    p = _prefix()
+    op.drop_table(p + "stored_completions")
+    op.drop_table(p + "usage_events")
