@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from ..errors import BadRequest, Forbidden, ProxyError, UpstreamTimeout, UpstreamUnreachable
+from ..ingress.schema import VALIDATORS
 from ..ports import Policy
 from ..providers.base import Endpoint, Provider, StreamDecoder, Target
 from ..providers.http import UpstreamClient, UpstreamResponse
@@ -311,34 +312,6 @@ _STREAMABLE: frozenset[str] = frozenset({"chat.completions", "completions"})
 # What a stream's body must be, by UpstreamRequest.framing (no Content-Type at all is let through).
 _STREAM_TYPES: dict[str, str] = {"sse": "text/event-stream", "aws-eventstream": "application/vnd.amazon.eventstream"}
 
-# Parameters that multiply what the upstream bills (or are plainly wrong): (name, lowest, highest), checked with
-# a dict lookup each. n as OpenAI bounds it; max_tokens above any model's output window is a mistake (or abuse);
-# legacy completions allow max_tokens 0 (echo + logprobs: scoring a prompt). logprobs / top_logprobs: the
-# usual servers' ceilings (OpenAI 20 and 5, vLLM's max_logprobs 20 by default).
-_MAX_TOKENS = 1 << 20
-_LIMITS: dict[str, tuple[tuple[str, int, int], ...]] = {
-    "chat.completions": (
-        ("n", 1, 128), ("max_tokens", 1, _MAX_TOKENS), ("max_completion_tokens", 1, _MAX_TOKENS),
-        ("top_logprobs", 0, 20),
-    ),
-    "completions": (("n", 1, 128), ("max_tokens", 0, _MAX_TOKENS), ("best_of", 1, 20), ("logprobs", 0, 20)),
-}
-
-
-def _check_limits(body: Mapping[str, Any], limits: tuple[tuple[str, int, int], ...]) -> None:
-    for name, lo, hi in limits:
-        v = body.get(name)
-        if v is None:
-            continue
-        if type(v) is not int:  # bool is an int subclass, and 2.0 is not an integer either (as OpenAI answers)
-            raise BadRequest(f"Invalid type for '{name}': expected an integer", param=name, code="invalid_type")
-        if v < lo:
-            raise BadRequest(f"Invalid '{name}': integer below minimum value {lo}, got {v}", param=name,
-                             code="integer_below_min_value")
-        if v > hi:
-            raise BadRequest(f"Invalid '{name}': integer above maximum value {hi}, got {v}", param=name,
-                             code="integer_above_max_value")
-
 
 def _not_a_stream(provider: Provider, provider_id: str, headers: Mapping[str, str], ctype: str, raw: bytes
                   ) -> ProxyError:
@@ -382,23 +355,13 @@ class Gateway:
     async def handle(self, ctx: RequestContext, endpoint: Endpoint, body: dict[str, Any]) -> bytes | StreamSession:
         ctx.endpoint = endpoint
         model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise BadRequest("'model' is required and must be a string", param="model", code="missing_model")
-        ctx.model = model
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise BadRequest("'stream' must be a boolean", param="stream")
+        if isinstance(model, str):
+            ctx.model = model
+        VALIDATORS[endpoint](body)  # the schemas GET /openapi.json publishes
+        assert isinstance(model, str)
+        stream = body.get("stream") is True
         if stream and endpoint not in _STREAMABLE:
             raise BadRequest(f"streaming is not supported for {endpoint}", param="stream")
-        if endpoint == "chat.completions":
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise BadRequest("'messages' must be a non-empty array", param="messages")
-        elif endpoint == "embeddings" and "input" not in body:
-            raise BadRequest("'input' is required", param="input")
-        limits = _LIMITS.get(endpoint)
-        if limits is not None:
-            _check_limits(body, limits)
         ctx.streamed = stream
 
         route = self.router.resolve(model)

@@ -16,6 +16,7 @@ from aiohttp import web
 from .. import __version__
 from ..core.gateway import RequestContext, new_request_id
 from ..errors import BadRequest, ModelNotFound, PayloadTooLarge, ProxyError, internal_error
+from ..ingress.openapi import document
 from ..providers.base import Endpoint
 from ..providers.sse import DONE, frame
 from .errors import error_response, from_http_exception
@@ -229,6 +230,13 @@ def add_routes(app: web.Application, services: Services) -> None:
     app.router.add_get("/v1/health/live", live)
     app.router.add_get("/v1/health/ready", ready)
     app.router.add_get("/v1/client-config", client_config)
+    # The OpenAPI document (ingress/openapi.py), built from the schemas the handlers validate against.
+    openapi = orjson.dumps(document())
+
+    async def openapi_json(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=openapi, content_type="application/json")
+
+    app.router.add_get("/openapi.json", openapi_json)
     from .usage_routes import add_usage_routes  # imports CTX from this module
 
     add_usage_routes(app)

@@ -1,0 +1,284 @@
+"""Request schemas of the client APIs, as JSON Schema, and the cheap validators compiled from them.
+
+One source for two uses: the handlers validate request bodies with the checkers compiled here, and
+`GET /openapi.json` publishes the same schemas (ingress/openapi.py). The compiler takes the small subset of JSON
+Schema the schemas use (type, enum, minimum/maximum, minItems/maxItems, minLength/maxLength, items, anyOf,
+required, properties) and checks only the top-level fields a body carries, each with a few isinstance tests:
+no walk of message contents or tool schemas on the request path (translators validate what they read).
+Fields the schemas do not name pass through untouched: providers take extras the schemas do not list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sized
+from dataclasses import dataclass
+from typing import Any, cast
+
+from ..errors import BadRequest
+
+Schema = dict[str, Any]
+Check = Callable[[Any], bool]
+
+_INT: Schema = {"type": "integer"}
+_NULLABLE_STR: Schema = {"type": ["string", "null"]}
+
+
+def _num(lo: float, hi: float) -> Schema:
+    return {"type": ["number", "null"], "minimum": lo, "maximum": hi}
+
+
+def _int(lo: int, hi: int, nullable: bool = True) -> Schema:
+    return {"type": ["integer", "null"] if nullable else "integer", "minimum": lo, "maximum": hi}
+
+
+# Parameters that multiply what the upstream bills (or are plainly wrong) are bounded: n as OpenAI bounds it;
+# max_tokens above any model's output window is a mistake (or abuse); legacy completions allow max_tokens 0
+# (echo + logprobs: scoring a prompt); logprobs / top_logprobs: the usual servers' ceilings (OpenAI 20 and 5,
+# vLLM's max_logprobs 20 by default).
+MAX_TOKENS = 1 << 20
+
+_STOP: Schema = {
+    "anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "string"}, "minItems": 0, "maxItems": 4},
+        {"type": "null"},
+    ]
+}
+_MAX_TOKENS = _int(1, MAX_TOKENS)
+_COMMON: dict[str, Schema] = {
+    "model": {"type": "string", "minLength": 1, "maxLength": 256},
+    "stream": {"type": ["boolean", "null"]},
+    "stream_options": {"type": ["object", "null"]},
+    "temperature": _num(0, 2),
+    "top_p": _num(0, 1),
+    "n": _int(1, 128),
+    "max_tokens": _MAX_TOKENS,
+    "presence_penalty": _num(-2, 2),
+    "frequency_penalty": _num(-2, 2),
+    "logit_bias": {"type": ["object", "null"]},
+    "seed": {"type": ["integer", "null"]},
+    "stop": _STOP,
+    "user": _NULLABLE_STR,
+}
+
+CHAT_COMPLETIONS: Schema = {
+    "type": "object",
+    "required": ["model", "messages"],
+    "properties": {
+        **_COMMON,
+        "messages": {
+            "type": "array",
+            "minItems": 1,
+            "items": {"type": "object", "required": ["role"], "properties": {"role": {"type": "string"}}},
+        },
+        "max_completion_tokens": _MAX_TOKENS,
+        "logprobs": {"type": ["boolean", "null"]},
+        "top_logprobs": _int(0, 20),
+        "tools": {"type": ["array", "null"], "items": {"type": "object"}, "maxItems": 512},
+        "tool_choice": {
+            "anyOf": [{"type": "string", "enum": ["none", "auto", "required"]}, {"type": "object"}, {"type": "null"}]
+        },
+        "parallel_tool_calls": {"type": ["boolean", "null"]},
+        "response_format": {"type": ["object", "null"]},
+        "metadata": {"type": ["object", "null"]},
+        "store": {"type": ["boolean", "null"]},
+    },
+}
+
+COMPLETIONS: Schema = {
+    "type": "object",
+    "required": ["model", "prompt"],
+    "properties": {
+        **_COMMON,
+        "prompt": {
+            "anyOf": [
+                {"type": "string"},
+                {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                {"type": "array", "minItems": 1, "items": {"type": "integer"}},
+                {"type": "array", "minItems": 1, "items": {"type": "array"}},
+            ]
+        },
+        "max_tokens": _int(0, MAX_TOKENS),
+        "best_of": _int(1, 20),
+        "echo": {"type": ["boolean", "null"]},
+        "logprobs": _int(0, 20),
+        "suffix": _NULLABLE_STR,
+    },
+}
+
+EMBEDDINGS: Schema = {
+    "type": "object",
+    "required": ["model", "input"],
+    "properties": {
+        "model": _COMMON["model"],
+        "input": {
+            "anyOf": [
+                {"type": "string"},
+                {"type": "array", "minItems": 1, "maxItems": 2048, "items": {"type": "string"}},
+                {"type": "array", "minItems": 1, "maxItems": 2048, "items": {"type": "integer"}},
+                {"type": "array", "minItems": 1, "maxItems": 2048, "items": {"type": "array"}},
+            ]
+        },
+        "encoding_format": {"type": ["string", "null"], "enum": ["float", "base64", None]},
+        "dimensions": _int(1, 65536),
+        "user": _NULLABLE_STR,
+    },
+}
+
+# --------------------------------------------------------------------------------------------------
+# The compiler
+# --------------------------------------------------------------------------------------------------
+
+_TYPES: dict[str, Check] = {
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "null": lambda v: v is None,
+}
+
+_TYPE_WORDS = {"string": "a string", "integer": "an integer", "number": "a number", "boolean": "a boolean",
+               "object": "an object", "array": "an array", "null": "null"}
+
+
+def _size(kind: type, lo: int | None, hi: int | None) -> Check | None:
+    if lo is None and hi is None:
+        return None
+    low, high = lo or 0, hi if hi is not None else float("inf")
+
+    def check(v: Any) -> bool:
+        return not isinstance(v, kind) or low <= len(cast(Sized, v)) <= high
+
+    return check
+
+
+def compile_schema(schema: Schema) -> Check:
+    """A predicate for one value against one schema of the supported subset."""
+    if "anyOf" in schema:
+        alts = [compile_schema(s) for s in schema["anyOf"]]
+        return lambda v: any(a(v) for a in alts)
+    checks: list[Check] = []
+    t = schema.get("type")
+    if t is not None:
+        names = [t] if isinstance(t, str) else list(t)
+        preds = [_TYPES[n] for n in names]
+        checks.append(preds[0] if len(preds) == 1 else (lambda v: any(p(v) for p in preds)))
+    if "enum" in schema:
+        allowed = list(schema["enum"])
+        checks.append(lambda v: v in allowed)
+    lo, hi = schema.get("minimum"), schema.get("maximum")
+    if lo is not None or hi is not None:
+        def in_range(v: Any) -> bool:
+            if v is None or isinstance(v, bool) or not isinstance(v, int | float):
+                return True  # the type check decides
+            return (lo is None or v >= lo) and (hi is None or v <= hi)
+
+        checks.append(in_range)
+    for kind, lo_key, hi_key in ((str, "minLength", "maxLength"), (list, "minItems", "maxItems")):
+        size_check = _size(kind, schema.get(lo_key), schema.get(hi_key))
+        if size_check is not None:
+            checks.append(size_check)
+    if "items" in schema:
+        item = compile_schema(schema["items"])
+        checks.append(lambda v: not isinstance(v, list) or all(item(x) for x in v))
+    required = schema.get("required")
+    if required:
+        req = list(required)
+        checks.append(lambda v: not isinstance(v, dict) or all(k in v for k in req))
+    props = schema.get("properties")
+    if props:
+        sub = {k: compile_schema(s) for k, s in props.items()}
+        checks.append(lambda v: not isinstance(v, dict) or all(c(v[k]) for k, c in sub.items() if k in v))
+    if not checks:
+        return lambda v: True
+    if len(checks) == 1:
+        return checks[0]
+    return lambda v: all(c(v) for c in checks)
+
+
+def describe(schema: Schema) -> str:
+    """What a value must be, in words (for the 400's message)."""
+    if "anyOf" in schema:
+        parts = [describe(s) for s in schema["anyOf"] if s.get("type") != "null"]
+        return " or ".join(dict.fromkeys(parts))
+    t = schema.get("type")
+    names = [t] if isinstance(t, str) else [n for n in (t or []) if n != "null"]
+    text = " or ".join(_TYPE_WORDS[n] for n in names) or "a value"
+    if "enum" in schema:
+        text += " (one of " + ", ".join(repr(e) for e in schema["enum"] if e is not None) + ")"
+    lo, hi = schema.get("minimum"), schema.get("maximum")
+    if lo is not None and hi is not None:
+        text += f" between {lo:g} and {hi:g}"
+    elif lo is not None:
+        text += f" of at least {lo:g}"
+    if schema.get("minItems"):
+        text += f" with at least {schema['minItems']} item(s)"
+    if schema.get("maxItems"):
+        text += f" with at most {schema['maxItems']} items"
+    if schema.get("minLength"):
+        text += " (not empty)"
+    if "items" in schema and schema["items"].get("type"):
+        text += " of " + describe(schema["items"]).replace("a ", "", 1).replace("an ", "", 1) + "s"
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    check: Check
+    schema: Schema
+    type_check: Check | None  # the schema's own `type` alone, to tell a wrong type from a wrong value
+
+
+def _reject(name: str, value: Any, f: _Field) -> BadRequest:
+    """The 400 for a field that failed its check, with OpenAI's codes where OpenAI has them."""
+    schema = f.schema
+    if f.type_check is not None and not f.type_check(value):
+        return BadRequest(f"Invalid type for '{name}': expected {describe(schema)}", param=name, code="invalid_type")
+    lo, hi = schema.get("minimum"), schema.get("maximum")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        kind = "integer" if isinstance(value, int) else "decimal"
+        if lo is not None and value < lo:
+            return BadRequest(f"Invalid '{name}': {kind} below minimum value {lo:g}, got {value:g}", param=name,
+                              code=f"{kind}_below_min_value")
+        if hi is not None and value > hi:
+            return BadRequest(f"Invalid '{name}': {kind} above maximum value {hi:g}, got {value:g}", param=name,
+                              code=f"{kind}_above_max_value")
+    return BadRequest(f"Invalid '{name}': expected {describe(schema)}", param=name, code="invalid_value")
+
+
+@dataclass(frozen=True, slots=True)
+class BodyValidator:
+    """Checks a parsed request body (a dict) against one endpoint's schema; raises BadRequest naming the field.
+
+    Cost: one dict lookup per top-level field of the body, and the few isinstance tests of the fields it names."""
+
+    schema: Schema
+    required: tuple[str, ...]
+    fields: Mapping[str, _Field]
+
+    @classmethod
+    def of(cls, schema: Schema) -> BodyValidator:
+        fields: dict[str, _Field] = {}
+        for k, s in schema.get("properties", {}).items():
+            t = s.get("type")
+            fields[k] = _Field(compile_schema(s), s, compile_schema({"type": t}) if t is not None else None)
+        return cls(schema, tuple(schema.get("required", ())), fields)
+
+    def __call__(self, body: Mapping[str, Any]) -> None:
+        for name in self.required:
+            if name not in body:
+                raise BadRequest(f"'{name}' is required", param=name, code=f"missing_{name}")
+        fields = self.fields
+        for name, value in body.items():
+            f = fields.get(name)
+            if f is not None and not f.check(value):
+                raise _reject(name, value, f)
+
+
+VALIDATORS: dict[str, BodyValidator] = {
+    "chat.completions": BodyValidator.of(CHAT_COMPLETIONS),
+    "completions": BodyValidator.of(COMPLETIONS),
+    "embeddings": BodyValidator.of(EMBEDDINGS),
+}
