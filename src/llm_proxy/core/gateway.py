@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import BadRequest, Forbidden, ProxyError
+from ..errors import BadRequest, Forbidden, ProxyError, ledger_error_code, ledger_error_type
 from ..ports import Policy
 from ..providers.base import Endpoint, StreamDecoder, Target
 from ..providers.http import UpstreamClient, UpstreamResponse
+from ..providers.upstream_errors import scrub_error
 from ..types import Principal, Usage, UsageEvent
 from .resilience import ELSEWHERE, NEVER, Deployment, retry_after_seconds, retry_scope
 from .routing import Route, Router
+
+_log = logging.getLogger("llm_proxy.upstream")
+
+
+def log_withheld(ctx: RequestContext, exc: ProxyError) -> None:
+    """What an upstream said that the client was not shown (internals, a credential rejection), scrubbed."""
+    if exc.detail is not None:
+        _log.warning("upstream error detail withheld from the client", extra={
+            "request_id": ctx.request_id, "provider": ctx.provider_id, "status": exc.status,
+            "upstream_message": exc.detail})
 
 
 @dataclass(slots=True)
@@ -139,6 +151,10 @@ class StreamSession:
         ctx = self._ctx
         ctx.upstream_ended = time.perf_counter()
         ctx.usage = self._decoder.usage
+        err = self._decoder.error  # the upstream's own error event, relayed (rebuilt) as the last frame
+        if err is not None:
+            ctx.status, ctx.error_type = err.status, ledger_error_type(err)
+            log_withheld(ctx, err)
         if clean:
             self._resp.release()
         else:
@@ -173,6 +189,12 @@ class Gateway:
         self.router = router
         self.client = client
         self.policy = policy
+
+    def _sanitize(self, ctx: RequestContext, exc: ProxyError) -> None:
+        """Last pass over a failed attempt's error (error path only): every provider's credentials scrubbed from
+        what the client and the log will see, then the withheld upstream detail logged."""
+        scrub_error(exc, [s for p in self.router.providers.values() for s in p.secrets()])
+        log_withheld(ctx, exc)
 
     async def handle(self, ctx: RequestContext, endpoint: Endpoint, body: dict[str, Any]) -> bytes | StreamSession:
         ctx.endpoint = endpoint
@@ -213,7 +235,8 @@ class Gateway:
                     ctx, endpoint, body, stream, want_usage, route.pool.deployments[0], target, None, None
                 )
             except ProxyError as exc:
-                ctx.extra["attempts"] = [_attempt_entry(ctx, target, exc.status, exc.code or exc.type)]
+                self._sanitize(ctx, exc)
+                ctx.extra["attempts"] = [_attempt_entry(ctx, target, exc.status, ledger_error_code(exc))]
                 raise
         return await self._with_retries(ctx, endpoint, body, route, stream, want_usage)
 
@@ -252,6 +275,7 @@ class Gateway:
                     ctx, endpoint, body, stream, want_usage, dep, target, deadline, dep if multi else None
                 )
             except ProxyError as exc:
+                self._sanitize(ctx, exc)
                 dep.in_flight -= 1
                 now = loop.time()
                 scope = retry_scope(exc)
@@ -261,7 +285,7 @@ class Gateway:
                     dep.failed(now, retry_after_seconds(exc.headers))
                 if log is None:
                     log = []
-                log.append(_attempt_entry(ctx, target, exc.status, exc.code or exc.type))
+                log.append(_attempt_entry(ctx, target, exc.status, ledger_error_code(exc)))
                 tried |= 1 << dep.index
                 if scope == ELSEWHERE:
                     banned |= 1 << dep.index

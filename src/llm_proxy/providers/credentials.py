@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import time
+from collections.abc import Iterable, Mapping
+from urllib.parse import quote, quote_plus
+
+# Shorter "secrets" (a placeholder such as "none") would only mangle messages.
+_MIN_SECRET = 4
 
 
 class KeySource:
@@ -45,9 +52,43 @@ class KeySource:
         return f"file {self._path}" if self._path else "api_key"
 
 
-def scrub(text: str, secrets: list[str | None]) -> str:
-    """Remove any credential that an upstream might echo back in an error message."""
+REDACTED = "[redacted]"
+
+
+@functools.lru_cache(maxsize=64)
+def _secret_pattern(secrets: tuple[str, ...]) -> re.Pattern[str] | None:
+    """One case-insensitive pattern for every form of the given secrets an upstream may echo: as sent, and
+    percent-encoded (query strings, URLs in messages). Compiled once per set of secrets (keys rotate rarely)."""
+    forms: set[str] = set()
     for s in secrets:
-        if s and len(s) >= 4:
-            text = text.replace(s, "[redacted]")
-    return text
+        forms.add(s)
+        forms.add(quote(s, safe=""))
+        forms.add(quote_plus(s, safe=""))
+    if not forms:
+        return None
+    # Longest first: a form that contains another must win the alternation.
+    return re.compile("|".join(re.escape(f) for f in sorted(forms, key=len, reverse=True)), re.IGNORECASE)
+
+
+def _pattern_for(secrets: Iterable[str | None]) -> re.Pattern[str] | None:
+    return _secret_pattern(tuple(sorted({s for s in secrets if s and len(s) >= _MIN_SECRET})))
+
+
+def scrub(text: str, secrets: Iterable[str | None]) -> str:
+    """Remove every credential that an upstream might echo back (any letter case, percent-encoded too)."""
+    pattern = _pattern_for(secrets)
+    return text if pattern is None else pattern.sub(REDACTED, text)
+
+
+def contains_secret(text: str, secrets: Iterable[str | None]) -> bool:
+    pattern = _pattern_for(secrets)
+    return pattern is not None and pattern.search(text) is not None
+
+
+# Static headers configured on a provider whose values are credentials (llama-stack api_token, a gateway's key).
+_CREDENTIAL_HEADER = re.compile(r"auth|key|token|secret|password|cookie|signature", re.IGNORECASE)
+
+
+def header_secrets(headers: Mapping[str, str]) -> list[str | None]:
+    """Values of configured extra headers that carry credentials, to be scrubbed like the provider's key."""
+    return [v for k, v in headers.items() if _CREDENTIAL_HEADER.search(k)]

@@ -9,11 +9,12 @@ from typing import Any
 import orjson
 
 from ..config import ProviderSettings
-from ..errors import ProxyError, RateLimited, UpstreamError
+from ..errors import ProxyError, UpstreamError
 from ..types import Usage
 from .base import Endpoint, Target, UpstreamRequest
-from .credentials import KeySource, scrub
+from .credentials import KeySource, header_secrets
 from .sse import SSESplitter, frame
+from .upstream_errors import upstream_error
 
 _PATHS: dict[str, str] = {
     "chat.completions": "/chat/completions",
@@ -24,6 +25,8 @@ _PATHS: dict[str, str] = {
 # The first `"model": "..."` key of a chunk, matched on bytes so the hot path need not parse JSON.
 _MODEL_KEY = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
 _USAGE_OBJ = re.compile(rb'"usage"\s*:\s*\{')
+# In an SSE data line this can only be a key or a value, never content (quotes in strings are escaped).
+_ERROR_KEY = b'"error"'
 
 
 def rewrite_model(payload: bytes, model_json: bytes) -> bytes:
@@ -46,55 +49,22 @@ def rewrite_model(payload: bytes, model_json: bytes) -> bytes:
 def error_from_openai_body(
     status: int, headers: Mapping[str, str], raw: bytes, provider_id: str, secrets: list[str | None]
 ) -> ProxyError:
-    """Shared mapping of an OpenAI-shaped error body to a ProxyError keeping status and message."""
-    message = f"Upstream provider '{provider_id}' returned HTTP {status}"
-    etype: str | None = None
-    code: str | None = None
-    param: str | None = None
+    """An OpenAI-shaped error body (`{"error": {...}}` or `{"error": "..."}`) -> a ProxyError keeping the status."""
     try:
         data = orjson.loads(raw) if raw else None
     except orjson.JSONDecodeError:
         data = None
+    return error_from_openai_data(status, headers, data, provider_id, secrets)
+
+
+def error_from_openai_data(
+    status: int, headers: Mapping[str, str], data: Any, provider_id: str, secrets: list[str | None]
+) -> ProxyError:
     err = data.get("error") if isinstance(data, dict) else None
     if isinstance(err, dict):
-        if isinstance(err.get("message"), str) and err["message"]:
-            message = scrub(err["message"], secrets)[:2000]
-        etype = err.get("type") if isinstance(err.get("type"), str) else None
-        code = str(err["code"]) if err.get("code") is not None else None
-        param = err.get("param") if isinstance(err.get("param"), str) else None
-    elif isinstance(err, str):
-        message = scrub(err, secrets)[:2000]
-    return map_status(status, headers, message, etype, code, param, provider_id)
-
-
-def map_status(
-    status: int,
-    headers: Mapping[str, str],
-    message: str,
-    etype: str | None,
-    code: str | None,
-    param: str | None,
-    provider_id: str,
-) -> ProxyError:
-    if status in (401, 403):
-        # A 401 from the proxy means "your token is bad"; an upstream credential problem is ours.
-        return UpstreamError(
-            f"Upstream provider '{provider_id}' rejected the proxy's credentials (HTTP {status})",
-            status=502,
-            type="api_error",
-            code="upstream_auth_failed",
-        )
-    out_headers: dict[str, str] = {}
-    for h in ("retry-after", "retry-after-ms"):
-        v = headers.get(h)
-        if v:
-            out_headers[h] = v
-    if status == 429:
-        return RateLimited(message, type=etype or "rate_limit_error", code=code or "rate_limit_exceeded",
-                           param=param, headers=out_headers)
-    default_type = "invalid_request_error" if 400 <= status < 500 else "api_error"
-    return UpstreamError(message, status=status if 400 <= status < 600 else 502, type=etype or default_type,
-                         code=code, param=param, headers=out_headers)
+        return upstream_error(status, headers, err.get("message"), err.get("type"), err.get("code"),
+                              err.get("param"), provider_id, secrets)
+    return upstream_error(status, headers, err, None, None, None, provider_id, secrets)
 
 
 class OpenAIStreamDecoder:
@@ -105,9 +75,14 @@ class OpenAIStreamDecoder:
     CRLF, events split across reads) goes through the SSE splitter event by event.
     """
 
-    __slots__ = ("_buf", "_from", "_model_json", "_split", "_to", "_want_usage", "usage")
+    __slots__ = ("_buf", "_from", "_model_json", "_provider_id", "_secrets", "_split", "_to", "_want_usage", "error",
+                 "usage")
 
-    def __init__(self, public_model: str, client_wants_usage: bool) -> None:
+    def __init__(self, public_model: str, client_wants_usage: bool, secrets: list[str | None] | None = None,
+                 provider_id: str = "openai") -> None:
+        self._secrets = secrets or []
+        self._provider_id = provider_id
+        self.error: ProxyError | None = None
         self._split = SSESplitter()
         self._model_json = orjson.dumps(public_model)
         self._want_usage = client_wants_usage
@@ -150,6 +125,7 @@ class OpenAIStreamDecoder:
             or chunk.count(b"\n") != 2 * events
             or chunk.count(b"\n\ndata: {") != events - 1
             or b"\r" in chunk
+            or _ERROR_KEY in chunk  # an upstream's error event is rebuilt, never relayed (see _error_frame)
         ):
             return None
         src = self._from
@@ -170,6 +146,11 @@ class OpenAIStreamDecoder:
         for _name, payload in events:
             if payload == b"[DONE]" or not payload:
                 continue
+            if _ERROR_KEY in payload:
+                rebuilt = self._error_frame(payload)
+                if rebuilt is not None:
+                    out.append(rebuilt)
+                    continue
             if _USAGE_OBJ.search(payload) is not None:
                 kept = self._usage_chunk(payload)
                 if kept is not None:
@@ -177,6 +158,25 @@ class OpenAIStreamDecoder:
                 continue
             out.append(frame(rewrite_model(payload, self._model_json)))
         return out
+
+    def _error_frame(self, payload: bytes) -> bytes | None:
+        """A mid-stream `{"error": ...}` event, rebuilt from its scrubbed parts (None: not an error event)."""
+        try:
+            data = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            data = None
+        if not isinstance(data, dict) or "error" not in data:
+            if data is not None:
+                return None
+            # Not JSON but it mentions an error: relaying it could echo anything; say so in our words instead.
+            data = {"error": None}
+        err = data["error"]
+        status = 502
+        code = err.get("code") if isinstance(err, dict) else None
+        if isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 600:
+            status = code  # vLLM puts the HTTP status in `code`
+        self.error = error_from_openai_data(status, {}, data, self._provider_id, self._secrets)
+        return frame(self.error.body())
 
     def _usage_chunk(self, payload: bytes) -> bytes | None:
         try:
@@ -238,10 +238,13 @@ class OpenAICompatProvider:
         return orjson.dumps(data), Usage.from_openai(data.get("usage"))
 
     def stream_decoder(self, endpoint: Endpoint, target: Target, client_wants_usage: bool) -> OpenAIStreamDecoder:
-        return OpenAIStreamDecoder(target.public_model, client_wants_usage)
+        return OpenAIStreamDecoder(target.public_model, client_wants_usage, self.secrets(), self.id)
+
+    def secrets(self) -> list[str | None]:
+        return [self.key.get(), *header_secrets(self.settings.headers)]
 
     def parse_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ProxyError:
-        return error_from_openai_body(status, headers, raw, self.id, [self.key.get()])
+        return error_from_openai_body(status, headers, raw, self.id, self.secrets())
 
 
 def create(settings: ProviderSettings) -> OpenAICompatProvider:
