@@ -13,6 +13,7 @@ SQLite: every column, the attempts list in `extra` included) and the usage journ
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import http.client
 import json
@@ -141,8 +142,9 @@ def _openai_chunk(text: str) -> bytes:
     return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
 
-def stream_body(kind: str, shape: str, rec: Received) -> bytes:
-    """A 200 stream in the upstream's wire format that fails with an error event (after one token, or first)."""
+def stream_body(kind: str, shape: str, rec: Received) -> tuple[bytes, bytes]:
+    """A 200 stream in the upstream's wire format that fails with an error event: (what comes before the error,
+    the error). With nothing before it (`stream_error_first`) the proxy can still answer with an HTTP error."""
     key = received_key(rec)
     msg = echo(rec)
     first = shape == "stream_error_first"
@@ -156,7 +158,7 @@ def stream_body(kind: str, shape: str, rec: Received) -> bytes:
         event = b"data: " + orjson.dumps({"error": err}) + b"\n\n"
         if shape == "stream_error_raw":  # not JSON at all
             event = b'data: {"error": "' + msg.encode() + b"\n\n"
-        return event if first else _openai_chunk("Hello") + event
+        return (b"" if first else _openai_chunk("Hello")), event
     if kind == "anthropic":
         start = (b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","usage":'
                  b'{"input_tokens":3,"output_tokens":0}}}\n\n'
@@ -165,25 +167,27 @@ def stream_body(kind: str, shape: str, rec: Received) -> bytes:
         payload = orjson.dumps({"type": "error", "error": {"type": key, "message": msg}})
         if shape == "stream_error_raw":
             payload = b'{"type": "error", "error": {"message": "' + msg.encode()
-        event = b"event: error\ndata: " + payload + b"\n\n"
-        return event if first else start + event
+        return (b"" if first else start), b"event: error\ndata: " + payload + b"\n\n"
     if kind == "gemini":
         start = b'data: {"candidates":[{"content":{"parts":[{"text":"Hello"}],"role":"model"},"index":0}]}\n\n'
         code: Any = 500 if shape == "stream_error_numeric" else key
         payload = orjson.dumps({"error": {"code": code, "message": msg, "status": key}})
         if shape == "stream_error_raw":
             payload = b'{"error": {"message": "' + msg.encode()
-        event = b"data: " + payload + b"\n\n"
-        return event if first else start + event
+        return (b"" if first else start), b"data: " + payload + b"\n\n"
     # bedrock: an exception message, or a message of type error
-    events = [] if first else [{"event": "messageStart", "payload": {"role": "assistant"}},
-                               {"event": "contentBlockDelta", "payload": {"contentBlockIndex": 0,
-                                                                          "delta": {"text": "Hello"}}}]
-    out = encode_events(events)
+    head = b"" if first else encode_events([
+        {"event": "messageStart", "payload": {"role": "assistant"}},
+        {"event": "contentBlockDelta", "payload": {"contentBlockIndex": 0, "delta": {"text": "Hello"}}}])
     if shape == "stream_error_message":
-        return out + encode_message({":message-type": "error", ":error-code": key, ":error-message": msg}, b"")
-    return out + encode_message({":exception-type": key, ":content-type": "application/json",
+        return head, encode_message({":message-type": "error", ":error-code": key, ":error-message": msg}, b"")
+    return head, encode_message({":exception-type": key, ":content-type": "application/json",
                                  ":message-type": "exception"}, orjson.dumps({"message": msg}))
+
+
+# Set by the client once it has the stream's first event, so that the upstream's error comes after the proxy
+# has started relaying (mid-stream) rather than before (then the proxy can still answer with an HTTP error).
+GATE = threading.Event()
 
 
 STREAM_TYPES = {"openai": "text/event-stream", "azure": "text/event-stream", "anthropic": "text/event-stream",
@@ -201,9 +205,14 @@ def handler_for(kind: str) -> Any:
         name, status = shape_of(rec)
         key = received_key(rec)
         if name.startswith("stream_error"):
+            head, error = stream_body(kind, name, rec)
             resp = web.StreamResponse(status=200, headers={"content-type": STREAM_TYPES[kind]})
             await resp.prepare(request)
-            await resp.write(stream_body(kind, name, rec))
+            if head:
+                await resp.write(head)
+                await asyncio.to_thread(GATE.wait, 20)
+                GATE.clear()
+            await resp.write(error)
             await resp.write_eof()
             return resp
         body = orjson.dumps(error_body(kind, status, rec))
@@ -347,7 +356,13 @@ def post(px: ProxyServer, model: str, shape: Shape) -> tuple[int, dict[str, str]
                      {"content-type": "application/json", "authorization": f"Bearer {CLIENT_TOKEN}",
                       "x-api-key": CLIENT_TOKEN})
         resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+        headers = {k.lower(): v for k, v in resp.getheaders()}
+        body = b""
+        if resp.status == 200 and shape.stream:
+            while b"\n\n" not in body and (piece := resp.read1(65536)):
+                body += piece
+            GATE.set()  # the first event is here: now the upstream may fail
+        return resp.status, headers, body + resp.read()
     finally:
         conn.close()
 
@@ -368,6 +383,8 @@ def test_no_canary_in_the_response(env: Env, provider: str, shape: Shape) -> Non
     wire = f"{status} {json.dumps(headers)} ".encode() + body
     assert not leaks(wire.decode("utf-8", "replace")), wire
     assert "x-request-id" in headers and "Traceback" not in body.decode("utf-8", "replace")
+    if shape.name == "stream_error_first":  # nothing had reached the client: a real HTTP error instead
+        assert status >= 400
     if status != 200:  # an HTTP error: OpenAI's envelope, the status kept (ours for credential problems)
         err = orjson.loads(body)["error"]
         assert set(err) == {"message", "type", "param", "code"}
@@ -389,10 +406,13 @@ def test_no_canary_in_the_response(env: Env, provider: str, shape: Shape) -> Non
 
 
 def test_retried_attempts_leak_nothing(env: Env) -> None:
-    for shape in (Shape("fields", 503), Shape("headers", 429), Shape("internals", 500)):
+    for shape in (Shape("fields", 503), Shape("headers", 429), Shape("internals", 500),
+                  Shape("stream_error_first", 502, stream=True)):
+        before = len(env.fakes["openai"].received)
         status, headers, body = post(env.proxy, "retried/m", shape)
         env.seen.append((headers["x-request-id"], status, headers, body))
         assert status == shape.status and not leaks(f"{headers} {body!r}")
+        assert len(env.fakes["openai"].received) - before >= 2  # both deployments were tried
 
 
 def test_the_client_token_never_reaches_an_upstream(env: Env) -> None:

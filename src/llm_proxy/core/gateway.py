@@ -382,6 +382,10 @@ class Gateway:
                     done = True
                     break
                 pending = decoder.feed(chunk)
+            if decoder.error is not None:
+                # The upstream's error event came before anything reached the client: answer with its status
+                # (and retry it like any other failed attempt) instead of a 200 that ends in an error event.
+                raise decoder.error
             if pending:
                 ctx.first_token_at = time.perf_counter()
         except BaseException:

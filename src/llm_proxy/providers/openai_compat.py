@@ -70,13 +70,14 @@ def error_from_openai_data(
 class OpenAIStreamDecoder:
     """Passes OpenAI chunks through, rewriting `model` and lifting the usage chunk.
 
-    Fast path: a read holding only whole single-line `data: {...}` events with one `model` value and no
-    usage object is relayed with one bytes.replace. Anything else (the usage chunk, [DONE], comments,
-    CRLF, events split across reads) goes through the SSE splitter event by event.
+    Fast path: a read holding only whole single-line `data: {...}` events that open with the same first key,
+    with one `model` value each and no usage object, is relayed with one bytes.replace. Anything else (the usage
+    chunk, [DONE], error events, comments, CRLF, events split across reads) goes through the SSE splitter event
+    by event.
     """
 
-    __slots__ = ("_buf", "_from", "_model_json", "_provider_id", "_secrets", "_split", "_to", "_want_usage", "error",
-                 "usage")
+    __slots__ = ("_buf", "_from", "_lead", "_model_json", "_next_lead", "_provider_id", "_secrets", "_split", "_to",
+                 "_want_usage", "error", "usage")
 
     def __init__(self, public_model: str, client_wants_usage: bool, secrets: list[str | None] | None = None,
                  provider_id: str = "openai") -> None:
@@ -89,6 +90,7 @@ class OpenAIStreamDecoder:
         self.usage: Usage | None = None
         self._buf = b""
         self._from: bytes | None = None  # the upstream's `"model":"..."` bytes, once seen
+        self._lead = self._next_lead = b""  # `data: {"<first key>"` of its chunks (see _learn)
         self._to = b'"model":' + self._model_json
 
     def feed(self, data: bytes) -> list[bytes]:
@@ -119,27 +121,44 @@ class OpenAIStreamDecoder:
         return self._frames(self._split.close())
 
     def _fast(self, chunk: bytes) -> bytes | None:
-        events = chunk.count(b"\n\n")
-        if (
-            not chunk.startswith(b"data: {")
-            or chunk.count(b"\n") != 2 * events
-            or chunk.count(b"\n\ndata: {") != events - 1
-            or b"\r" in chunk
-            or _ERROR_KEY in chunk  # an upstream's error event is rebuilt, never relayed (see _error_frame)
-        ):
-            return None
         src = self._from
         if src is None:
-            m = _MODEL_KEY.search(chunk)
-            if m is None:
+            if not self._learn(chunk):
                 return None
-            head = chunk[7 : m.start()]
-            if b"{" in head or b"[" in head:  # not a top-level key of the first event
-                return None
-            src = self._from = chunk[m.start() : m.end()]
+            src = self._from
+            assert src is not None
+        lead = self._lead
+        events = chunk.count(b"\n\n")
+        if (
+            not chunk.startswith(lead)
+            or chunk.count(b"\n") != 2 * events
+            # Every event opens with the first key of the upstream's chunks: an error event (`{"error": ...}`) does
+            # not, so it leaves the fast path (and is rebuilt in _frames) without a scan of its own.
+            or chunk.count(self._next_lead) != events - 1
+            or b"\r" in chunk
+        ):
+            return None
         if chunk.count(src) != events:
             return None
         return chunk.replace(src, self._to)
+
+    def _learn(self, chunk: bytes) -> bool:
+        """From the first fast-path candidate: the upstream's `"model":"..."` bytes and its chunks' opening
+        `data: {"<first key>"`."""
+        if not chunk.startswith(b'data: {"'):
+            return False
+        end = chunk.find(b'"', 8)
+        m = _MODEL_KEY.search(chunk)
+        if end < 0 or m is None:
+            return False
+        lead = chunk[: end + 1]
+        head = chunk[7 : m.start()]
+        if lead == b'data: {"error"' or b"{" in head or b"[" in head:  # an error, or not a top-level key
+            return False
+        self._from = chunk[m.start() : m.end()]
+        self._lead = lead
+        self._next_lead = b"\n\n" + lead
+        return True
 
     def _frames(self, events: list[tuple[bytes | None, bytes]]) -> list[bytes]:
         out: list[bytes] = []
@@ -165,6 +184,8 @@ class OpenAIStreamDecoder:
             data = orjson.loads(payload)
         except orjson.JSONDecodeError:
             data = None
+        if isinstance(data, dict) and "error" not in data and data.get("object") == "error":
+            data = {"error": data}  # older vLLM: the error object itself
         if not isinstance(data, dict) or "error" not in data:
             if data is not None:
                 return None
