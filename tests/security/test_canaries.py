@@ -1,14 +1,16 @@
 """Canary credentials through every upstream failure shape: they reach no client response, log line or usage row.
 
 Each provider type (openai, openai_compat with a credential-bearing configured header, azure, anthropic, gemini,
-bedrock) has its own canary key. A scripted fake of each upstream fails in every way we know of, and in each it
-echoes every credential it received (and every header, so a forwarded client token would come back too) in every
-place an upstream can put text: error message, type, code, param (as sent, upper case, swapped case,
-percent-encoded, inside longer strings), non-JSON bodies, JSON cut short, gzip bodies, bodies cut off on the wire,
-response headers (retry-after, content-encoding, others) and mid-stream error events in each wire format. The
-client sends a canary bearer token that must never reach an upstream. Checked: every client response (status
-line, headers, body), every log line of the proxy (logging and the access log), every usage row (PostgreSQL and
-SQLite: every column, the attempts list in `extra` included) and the usage journal on disk.
+bedrock with a bearer key and with SigV4 and a session token) has its own canary key. A scripted fake of each
+upstream fails in every way we know of, and in each it echoes every credential it received (and every header, so
+a forwarded client token would come back too) in every place an upstream can put text: error message, type,
+code, param (as sent, upper case, swapped case, percent-encoded, inside longer strings), non-JSON bodies, JSON cut
+short, gzip bodies, bodies cut off on the wire, response headers (retry-after, content-encoding, others) and
+mid-stream error events in each wire format (and stream events a translator cannot read). The client sends a
+canary bearer token that must never reach an upstream. Checked: every client response (status line, headers,
+body), every log line of the proxy (logging and the access log), every usage row (PostgreSQL and SQLite: every
+column, the attempts list in `extra` included) and the usage journal on disk. A leak is any 16 characters of a
+canary in a row, in any letter case, as sent or percent-encoded.
 """
 
 from __future__ import annotations
@@ -54,7 +56,10 @@ KEYS = {
 }
 HEADER_TOKEN = "hdr-canary-GatewayToken-0007"  # a configured extra header of `compat`
 CLIENT_TOKEN = "client-canary-Bearer-0008"
-CANARIES = [*KEYS.values(), HEADER_TOKEN, CLIENT_TOKEN]
+# Bedrock with SigV4: the secret key never leaves the proxy, the session token goes in x-amz-security-token.
+AWS_SECRET = "aws-canary/Secret+Key=0009/9f8e7d6c5b4a39281706"
+AWS_SESSION = "IQoJb3JpZ2luX2VjECanary/Session+Token=0010/9f8e7d6c5b4a39281706f5e4d3c2b1a0"
+CANARIES = [*KEYS.values(), HEADER_TOKEN, CLIENT_TOKEN, AWS_SECRET, AWS_SESSION]
 
 FAKE_THREAD = "canary-fakes"
 
@@ -80,7 +85,7 @@ def leaks(text: str) -> list[str]:
 
 
 def received_key(rec: Received) -> str:
-    for h in ("authorization", "api-key", "x-api-key", "x-goog-api-key"):
+    for h in ("x-amz-security-token", "authorization", "api-key", "x-api-key", "x-goog-api-key"):
         v = rec.headers.get(h)
         if v:
             return v.removeprefix("Bearer ")
@@ -118,6 +123,7 @@ SHAPES = [
     Shape("stream_error_string", stream=True, kinds=("openai", "azure")),
     Shape("stream_error_raw", stream=True, kinds=("openai", "azure", "anthropic", "gemini")),
     Shape("stream_error_message", stream=True, kinds=("bedrock",)),
+    Shape("stream_error_bad_index", stream=True, kinds=("anthropic", "bedrock")),  # int('<key>') in a translator
 ]
 
 
@@ -165,6 +171,10 @@ def stream_body(kind: str, shape: str, rec: Received) -> tuple[bytes, bytes]:
                  b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
                  b'"delta":{"type":"text_delta","text":"Hello"}}\n\n')
         payload = orjson.dumps({"type": "error", "error": {"type": key, "message": msg}})
+        if shape == "stream_error_bad_index":
+            bad = {"type": "content_block_start", "index": key, "content_block": {"type": "tool_use", "id": "t",
+                                                                                 "name": "f", "input": {}}}
+            return start, b"event: content_block_start\ndata: " + orjson.dumps(bad) + b"\n\n"
         if shape == "stream_error_raw":
             payload = b'{"type": "error", "error": {"message": "' + msg.encode()
         return (b"" if first else start), b"event: error\ndata: " + payload + b"\n\n"
@@ -179,6 +189,9 @@ def stream_body(kind: str, shape: str, rec: Received) -> tuple[bytes, bytes]:
     head = b"" if first else encode_events([
         {"event": "messageStart", "payload": {"role": "assistant"}},
         {"event": "contentBlockDelta", "payload": {"contentBlockIndex": 0, "delta": {"text": "Hello"}}}])
+    if shape == "stream_error_bad_index":
+        return head, encode_events([{"event": "contentBlockStart", "payload": {
+            "contentBlockIndex": key, "start": {"toolUse": {"toolUseId": "t", "name": "f"}}}}])
     if shape == "stream_error_message":
         return head, encode_message({":message-type": "error", ":error-code": key, ":error-message": msg}, b"")
     return head, encode_message({":exception-type": key, ":content-type": "application/json",
@@ -256,7 +269,7 @@ def handler_for(kind: str) -> Any:
 # --------------------------------------------------------------------------------------------------------- the proxy
 
 MODELS = {"openai": "openai", "compat": "openai", "azure": "azure", "anthropic": "anthropic", "gemini": "gemini",
-          "bedrock": "bedrock"}  # provider id -> the fake (wire format) it talks to
+          "bedrock": "bedrock", "sigv4": "bedrock"}  # provider id -> the fake (wire format) it talks to
 
 
 def config(urls: dict[str, str], db: str, spool: Path) -> str:
@@ -269,6 +282,9 @@ providers:
   - {{id: anthropic, type: anthropic, base_url: "{urls['anthropic']}", api_key: "{KEYS['anthropic']}"}}
   - {{id: gemini, type: gemini, base_url: "{urls['gemini']}", api_key: "{KEYS['gemini']}"}}
   - {{id: bedrock, type: bedrock, base_url: "{urls['bedrock']}", region: us-east-1, api_key: "{KEYS['bedrock']}"}}
+  - {{id: sigv4, type: bedrock, base_url: "{urls['bedrock']}", region: us-east-1,
+      aws_access_key_id: AKIACANARYACCESSKEY, aws_secret_access_key: "{AWS_SECRET}",
+      aws_session_token: "{AWS_SESSION}"}}
 models:
   - {{id: openai/m, provider: openai, upstream_model: up-model}}
   - {{id: compat/m, provider: compat, upstream_model: up-model}}
@@ -276,6 +292,7 @@ models:
   - {{id: anthropic/m, provider: anthropic, upstream_model: claude-up}}
   - {{id: gemini/m, provider: gemini, upstream_model: gemini-up}}
   - {{id: bedrock/m, provider: bedrock, upstream_model: "anthropic.claude-up-v1:0"}}
+  - {{id: sigv4/m, provider: sigv4, upstream_model: "anthropic.claude-up-v1:0"}}
   - id: retried/m
     deployments:
       - {{provider: openai, upstream_model: up-model}}
@@ -400,7 +417,6 @@ def test_no_canary_in_the_response(env: Env, provider: str, shape: Shape) -> Non
     if shape.name == "stream_error_raw":
         return  # an unreadable event: dropped or reported, never relayed (checked above)
     assert events and "error" in events[-1], body  # a stream that failed ends with our error event
-    assert body.endswith(b"data: [DONE]\n\n")
     err = events[-1]["error"]
     assert set(err) == {"message", "type", "param", "code"}
 

@@ -85,6 +85,14 @@ class RequestContext:
         )
 
 
+def unreadable_stream(provider_id: str | None, exc: Exception) -> ProxyError:
+    """A translator failed on what the upstream streamed. Its exception may quote the upstream's bytes (say
+    `int('<value>')`), so only its class is logged."""
+    _log.warning("unreadable upstream stream event", extra={"provider": provider_id, "exc_type": type(exc).__name__})
+    return ProxyError(f"Upstream provider '{provider_id}' sent a stream event that could not be read", status=502,
+                      type="api_error", code="bad_upstream_response")
+
+
 class StreamSession:
     """An upstream stream being relayed: yields OpenAI SSE frames as they arrive.
 
@@ -137,6 +145,9 @@ class StreamSession:
         except ProxyError:
             failed = True  # the upstream broke the stream (not the client)
             raise
+        except Exception as exc:  # a translator choked on the upstream's bytes
+            failed = True
+            raise unreadable_stream(ctx.provider_id, exc) from None
         finally:
             self._finish(clean, failed)
 
@@ -374,14 +385,19 @@ class Gateway:
             chunks = resp.chunks()
             pending: list[bytes] = []
             done = False
-            while not pending:
-                try:
-                    chunk = await anext(chunks)
-                except StopAsyncIteration:
-                    pending = decoder.close()
-                    done = True
-                    break
-                pending = decoder.feed(chunk)
+            try:
+                while not pending:
+                    try:
+                        chunk = await anext(chunks)
+                    except StopAsyncIteration:
+                        pending = decoder.close()
+                        done = True
+                        break
+                    pending = decoder.feed(chunk)
+            except ProxyError:
+                raise
+            except Exception as exc:
+                raise unreadable_stream(target.provider_id, exc) from None
             if decoder.error is not None:
                 # The upstream's error event came before anything reached the client: answer with its status
                 # (and retry it like any other failed attempt) instead of a 200 that ends in an error event.
