@@ -67,6 +67,16 @@ def error_from_openai_data(
     return upstream_error(status, headers, err, None, None, None, provider_id, secrets)
 
 
+def status_in_body(data: dict[str, Any]) -> int:
+    """The status for an error the upstream sent with HTTP 200 (in a stream, or as the body): vLLM puts the HTTP
+    status in `code`; otherwise 502."""
+    err = data.get("error")
+    code = err.get("code") if isinstance(err, dict) else None
+    if isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 600:
+        return code
+    return 502
+
+
 class OpenAIStreamDecoder:
     """Passes OpenAI chunks through, rewriting `model` and lifting the usage chunk.
 
@@ -191,12 +201,7 @@ class OpenAIStreamDecoder:
                 return None
             # Not JSON but it mentions an error: relaying it could echo anything; say so in our words instead.
             data = {"error": None}
-        err = data["error"]
-        status = 502
-        code = err.get("code") if isinstance(err, dict) else None
-        if isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 600:
-            status = code  # vLLM puts the HTTP status in `code`
-        self.error = error_from_openai_data(status, {}, data, self._provider_id, self._secrets)
+        self.error = error_from_openai_data(status_in_body(data), {}, data, self._provider_id, self._secrets)
         return frame(self.error.body())
 
     def _usage_chunk(self, payload: bytes) -> bytes | None:
@@ -254,6 +259,8 @@ class OpenAICompatProvider:
         data = orjson.loads(raw)
         if not isinstance(data, dict):
             raise UpstreamError(f"Upstream provider '{self.id}' returned an unexpected body", status=502)
+        if "error" in data and "choices" not in data and "data" not in data:  # an error sent with HTTP 200
+            raise error_from_openai_data(status_in_body(data), {}, data, self.id, self.secrets())
         if "model" in data or endpoint != "embeddings":
             data["model"] = target.public_model
         return orjson.dumps(data), Usage.from_openai(data.get("usage"))
