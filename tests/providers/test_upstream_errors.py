@@ -63,6 +63,10 @@ def test_internals_are_recognised(message: str) -> None:
     "The model `gpt-5` does not exist or you do not have access to it. See https://platform.openai.com/docs/models",
     "Overloaded", "upstream connect error or disconnect/reset before headers. reset reason: overflow",
     "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096. Given: 4000 and 200",
+    "An internal error has occurred. Please retry or report in https://developers.generativeai.google/guide/"
+    "troubleshooting",
+    "The server had an error processing your request. You can retry your request, or contact us through an Azure "
+    "support request at: https://go.microsoft.com/fwlink/?linkid=2213926 (Please include the request ID abc-123.)",
 ])
 def test_ordinary_messages_are_not_internals(message: str) -> None:
     assert not looks_internal(message)

@@ -436,6 +436,22 @@ def test_retried_attempts_leak_nothing(env: Env) -> None:
         assert len(env.fakes["openai"].received) - before >= 2  # both deployments were tried
 
 
+def test_a_translator_that_fails_on_an_error_body_leaks_nothing(env: Env) -> None:
+    provider = env.proxy.services.router.providers["openai"]
+
+    def broken(status: int, headers: Any, raw: bytes) -> Any:
+        raise ValueError(f"invalid literal for int() with base 10: {raw[:400]!r}")  # quotes what the upstream sent
+
+    provider.parse_error = broken  # type: ignore[method-assign]
+    try:
+        status, headers, body = post(env.proxy, "openai/m", Shape("fields", 400))
+    finally:
+        del provider.parse_error  # type: ignore[attr-defined]
+    env.seen.append((headers["x-request-id"], status, headers, body))
+    assert status == 502 and orjson.loads(body)["error"]["code"] == "bad_upstream_response"
+    assert not leaks(f"{headers} {body!r}")
+
+
 def test_the_client_token_never_reaches_an_upstream(env: Env) -> None:
     got = [r for f in env.fakes.values() for r in f.received]
     assert len(got) >= len(cases())
@@ -485,3 +501,4 @@ async def test_no_canary_in_any_usage_row(env: Env) -> None:
         await repo.close()
     journal = b"".join(p.read_bytes() for p in env.spool.rglob("*") if p.is_file())
     assert not leaks(journal.decode("utf-8", "replace"))
+

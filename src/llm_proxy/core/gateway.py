@@ -85,11 +85,11 @@ class RequestContext:
         )
 
 
-def unreadable_stream(provider_id: str | None, exc: Exception) -> ProxyError:
-    """A translator failed on what the upstream streamed. Its exception may quote the upstream's bytes (say
+def unreadable(provider_id: str | None, exc: Exception, what: str = "a stream event") -> ProxyError:
+    """A translator failed on what the upstream sent. Its exception may quote the upstream's bytes (say
     `int('<value>')`), so only its class is logged."""
-    _log.warning("unreadable upstream stream event", extra={"provider": provider_id, "exc_type": type(exc).__name__})
-    return ProxyError(f"Upstream provider '{provider_id}' sent a stream event that could not be read", status=502,
+    _log.warning("unreadable upstream response", extra={"provider": provider_id, "exc_type": type(exc).__name__})
+    return ProxyError(f"Upstream provider '{provider_id}' sent {what} that could not be read", status=502,
                       type="api_error", code="bad_upstream_response")
 
 
@@ -147,7 +147,7 @@ class StreamSession:
             raise
         except Exception as exc:  # a translator choked on the upstream's bytes
             failed = True
-            raise unreadable_stream(ctx.provider_id, exc) from None
+            raise unreadable(ctx.provider_id, exc) from None
         finally:
             self._finish(clean, failed)
 
@@ -365,7 +365,11 @@ class Gateway:
                 raw = await resp.read()
                 resp.release()
                 ctx.upstream_ended = time.perf_counter()
-                raise provider.parse_error(resp.status, resp.headers, raw)
+                try:
+                    err = provider.parse_error(resp.status, resp.headers, raw)
+                except Exception as exc:
+                    err = unreadable(target.provider_id, exc, "an error body")
+                raise err
             if not stream:
                 raw = await resp.read()
                 ctx.upstream_ended = time.perf_counter()
@@ -397,7 +401,7 @@ class Gateway:
             except ProxyError:
                 raise
             except Exception as exc:
-                raise unreadable_stream(target.provider_id, exc) from None
+                raise unreadable(target.provider_id, exc) from None
             if decoder.error is not None:
                 # The upstream's error event came before anything reached the client: answer with its status
                 # (and retry it like any other failed attempt) instead of a 200 that ends in an error event.
