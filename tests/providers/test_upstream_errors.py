@@ -22,6 +22,12 @@ def test_scrub_every_spelling_of_a_key() -> None:
     assert "0123456789" not in out and out.count("[redacted]") == 7
 
 
+def test_a_long_key_cut_short_is_scrubbed_too() -> None:
+    key = "sk-proj-AbCdEfGh0123456789-ZyXwVuTsRqPo"
+    out = scrub(f"bad key {key[:20]}... and {key[:-5].lower()}\nand OpenAI's own mask sk-proj-****Po", [key])
+    assert out == "bad key [redacted] and [redacted]\nand OpenAI's own mask sk-proj-****Po"
+
+
 def test_short_placeholders_are_not_secrets() -> None:
     assert scrub("abc and ab", ["abc", "ab", None]) == "abc and ab"
 

@@ -96,7 +96,7 @@ def echo(rec: Received) -> str:
     """Every credential the fake got, in the forms an upstream might write it, and every header it got."""
     key = received_key(rec)
     return (f"Incorrect API key provided: {key}. Also {key.upper()} / {key.swapcase()} / {quote(key, safe='')} "
-            f"/ key={key}&x=1. Headers: {json.dumps(rec.headers)}")
+            f"/ key={key}&x=1 / cut short: {key[: len(key) * 2 // 3]}... Headers: {json.dumps(rec.headers)}")
 
 
 TRACEBACK = ('Traceback (most recent call last):\n  File "/srv/model-server/app/handlers.py", line 212, in generate\n'

@@ -53,36 +53,60 @@ class KeySource:
 
 
 REDACTED = "[redacted]"
+_PARTIAL_MIN = 24
+_PIECE = 16
+_KEY_CHARS = r"[A-Za-z0-9_\-./+=%~]{0,512}"
+
+
+class _Scrubber:
+    """One case-insensitive pattern for every form of a set of secrets an upstream may echo: as sent, and
+    percent-encoded (query strings, URLs in messages), and with needles for a cheap pre-check, so that a message
+    that holds none of them (the usual case) costs a casefold and a few substring tests, not a regex pass."""
+
+    __slots__ = ("needles", "pattern")
+
+    def __init__(self, secrets: tuple[str, ...]) -> None:
+        forms: set[str] = set()
+        for s in secrets:
+            forms.add(s)
+            forms.add(quote(s, safe=""))
+            forms.add(quote_plus(s, safe=""))
+        # Longest first: a form that contains another must win the alternation.
+        full = sorted(forms, key=len, reverse=True)
+        alternatives = [re.escape(f) for f in full]
+        # A long key cut short (an upstream that truncates its message mid-key) is still a leak: its first
+        # _PIECE characters and whatever key characters follow them go too.
+        alternatives += [re.escape(f[:_PIECE]) + _KEY_CHARS for f in full if len(f) >= _PARTIAL_MIN]
+        self.pattern = re.compile("|".join(alternatives), re.IGNORECASE)
+        # Every match starts with one of these (casefold is at least as loose as the pattern's IGNORECASE).
+        self.needles = tuple({f[:_PIECE].casefold() for f in full})
+
+    def present(self, text: str) -> bool:
+        folded = text.casefold()
+        return any(n in folded for n in self.needles)
 
 
 @functools.lru_cache(maxsize=64)
-def _secret_pattern(secrets: tuple[str, ...]) -> re.Pattern[str] | None:
-    """One case-insensitive pattern for every form of the given secrets an upstream may echo: as sent, and
-    percent-encoded (query strings, URLs in messages). Compiled once per set of secrets (keys rotate rarely)."""
-    forms: set[str] = set()
-    for s in secrets:
-        forms.add(s)
-        forms.add(quote(s, safe=""))
-        forms.add(quote_plus(s, safe=""))
-    if not forms:
-        return None
-    # Longest first: a form that contains another must win the alternation.
-    return re.compile("|".join(re.escape(f) for f in sorted(forms, key=len, reverse=True)), re.IGNORECASE)
+def _scrubber(secrets: tuple[str, ...]) -> _Scrubber | None:
+    # Compiled once per set of secrets (keys rotate rarely).
+    return _Scrubber(secrets) if secrets else None
 
 
-def _pattern_for(secrets: Iterable[str | None]) -> re.Pattern[str] | None:
-    return _secret_pattern(tuple(sorted({s for s in secrets if s and len(s) >= _MIN_SECRET})))
+def _scrubber_for(secrets: Iterable[str | None]) -> _Scrubber | None:
+    return _scrubber(tuple(sorted({s for s in secrets if s and len(s) >= _MIN_SECRET})))
 
 
 def scrub(text: str, secrets: Iterable[str | None]) -> str:
     """Remove every credential that an upstream might echo back (any letter case, percent-encoded too)."""
-    pattern = _pattern_for(secrets)
-    return text if pattern is None else pattern.sub(REDACTED, text)
+    sc = _scrubber_for(secrets)
+    if sc is None or not sc.present(text):
+        return text
+    return sc.pattern.sub(REDACTED, text)
 
 
 def contains_secret(text: str, secrets: Iterable[str | None]) -> bool:
-    pattern = _pattern_for(secrets)
-    return pattern is not None and pattern.search(text) is not None
+    sc = _scrubber_for(secrets)
+    return sc is not None and sc.present(text) and sc.pattern.search(text) is not None
 
 
 # Static headers configured on a provider whose values are credentials (llama-stack api_token, a gateway's key).
