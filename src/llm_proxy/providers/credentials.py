@@ -78,10 +78,14 @@ class _Scrubber:
         # _PIECE characters and whatever key characters follow them go too.
         alternatives += [re.escape(f[:_PIECE]) + _KEY_CHARS for f in full if len(f) >= _PARTIAL_MIN]
         self.pattern = re.compile("|".join(alternatives), re.IGNORECASE)
-        # Every match starts with one of these (casefold is at least as loose as the pattern's IGNORECASE).
+        # Every match starts with one of these.
         self.needles = tuple({f[:_PIECE].casefold() for f in full})
 
     def present(self, text: str) -> bool:
+        """False only when the pattern cannot match. Beyond ASCII, case rules differ in corners (the regex folds
+        U+0130 to "i", casefold does not), so such text always takes the regex."""
+        if not text.isascii():
+            return True
         folded = text.casefold()
         return any(n in folded for n in self.needles)
 
