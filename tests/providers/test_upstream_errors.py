@@ -28,6 +28,11 @@ def test_a_long_key_cut_short_is_scrubbed_too() -> None:
     assert out == "bad key [redacted] and [redacted]\nand OpenAI's own mask sk-proj-****Po"
 
 
+def test_non_ascii_text_is_not_let_through_by_the_pre_check() -> None:
+    # The regex folds U+0130 to "i"; casefold() would not find the key, so such text skips the pre-check.
+    assert scrub("grüße sk-İabcdefgh", ["sk-iabcdefgh"]) == "grüße [redacted]"
+
+
 def test_short_placeholders_are_not_secrets() -> None:
     assert scrub("abc and ab", ["abc", "ab", None]) == "abc and ab"
 
