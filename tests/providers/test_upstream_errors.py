@@ -93,6 +93,14 @@ def test_a_5xx_with_internals_gets_our_message_and_the_log_gets_the_scrubbed_ori
     assert err.message == "bad param /srv/app.py:1 [redacted]" and err.detail is None
 
 
+def test_an_unreadable_5xx_body_is_logged_scrubbed_and_cut() -> None:
+    raw = f"<html><pre>Traceback (most recent call last): key={KEY}</pre>".encode() + b"x" * 5000 + KEY.encode()
+    err = error_from_openai_body(502, {}, raw, "p", [KEY])
+    assert err.message == "Upstream provider 'p' returned HTTP 502"
+    assert err.detail is not None and len(err.detail) == 1000 and "key=[redacted]</pre>" in err.detail
+    assert error_from_openai_body(400, {}, raw, "p", [KEY]).detail is None  # only a 5xx's body is logged
+
+
 def test_fields_headers_and_status() -> None:
     raw = orjson.dumps({"error": {"message": f"no {KEY}", "type": KEY, "code": f"{KEY}_x", "param": f"{KEY}"}})
     headers = {"retry-after": KEY, "retry-after-ms": "1500", "x-other": KEY}

@@ -259,7 +259,7 @@ def error_from_body(
     if status == 529 or atype == "overloaded_error":
         status = 503
     etype, code = _ERROR_TYPES.get(atype, (None, None)) if isinstance(atype, str) else (None, None)
-    return upstream_error(status, headers, message, etype, code, None, provider_id, secrets)
+    return upstream_error(status, headers, message, etype, code, None, provider_id, secrets, raw)
 
 
 class AnthropicStreamDecoder:

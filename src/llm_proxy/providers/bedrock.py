@@ -261,7 +261,7 @@ def error_from_response(
         status = 504
     elif status == 424:
         status = 502
-    return upstream_error(status, headers, message, etype, code, None, provider_id, secrets)
+    return upstream_error(status, headers, message, etype, code, None, provider_id, secrets, raw)
 
 
 class BedrockStreamDecoder:

@@ -442,7 +442,7 @@ def error_from_body(
     etype, code = _STATUS_TYPES.get(gstatus or "", (None, None))
     if gstatus == "DEADLINE_EXCEEDED":
         status = 504
-    return upstream_error(status, out_headers, message, etype, code, None, provider_id, secrets)
+    return upstream_error(status, out_headers, message, etype, code, None, provider_id, secrets, raw)
 
 
 class GeminiStreamDecoder:

@@ -54,17 +54,18 @@ def error_from_openai_body(
         data = orjson.loads(raw) if raw else None
     except orjson.JSONDecodeError:
         data = None
-    return error_from_openai_data(status, headers, data, provider_id, secrets)
+    return error_from_openai_data(status, headers, data, provider_id, secrets, raw)
 
 
 def error_from_openai_data(
-    status: int, headers: Mapping[str, str], data: Any, provider_id: str, secrets: list[str | None]
+    status: int, headers: Mapping[str, str], data: Any, provider_id: str, secrets: list[str | None],
+    raw: bytes = b"",
 ) -> ProxyError:
     err = data.get("error") if isinstance(data, dict) else None
     if isinstance(err, dict):
         return upstream_error(status, headers, err.get("message"), err.get("type"), err.get("code"),
-                              err.get("param"), provider_id, secrets)
-    return upstream_error(status, headers, err, None, None, None, provider_id, secrets)
+                              err.get("param"), provider_id, secrets, raw)
+    return upstream_error(status, headers, err, None, None, None, provider_id, secrets, raw)
 
 
 def status_in_body(data: dict[str, Any]) -> int:

@@ -18,6 +18,7 @@ from ..errors import ProxyError, RateLimited, UpstreamError
 from .credentials import contains_secret, scrub
 
 MAX_MESSAGE = 2000
+MAX_DETAIL = 1000  # what the log keeps of an unreadable 5xx body
 
 # A relayable `type` / `code`: one short word such as invalid_request_error, BadRequestError, 429, content_filter.
 _TOKEN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -97,9 +98,11 @@ def upstream_error(
     param: Any,
     provider_id: str,
     secrets: Iterable[str | None],
+    raw: bytes = b"",
 ) -> ProxyError:
     """The ProxyError for an upstream failure. `message`, `etype`, `code` and `param` are the upstream's raw
-    values (any JSON type, or None) or a translator's own mapping; `status` is the upstream's HTTP status."""
+    values (any JSON type, or None) or a translator's own mapping; `status` is the upstream's HTTP status; `raw`
+    the body, kept (scrubbed, cut) for the log when a 5xx has no message we could read."""
     secrets = list(secrets)
     text = safe_text(message, secrets)
     if status in (401, 403):
@@ -121,6 +124,9 @@ def upstream_error(
     detail = None
     if text is None:
         text = f"Upstream provider '{provider_id}' returned HTTP {status}"
+        if status >= 500 and raw:
+            # Decoded well past what is kept, so the cut never falls inside a key the scrub has to recognise.
+            detail = safe_text(raw[: 4 * MAX_DETAIL].decode("utf-8", "replace"), secrets, MAX_DETAIL)
     elif status >= 500 and looks_internal(text):
         detail = text
         text = f"Upstream provider '{provider_id}' failed with an internal error (HTTP {status})"
