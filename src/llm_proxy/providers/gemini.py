@@ -42,7 +42,7 @@ from .chat_common import (
 from .credentials import KeySource, header_secrets
 from .signing import HeaderKeySigner
 from .sse import SSESplitter
-from .upstream_errors import upstream_error
+from .upstream_errors import status_from, upstream_error
 
 DEFAULT_API_VERSION = "v1beta"
 
@@ -490,9 +490,8 @@ class GeminiStreamDecoder:
     def _chunk(self, data: dict[str, Any], out: list[bytes]) -> None:
         w = self._w
         if isinstance(data.get("error"), dict):
-            code = data["error"].get("code")
-            status = code if isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 600 else 502
-            self.error = error_from_body(status, {}, orjson.dumps(data), self._provider_id, self._secrets)
+            self.error = error_from_body(status_from(data["error"].get("code")), {}, orjson.dumps(data),
+                                         self._provider_id, self._secrets)
             out.append(error_frame(self.error))
             return
         if not self._id_set and isinstance(data.get("responseId"), str):

@@ -14,7 +14,7 @@ from ..types import Usage
 from .base import Endpoint, Target, UpstreamRequest
 from .credentials import KeySource, header_secrets
 from .sse import SSESplitter, frame
-from .upstream_errors import upstream_error
+from .upstream_errors import status_from, upstream_error
 
 _PATHS: dict[str, str] = {
     "chat.completions": "/chat/completions",
@@ -72,10 +72,7 @@ def status_in_body(data: dict[str, Any]) -> int:
     """The status for an error the upstream sent with HTTP 200 (in a stream, or as the body): vLLM puts the HTTP
     status in `code`; otherwise 502."""
     err = data.get("error")
-    code = err.get("code") if isinstance(err, dict) else None
-    if isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 600:
-        return code
-    return 502
+    return status_from(err.get("code") if isinstance(err, dict) else None)
 
 
 class OpenAIStreamDecoder:

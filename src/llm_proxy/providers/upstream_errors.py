@@ -72,6 +72,13 @@ def safe_text(value: Any, secrets: Iterable[str | None], limit: int = MAX_MESSAG
     return text[:limit] if len(text) > limit else text
 
 
+def status_from(value: Any, default: int = 502) -> int:
+    """An HTTP error status an upstream put in a body field (vLLM's and Gemini's `code`), else `default`."""
+    if isinstance(value, int) and not isinstance(value, bool) and 400 <= value < 600:
+        return value
+    return default
+
+
 def looks_internal(message: str) -> bool:
     """True when a message shows a server's internals (stack frames, source paths)."""
     return _INTERNALS.search(message) is not None or message.count("\n") >= 4
