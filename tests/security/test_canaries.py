@@ -484,12 +484,15 @@ async def test_no_canary_in_any_usage_row(env: Env) -> None:
             return set(ids) <= set(await repo.event_ids())
 
         await eventually(all_written, 30)
-        for rid, status, _headers, _body in env.seen:
+        for rid, status, _headers, body in env.seen:
             row = await repo.get_event(rid)
             assert row is not None
             dumped = orjson.dumps({str(k): v for k, v in row.items()}, default=str).decode()
             assert not leaks(dumped), dumped
-            if row["status"] == 200:  # a stream whose unreadable error event was dropped
+            events = _events(body) if status == 200 else []
+            if events and "error" in events[-1]:  # a stream that ended in an error event is recorded as failed
+                assert row["status"] >= 400 and row["error_type"] in ERROR_TYPES, row
+            elif row["status"] == 200:  # a stream whose unreadable error event was dropped
                 assert status == 200 and row["error_type"] is None
             else:
                 assert row["error_type"] in ERROR_TYPES, row
