@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, quote_plus
 
+import openai
 import orjson
 import pytest
 from aiohttp import web
@@ -451,6 +452,24 @@ def test_a_translator_that_fails_on_an_error_body_leaks_nothing(env: Env) -> Non
     assert status == 502 and orjson.loads(body)["error"]["code"] == "bad_upstream_response"
     assert not leaks(f"{headers} {body!r}")
 
+
+
+def test_what_the_openai_sdk_raises_holds_no_canary(env: Env) -> None:
+    client = openai.OpenAI(base_url=env.proxy.base_url, api_key=CLIENT_TOKEN, max_retries=0, timeout=20)
+    seen: list[str] = []
+    for provider in MODELS:
+        with pytest.raises(openai.APIStatusError) as ei:
+            client.chat.completions.create(model=f"{provider}/m", messages=[{"role": "user", "content":
+                                                                           "shape=fields:429;"}])
+        seen.append(f"{ei.value} {ei.value.body} {dict(ei.value.response.headers)}")
+        chunks = client.chat.completions.create(model=f"{provider}/m", stream=True, messages=[
+            {"role": "user", "content": "shape=stream_error:200;"}])
+        with pytest.raises(openai.APIError) as ej:
+            for _chunk in chunks:
+                GATE.set()  # the first chunk is here: now the upstream fails mid-stream
+        seen.append(f"{ej.value} {ej.value.body}")
+    client.close()
+    assert not [s for s in seen if leaks(s)]
 
 def test_the_client_token_never_reaches_an_upstream(env: Env) -> None:
     got = [r for f in env.fakes.values() for r in f.received]
