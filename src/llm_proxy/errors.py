@@ -34,6 +34,8 @@ class ProxyError(Exception):
             self.code = code
         self.param = param
         self.headers: dict[str, str] = headers or {}
+        # What the upstream said when `message` is our generic text instead (scrubbed): for the log, never a client.
+        self.detail: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -125,6 +127,43 @@ class ServiceUnavailable(ProxyError):
 
 class AuthUnavailable(ServiceUnavailable):
     code = "auth_unavailable"
+
+
+# The closed set of error types the usage ledger and the access log record. A client may see an upstream's own
+# `type` (when it is a plain token); what we store is always one of these.
+ERROR_TYPES: frozenset[str] = frozenset({
+    "invalid_request_error", "authentication_error", "permission_error", "rate_limit_error", "insufficient_quota",
+    "api_error", "server_error", "client_disconnected",
+})
+
+# Codes the attempts list (usage row `extra.attempts`) may record: ours, and OpenAI's well-known ones.
+ERROR_CODES: frozenset[str] = frozenset({
+    "upstream_auth_failed", "upstream_unreachable", "upstream_timeout", "bad_upstream_response", "bad_upstream_url",
+    "bad_upstream_header", "service_unavailable", "overloaded", "model_error", "model_not_ready",
+    "model_not_found", "rate_limit_exceeded", "insufficient_quota", "request_too_large", "provider_disabled",
+    "auth_unavailable", "context_length_exceeded", "content_filter", "invalid_api_key", "server_error",
+    "client_disconnected",
+})
+
+
+def ledger_error_type(exc: ProxyError) -> str:
+    """`exc`'s type if it is one of ours (ERROR_TYPES), else the one its status implies."""
+    if exc.type in ERROR_TYPES:
+        return exc.type
+    status = exc.status
+    if status == 401:
+        return "authentication_error"
+    if status == 403:
+        return "permission_error"
+    if status == 429:
+        return "rate_limit_error"
+    return "invalid_request_error" if 400 <= status < 500 else "api_error"
+
+
+def ledger_error_code(exc: ProxyError) -> str:
+    """What the attempts list records for a failed attempt: a code from ERROR_CODES, else the ledger type."""
+    code = exc.code
+    return code if code is not None and code in ERROR_CODES else ledger_error_type(exc)
 
 
 class ConfigError(Exception):

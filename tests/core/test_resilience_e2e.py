@@ -214,7 +214,8 @@ def test_4xx_is_never_retried(rig: Rig, emulator: Emulator) -> None:
                                 "param": "messages", "code": "bad_messages"}}
     assert upstream_models(emulator) == [A]
     row = row_of(sink, r)
-    assert row.attempts == 1 and attempts(row) == [("pa", 400, "bad_messages")]
+    # The attempts list keeps our closed set of codes (errors.ERROR_CODES), never the upstream's own string.
+    assert row.attempts == 1 and attempts(row) == [("pa", 400, "invalid_request_error")]
 
 
 def test_every_attempt_fails_client_gets_last_error(rig: Rig, emulator: Emulator) -> None:

@@ -19,6 +19,7 @@ import pytest_asyncio
 from llm_proxy.cli import main
 from llm_proxy.config import LoadedConfig
 from llm_proxy.core.usage import UsageLedger
+from llm_proxy.errors import ProxyError, ledger_error_type
 from llm_proxy.store.db import create_engine
 from llm_proxy.store.repos import UsageRepo
 
@@ -109,7 +110,9 @@ async def call(c: openai.AsyncOpenAI, user: str, model: str, *, stream: bool = F
         return rid, Seen(user, model, True, 200, None, got)
     except openai.APIStatusError as e:
         body = e.body if isinstance(e.body, dict) else {}
-        return e.response.headers["x-request-id"], Seen(user, model, stream, e.status_code, body.get("type"))
+        # The row keeps our closed set of error types: the client's type if it is one of them, else the status's.
+        stored = ledger_error_type(ProxyError("", status=e.status_code, type=str(body.get("type"))))
+        return e.response.headers["x-request-id"], Seen(user, model, stream, e.status_code, stored)
 
 
 def check_row(row: dict[str, Any] | None, seen: Seen) -> None:

@@ -13,12 +13,21 @@ from typing import Any
 
 import orjson
 
-from ..errors import BadRequest, Forbidden, ProxyError, UpstreamTimeout, UpstreamUnreachable
+from ..errors import (
+    BadRequest,
+    Forbidden,
+    ProxyError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    ledger_error_code,
+    ledger_error_type,
+)
 from ..ingress.schema import VALIDATORS
 from ..ports import Policy
 from ..providers.base import Endpoint, Provider, StreamDecoder, Target
 from ..providers.http import UpstreamClient, UpstreamResponse
 from ..providers.sse import frame
+from ..providers.upstream_errors import scrub_error
 from ..types import Principal, Usage, UsageEvent
 from .resilience import ELSEWHERE, NEVER, Deployment, retry_after_seconds, retry_scope
 from .routing import Route, Router
@@ -38,6 +47,15 @@ def new_request_id() -> str:
     Upstreams get the 32 hex digits alone as their `x-request-id`: request-id middlewares that insist on a UUID
     (llama-cpp-python's server answers any other value with an empty 400) take that form."""
     return f"{_rid_stem}{next(_rid_counter):012x}"
+_log = logging.getLogger("llm_proxy.upstream")
+
+
+def log_withheld(ctx: RequestContext, exc: ProxyError) -> None:
+    """What an upstream said that the client was not shown (internals, a credential rejection), scrubbed."""
+    if exc.detail is not None:
+        _log.warning("upstream error detail withheld from the client", extra={
+            "request_id": ctx.request_id, "provider": ctx.provider_id, "status": exc.status,
+            "upstream_message": exc.detail})
 
 
 @dataclass(slots=True)
@@ -167,6 +185,14 @@ async def _estimate_response(endpoint: str, body: dict[str, Any], model: str, ou
     return out, usage
 
 
+def unreadable(provider_id: str | None, exc: Exception, what: str = "a stream event") -> ProxyError:
+    """A translator failed on what the upstream sent. Its exception may quote the upstream's bytes (say
+    `int('<value>')`), so only its class is logged."""
+    _log.warning("unreadable upstream response", extra={"provider": provider_id, "exc_type": type(exc).__name__})
+    return ProxyError(f"Upstream provider '{provider_id}' sent {what} that could not be read", status=502,
+                      type="api_error", code="bad_upstream_response")
+
+
 class StreamSession:
     """An upstream stream being relayed: yields OpenAI SSE frames as they arrive.
 
@@ -250,12 +276,12 @@ class StreamSession:
                     if seen is not None:
                         self._keep(seen, blob)
                     yield blob
-            if decoder.done is False:
+            if decoder.done is False and decoder.error is None:  # (an error event of the upstream's ended it)
                 raise ProxyError(
                     f"Upstream provider '{ctx.provider_id}' ended the stream before the answer was complete",
                     status=502, type="api_error", code="upstream_stream_truncated",
                 )
-            if est is not None:
+            if est is not None and decoder.error is None:
                 est.reported(decoder.usage is not None)
                 if decoder.usage is None and seen is not None:
                     # The upstream reported no usage (llama.cpp, no stream_options support): estimate it.
@@ -271,6 +297,9 @@ class StreamSession:
         except ProxyError:
             failed = True  # the upstream broke the stream (not the client)
             raise
+        except Exception as exc:  # a translator choked on the upstream's bytes
+            failed = True
+            raise unreadable(ctx.provider_id, exc) from None
         finally:
             self._finish(clean, failed)
 
@@ -293,6 +322,10 @@ class StreamSession:
         ctx.upstream_ended = time.perf_counter()
         ctx.usage = self._decoder.usage or self._estimated
         self._seen = []
+        err = self._decoder.error  # the upstream's own error event, relayed (rebuilt) as the last frame
+        if err is not None:
+            ctx.status, ctx.error_type = err.status, ledger_error_type(err)
+            log_withheld(ctx, err)
         if clean:
             self._resp.release()
         else:
@@ -352,6 +385,12 @@ class Gateway:
         self.policy = policy
         self._reports_usage: dict[tuple[str, str], bool] = {}  # see UsageEstimate
 
+    def _sanitize(self, ctx: RequestContext, exc: ProxyError) -> None:
+        """Last pass over a failed attempt's error (error path only): every provider's credentials scrubbed from
+        what the client and the log will see, then the withheld upstream detail logged."""
+        scrub_error(exc, [s for p in self.router.providers.values() for s in p.secrets()])
+        log_withheld(ctx, exc)
+
     async def handle(self, ctx: RequestContext, endpoint: Endpoint, body: dict[str, Any]) -> bytes | StreamSession:
         ctx.endpoint = endpoint
         model = body.get("model")
@@ -384,7 +423,8 @@ class Gateway:
                     ctx, endpoint, body, stream, want_usage, route.pool.deployments[0], target, None, None
                 )
             except ProxyError as exc:
-                ctx.extra["attempts"] = [_attempt_entry(ctx, target, exc.status, exc.code or exc.type)]
+                self._sanitize(ctx, exc)
+                ctx.extra["attempts"] = [_attempt_entry(ctx, target, exc.status, ledger_error_code(exc))]
                 raise
         return await self._with_retries(ctx, endpoint, body, route, stream, want_usage)
 
@@ -423,6 +463,7 @@ class Gateway:
                     ctx, endpoint, body, stream, want_usage, dep, target, deadline, dep if multi else None
                 )
             except ProxyError as exc:
+                self._sanitize(ctx, exc)
                 dep.in_flight -= 1
                 now = loop.time()
                 scope = retry_scope(exc)
@@ -432,7 +473,7 @@ class Gateway:
                     dep.failed(now, retry_after_seconds(exc.headers))
                 if log is None:
                     log = []
-                log.append(_attempt_entry(ctx, target, exc.status, exc.code or exc.type))
+                log.append(_attempt_entry(ctx, target, exc.status, ledger_error_code(exc)))
                 tried |= 1 << dep.index
                 if scope == ELSEWHERE:
                     banned |= 1 << dep.index
@@ -506,7 +547,11 @@ class Gateway:
                 raw = await resp.read()
                 resp.release()
                 ctx.upstream_ended = time.perf_counter()
-                raise provider.parse_error(resp.status, resp.headers, raw)
+                try:
+                    err = provider.parse_error(resp.status, resp.headers, raw)
+                except Exception as exc:
+                    err = unreadable(target.provider_id, exc, "an error body")
+                raise err
             if not stream:
                 raw = await resp.read()
                 ctx.upstream_ended = time.perf_counter()
@@ -538,19 +583,28 @@ class Gateway:
             chunks = resp.chunks()
             pending: list[bytes] = []
             done = False
-            while not pending:
-                try:
-                    chunk = await anext(chunks)
-                except StopAsyncIteration:
-                    pending = decoder.close()
-                    done = True
-                    break
-                pending = decoder.feed(chunk)
-                if decoder.done:  # the whole answer was in the first reads
-                    await chunks.aclose()
-                    pending.extend(decoder.close())
-                    done = True
-                    break
+            try:
+                while not pending:
+                    try:
+                        chunk = await anext(chunks)
+                    except StopAsyncIteration:
+                        pending = decoder.close()
+                        done = True
+                        break
+                    pending = decoder.feed(chunk)
+                    if decoder.done:  # the whole answer was in the first reads
+                        await chunks.aclose()
+                        pending.extend(decoder.close())
+                        done = True
+                        break
+            except ProxyError:
+                raise
+            except Exception as exc:
+                raise unreadable(target.provider_id, exc) from None
+            if decoder.error is not None:
+                # The upstream's error event came before anything reached the client: answer with its status
+                # (and retry it like any other failed attempt) instead of a 200 that ends in an error event.
+                raise decoder.error
             if pending:
                 ctx.first_token_at = time.perf_counter()
             elif done and not decoder.done:

@@ -67,6 +67,11 @@ class Router:
                 dep = Deployment(0, provider, p.id, "", p.timeouts, model_id=f"{p.id}/*")
                 self._passthrough[p.id] = Pool((dep,))
 
+    @property
+    def providers(self) -> dict[str, Provider]:
+        """The enabled providers by id."""
+        return self._providers
+
     def _add(self, m: ModelSettings, providers: dict[str, Provider], created: int) -> None:
         specs = m.deployments
         if not specs and m.provider and m.upstream_model:  # built in code rather than loaded

@@ -35,10 +35,10 @@ from .chat_common import (
     tool_choice_of,
     tools_of,
 )
-from .credentials import KeySource, scrub
-from .openai_compat import map_status
+from .credentials import KeySource, header_secrets
 from .signing import HeaderKeySigner
 from .sse import SSESplitter
+from .upstream_errors import upstream_error
 
 ANTHROPIC_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
@@ -247,21 +247,19 @@ def translate_response(data: Any, public_model: str) -> tuple[bytes, Usage | Non
 def error_from_body(
     status: int, headers: Mapping[str, str], raw: bytes, provider_id: str, secrets: list[str | None]
 ) -> ProxyError:
-    message = f"Upstream provider '{provider_id}' returned HTTP {status}"
-    atype: str | None = None
     try:
         data = orjson.loads(raw) if raw else None
     except orjson.JSONDecodeError:
         data = None
     err = data.get("error") if isinstance(data, dict) else None
+    message: Any = None
+    atype: Any = None
     if isinstance(err, dict):
-        if isinstance(err.get("message"), str) and err["message"]:
-            message = scrub(err["message"], secrets)[:2000]
-        atype = err.get("type") if isinstance(err.get("type"), str) else None
+        message, atype = err.get("message"), err.get("type")
     if status == 529 or atype == "overloaded_error":
         status = 503
-    etype, code = _ERROR_TYPES.get(atype or "", (None, None))
-    return map_status(status, headers, message, etype, code, None, provider_id)
+    etype, code = _ERROR_TYPES.get(atype, (None, None)) if isinstance(atype, str) else (None, None)
+    return upstream_error(status, headers, message, etype, code, None, provider_id, secrets, raw)
 
 
 class AnthropicStreamDecoder:
@@ -269,8 +267,10 @@ class AnthropicStreamDecoder:
 
     done: bool | None = None  # set by close(): the answer ended (a stop reason, or the upstream's error event)
 
-    def __init__(self, public_model: str, client_wants_usage: bool, secrets: list[str | None] | None = None) -> None:
+    def __init__(self, public_model: str, client_wants_usage: bool, secrets: list[str | None] | None = None,
+                 provider_id: str = "anthropic") -> None:
         self._secrets = secrets or []
+        self._provider_id = provider_id
         self._split = SSESplitter()
         self._w = ChunkWriter(public_model)
         self._want_usage = client_wants_usage
@@ -366,11 +366,12 @@ class AnthropicStreamDecoder:
         elif kind == "error":
             err = ev.get("error") if isinstance(ev.get("error"), dict) else {}
             assert isinstance(err, dict)
-            atype = str(err.get("type") or "api_error")
+            raw_type = err.get("type")
+            atype = raw_type if isinstance(raw_type, str) else "api_error"
             etype, code = _ERROR_TYPES.get(atype, ("api_error", None))
             status = {"overloaded_error": 503, "rate_limit_error": 429, "invalid_request_error": 400}.get(atype, 502)
-            message = scrub(str(err.get("message") or "Anthropic stream error"), self._secrets)[:2000]
-            self.error = UpstreamError(message, status=status, type=etype, code=code)
+            self.error = upstream_error(status, {}, err.get("message") or "Anthropic stream error", etype, code, None,
+                                        self._provider_id, self._secrets)
             out.append(error_frame(self.error))
         # ping and unknown events are ignored
 
@@ -386,6 +387,7 @@ class AnthropicProvider:
         self.sampling = settings.sampling_params
         self.signer = HeaderKeySigner("x-api-key", KeySource(settings.api_key, settings.api_key_file),
                                       ("ANTHROPIC_API_KEY",))
+        self._header_secrets = header_secrets(settings.headers)
         self._headers = {
             "content-type": "application/json",
             "anthropic-version": settings.api_version or ANTHROPIC_VERSION,
@@ -417,10 +419,13 @@ class AnthropicProvider:
         return translate_response(data, target.public_model)
 
     def stream_decoder(self, endpoint: Endpoint, target: Target, client_wants_usage: bool) -> AnthropicStreamDecoder:
-        return AnthropicStreamDecoder(target.public_model, client_wants_usage, self.signer.secrets())
+        return AnthropicStreamDecoder(target.public_model, client_wants_usage, self.secrets(), self.id)
+
+    def secrets(self) -> list[str | None]:
+        return [*self.signer.secrets(), *self._header_secrets]
 
     def parse_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ProxyError:
-        return error_from_body(status, headers, raw, self.id, self.signer.secrets())
+        return error_from_body(status, headers, raw, self.id, self.secrets())
 
 
 def create(settings: ProviderSettings) -> AnthropicProvider:

@@ -11,7 +11,7 @@ from urllib.parse import quote
 from ..config import ProviderSettings
 from ..errors import BadRequest, ProxyError, RateLimited
 from .base import Endpoint, Target, UpstreamRequest
-from .credentials import KeySource
+from .credentials import KeySource, header_secrets
 from .openai_compat import OpenAICompatProvider, OpenAIStreamDecoder, error_from_openai_body
 from .signing import HeaderKeySigner, bearer
 
@@ -98,10 +98,13 @@ class AzureOpenAIProvider(OpenAICompatProvider):
         self.signer.apply(request)
 
     def stream_decoder(self, endpoint: Endpoint, target: Target, client_wants_usage: bool) -> AzureStreamDecoder:
-        return AzureStreamDecoder(target.public_model, client_wants_usage)
+        return AzureStreamDecoder(target.public_model, client_wants_usage, self.secrets(), self.id)
+
+    def secrets(self) -> list[str | None]:
+        return [*self.signer.secrets(), *header_secrets(self.settings.headers)]
 
     def parse_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ProxyError:
-        err = error_from_openai_body(status, headers, raw, self.id, self.signer.secrets())
+        err = error_from_openai_body(status, headers, raw, self.id, self.secrets())
         # Azure puts the HTTP status in `code` ("429"); OpenAI clients expect a symbolic code.
         if err.code is not None and err.code.isdigit():
             err.code = "rate_limit_exceeded" if isinstance(err, RateLimited) else None

@@ -48,6 +48,8 @@ class StreamDecoder(Protocol):
 
     usage: Usage | None
     done: bool | None
+    # The upstream's in-stream error, once one was turned into the frame that ends the stream.
+    error: ProxyError | None
 
     def feed(self, data: bytes) -> list[bytes]: ...
 
@@ -62,6 +64,11 @@ class Provider(Protocol):
 
     def missing_credentials(self) -> list[str]:
         """Names of credentials that are not set (empty list when ready)."""
+        ...
+
+    def secrets(self) -> list[str | None]:
+        """The credentials this provider sends (current values, including credential-bearing configured headers):
+        scrubbed from anything its upstream returns before it is relayed or logged."""
         ...
 
     def build_request(
@@ -92,5 +99,6 @@ class Provider(Protocol):
     def parse_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ProxyError:
         """Map an upstream error response to a ProxyError with the right status and OpenAI type.
 
-        A 429 keeps `retry-after`. Messages must not contain credentials."""
+        A 429 keeps `retry-after`. Everything goes through upstream_errors.upstream_error, which scrubs credentials
+        and relays the upstream's type/code/param only when they are plain tokens."""
         ...

@@ -38,10 +38,10 @@ from .chat_common import (
     tool_choice_of,
     tools_of,
 )
-from .credentials import KeySource, scrub
+from .credentials import KeySource, header_secrets
 from .eventstream import EventMessage, EventStreamDecoder, EventStreamError
-from .openai_compat import map_status
 from .signing import HeaderKeySigner, SigV4Signer, bearer
+from .upstream_errors import upstream_error
 
 SIGNING_NAME = "bedrock"
 
@@ -246,16 +246,14 @@ def _exception_name(raw: str) -> str:
 def error_from_response(
     status: int, headers: Mapping[str, str], raw: bytes, provider_id: str, secrets: list[str | None]
 ) -> ProxyError:
-    message = f"Upstream provider '{provider_id}' returned HTTP {status}"
+    message: Any = None
     name = headers.get("x-amzn-errortype") or headers.get("X-Amzn-ErrorType") or ""
     try:
         data = orjson.loads(raw) if raw else None
     except orjson.JSONDecodeError:
         data = None
     if isinstance(data, dict):
-        text = data.get("message") or data.get("Message")
-        if isinstance(text, str) and text:
-            message = scrub(text, secrets)[:2000]
+        message = data.get("message") or data.get("Message")
         if not name and isinstance(data.get("__type"), str):
             name = data["__type"]
     etype, code, _ = _ERRORS.get(_exception_name(name), (None, None, status)) if name else (None, None, status)
@@ -263,7 +261,7 @@ def error_from_response(
         status = 504
     elif status == 424:
         status = 502
-    return map_status(status, headers, message, etype, code, None, provider_id)
+    return upstream_error(status, headers, message, etype, code, None, provider_id, secrets, raw)
 
 
 class BedrockStreamDecoder:
@@ -271,7 +269,9 @@ class BedrockStreamDecoder:
 
     done: bool | None = None  # set by close(): the answer ended (a stop reason, or the upstream's error event)
 
-    def __init__(self, public_model: str, client_wants_usage: bool, secrets: list[str | None]) -> None:
+    def __init__(self, public_model: str, client_wants_usage: bool, secrets: list[str | None],
+                 provider_id: str = "bedrock") -> None:
+        self._provider_id = provider_id
         self._frames = EventStreamDecoder()
         self._w = ChunkWriter(public_model)
         self._want_usage = client_wants_usage
@@ -313,7 +313,7 @@ class BedrockStreamDecoder:
         mtype = msg.headers.get(":message-type", "event")
         if mtype == "exception":
             name = _exception_name(str(msg.headers.get(":exception-type") or "InternalServerException"))
-            text = "Bedrock stream error"
+            text: Any = "Bedrock stream error"
             try:
                 body = orjson.loads(msg.payload) if msg.payload else {}
                 if isinstance(body, dict) and isinstance(body.get("message"), str):
@@ -321,12 +321,12 @@ class BedrockStreamDecoder:
             except orjson.JSONDecodeError:
                 pass
             etype, code, status = _ERRORS.get(name, ("api_error", None, 502))
-            out.append(self._fail(UpstreamError(scrub(text, self._secrets)[:2000], status=status, type=etype,
-                                                code=code)))
+            out.append(self._fail(upstream_error(status, {}, text, etype, code, None, self._provider_id,
+                                                 self._secrets)))
             return
         if mtype == "error":
-            text = str(msg.headers.get(":error-message") or msg.headers.get(":error-code") or "Bedrock stream error")
-            out.append(self._fail(UpstreamError(scrub(text, self._secrets)[:2000], status=502)))
+            text = msg.headers.get(":error-message") or msg.headers.get(":error-code") or "Bedrock stream error"
+            out.append(self._fail(upstream_error(502, {}, text, None, None, None, self._provider_id, self._secrets)))
             return
         try:
             ev = orjson.loads(msg.payload) if msg.payload else {}
@@ -383,6 +383,7 @@ class BedrockProvider:
         self.region = settings.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
         self.base_url = (settings.base_url or f"https://bedrock-runtime.{self.region}.amazonaws.com").rstrip("/")
         self._headers = {"content-type": "application/json", **settings.headers}
+        self._header_secrets = header_secrets(settings.headers)
         token = settings.api_key or env.get("AWS_BEARER_TOKEN_BEDROCK")
         self.signer: HeaderKeySigner | SigV4Signer
         if token or settings.api_key_file:
@@ -420,10 +421,13 @@ class BedrockProvider:
         return translate_response(data, target.public_model)
 
     def stream_decoder(self, endpoint: Endpoint, target: Target, client_wants_usage: bool) -> BedrockStreamDecoder:
-        return BedrockStreamDecoder(target.public_model, client_wants_usage, self.signer.secrets())
+        return BedrockStreamDecoder(target.public_model, client_wants_usage, self.secrets(), self.id)
+
+    def secrets(self) -> list[str | None]:
+        return [*self.signer.secrets(), *self._header_secrets]
 
     def parse_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ProxyError:
-        return error_from_response(status, headers, raw, self.id, self.signer.secrets())
+        return error_from_response(status, headers, raw, self.id, self.secrets())
 
 
 def create(settings: ProviderSettings) -> BedrockProvider:

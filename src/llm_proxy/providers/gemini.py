@@ -39,10 +39,10 @@ from .chat_common import (
     tool_choice_of,
     tools_of,
 )
-from .credentials import KeySource, scrub
-from .openai_compat import map_status
+from .credentials import KeySource, header_secrets
 from .signing import HeaderKeySigner
 from .sse import SSESplitter
+from .upstream_errors import status_from, upstream_error
 
 DEFAULT_API_VERSION = "v1beta"
 
@@ -410,7 +410,7 @@ def translate_response(data: Any, public_model: str) -> tuple[bytes, Usage | Non
 def error_from_body(
     status: int, headers: Mapping[str, str], raw: bytes, provider_id: str, secrets: list[str | None]
 ) -> ProxyError:
-    message = f"Upstream provider '{provider_id}' returned HTTP {status}"
+    message: Any = None
     gstatus: str | None = None
     retry_delay: str | None = None
     key_invalid = False
@@ -422,8 +422,7 @@ def error_from_body(
         data = data[0]
     err = data.get("error") if isinstance(data, dict) else None
     if isinstance(err, dict):
-        if isinstance(err.get("message"), str) and err["message"]:
-            message = scrub(err["message"], secrets)[:2000]
+        message = err.get("message")
         gstatus = err.get("status") if isinstance(err.get("status"), str) else None
         for d in err.get("details") or []:
             if not isinstance(d, dict):
@@ -438,12 +437,12 @@ def error_from_body(
     if status == 429 and retry_delay and "retry-after" not in out_headers:
         try:
             out_headers["retry-after"] = str(math.ceil(float(retry_delay.rstrip("s"))))
-        except ValueError:
+        except (ValueError, OverflowError):
             pass
     etype, code = _STATUS_TYPES.get(gstatus or "", (None, None))
     if gstatus == "DEADLINE_EXCEEDED":
         status = 504
-    return map_status(status, out_headers, message, etype, code, None, provider_id)
+    return upstream_error(status, out_headers, message, etype, code, None, provider_id, secrets, raw)
 
 
 class GeminiStreamDecoder:
@@ -494,7 +493,7 @@ class GeminiStreamDecoder:
     def _chunk(self, data: dict[str, Any], out: list[bytes]) -> None:
         w = self._w
         if isinstance(data.get("error"), dict):
-            self.error = error_from_body(int(data["error"].get("code") or 502), {}, orjson.dumps(data),
+            self.error = error_from_body(status_from(data["error"].get("code")), {}, orjson.dumps(data),
                                          self._provider_id, self._secrets)
             out.append(error_frame(self.error))
             return
@@ -550,6 +549,7 @@ class GeminiProvider:
         self.base_url = base
         self.signer = HeaderKeySigner("x-goog-api-key", KeySource(settings.api_key, settings.api_key_file),
                                       ("GEMINI_API_KEY", "GOOGLE_API_KEY"))
+        self._header_secrets = header_secrets(settings.headers)
         self._headers = {"content-type": "application/json", **settings.headers}
 
     def missing_credentials(self) -> list[str]:
@@ -592,10 +592,13 @@ class GeminiProvider:
         return translate_response(data, target.public_model)
 
     def stream_decoder(self, endpoint: Endpoint, target: Target, client_wants_usage: bool) -> GeminiStreamDecoder:
-        return GeminiStreamDecoder(target.public_model, client_wants_usage, self.signer.secrets(), self.id)
+        return GeminiStreamDecoder(target.public_model, client_wants_usage, self.secrets(), self.id)
+
+    def secrets(self) -> list[str | None]:
+        return [*self.signer.secrets(), *self._header_secrets]
 
     def parse_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ProxyError:
-        return error_from_body(status, headers, raw, self.id, self.signer.secrets())
+        return error_from_body(status, headers, raw, self.id, self.secrets())
 
 
 def create(settings: ProviderSettings) -> GeminiProvider:

@@ -30,6 +30,7 @@ from urllib.parse import unquote, urlsplit
 from ..config import ProviderSettings, TimeoutSettings
 from ..errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
 from .base import UpstreamRequest
+from .upstream_errors import safe_token
 
 log = logging.getLogger("llm_proxy.upstream")
 
@@ -642,7 +643,9 @@ def _decoder_for(headers: dict[str, str]) -> zlib._Decompress | None:
         return None
     if enc.strip().lower() in ("gzip", "x-gzip", "deflate"):
         return zlib.decompressobj(47)  # 32 + 15: zlib or gzip header, detected
-    raise BadResponse(f"unsupported Content-Encoding {enc.strip()[:40]!r}")
+    # The upstream's value is named only when it is a plain token: a header may carry anything (a key, echoed).
+    name = safe_token(enc.strip(), ())
+    raise BadResponse(f"unsupported Content-Encoding {name!r}" if name else "unsupported Content-Encoding")
 
 
 @dataclass(frozen=True, slots=True)

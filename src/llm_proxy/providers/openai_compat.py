@@ -9,11 +9,12 @@ from typing import Any
 import orjson
 
 from ..config import ProviderSettings, max_tokens_field
-from ..errors import ProxyError, RateLimited, UpstreamError
+from ..errors import ProxyError, UpstreamError
 from ..types import Usage
 from .base import Endpoint, Target, UpstreamRequest
-from .credentials import KeySource, scrub
+from .credentials import KeySource, header_secrets
 from .sse import MAX_EVENT_BYTES, SSESplitter, event_too_large, frame
+from .upstream_errors import status_from, upstream_error
 
 _PATHS: dict[str, str] = {
     "chat.completions": "/chat/completions",
@@ -25,6 +26,8 @@ _PATHS: dict[str, str] = {
 _MODEL_KEY = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
 _USAGE_OBJ = re.compile(rb'"usage"\s*:\s*\{')
 _FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')  # a choice's finish_reason with a value (not null)
+# In an SSE data line this can only be a key or a value, never content (quotes in strings are escaped).
+_ERROR_KEY = b'"error"'
 
 
 def rewrite_model(payload: bytes, model_json: bytes) -> bytes:
@@ -47,63 +50,39 @@ def rewrite_model(payload: bytes, model_json: bytes) -> bytes:
 def error_from_openai_body(
     status: int, headers: Mapping[str, str], raw: bytes, provider_id: str, secrets: list[str | None]
 ) -> ProxyError:
-    """Shared mapping of an OpenAI-shaped error body to a ProxyError keeping status and message."""
-    message = f"Upstream provider '{provider_id}' returned HTTP {status}"
-    etype: str | None = None
-    code: str | None = None
-    param: str | None = None
+    """An OpenAI-shaped error body (`{"error": {...}}` or `{"error": "..."}`) -> a ProxyError keeping the status."""
     try:
         data = orjson.loads(raw) if raw else None
     except orjson.JSONDecodeError:
         data = None
+    return error_from_openai_data(status, headers, data, provider_id, secrets, raw)
+
+
+def error_from_openai_data(
+    status: int, headers: Mapping[str, str], data: Any, provider_id: str, secrets: list[str | None],
+    raw: bytes = b"",
+) -> ProxyError:
     err = data.get("error") if isinstance(data, dict) else None
     if isinstance(err, dict):
-        if isinstance(err.get("message"), str) and err["message"]:
-            message = scrub(err["message"], secrets)[:2000]
-        etype = err.get("type") if isinstance(err.get("type"), str) else None
-        code = str(err["code"]) if err.get("code") is not None else None
-        param = err.get("param") if isinstance(err.get("param"), str) else None
-    elif isinstance(err, str):
-        message = scrub(err, secrets)[:2000]
-    return map_status(status, headers, message, etype, code, param, provider_id)
+        return upstream_error(status, headers, err.get("message"), err.get("type"), err.get("code"),
+                              err.get("param"), provider_id, secrets, raw)
+    return upstream_error(status, headers, err, None, None, None, provider_id, secrets, raw)
 
 
-def map_status(
-    status: int,
-    headers: Mapping[str, str],
-    message: str,
-    etype: str | None,
-    code: str | None,
-    param: str | None,
-    provider_id: str,
-) -> ProxyError:
-    if status in (401, 403):
-        # A 401 from the proxy means "your token is bad"; an upstream credential problem is ours.
-        return UpstreamError(
-            f"Upstream provider '{provider_id}' rejected the proxy's credentials (HTTP {status})",
-            status=502,
-            type="api_error",
-            code="upstream_auth_failed",
-        )
-    out_headers: dict[str, str] = {}
-    for h in ("retry-after", "retry-after-ms"):
-        v = headers.get(h)
-        if v:
-            out_headers[h] = v
-    if status == 429:
-        return RateLimited(message, type=etype or "rate_limit_error", code=code or "rate_limit_exceeded",
-                           param=param, headers=out_headers)
-    default_type = "invalid_request_error" if 400 <= status < 500 else "api_error"
-    return UpstreamError(message, status=status if 400 <= status < 600 else 502, type=etype or default_type,
-                         code=code, param=param, headers=out_headers)
+def status_in_body(data: dict[str, Any]) -> int:
+    """The status for an error the upstream sent with HTTP 200 (in a stream, or as the body): vLLM puts the HTTP
+    status in `code`; otherwise 502."""
+    err = data.get("error")
+    return status_from(err.get("code") if isinstance(err, dict) else None)
 
 
 class OpenAIStreamDecoder:
     """Passes OpenAI chunks through, rewriting `model` and lifting the usage chunk.
 
-    Fast path: a read holding only whole single-line `data: {...}` events with one `model` value and no
-    usage object is relayed with one bytes.replace. Anything else (the usage chunk, [DONE], comments,
-    CRLF, events split across reads) goes through the SSE splitter event by event.
+    Fast path: a read holding only whole single-line `data: {...}` events that open with the same first key,
+    with one `model` value each and no usage object, is relayed with one bytes.replace. Anything else (the usage
+    chunk, [DONE], error events, comments, CRLF, events split across reads) goes through the SSE splitter event
+    by event.
 
     End of the stream: `data: [DONE]` sets `done` (the gateway stops reading there: llama.cpp, for one, drops
     the connection right after it without ending the chunked body). A stream whose body ends without [DONE]
@@ -111,15 +90,21 @@ class OpenAIStreamDecoder:
     came (servers that omit [DONE]); otherwise it was cut short.
     """
 
-    __slots__ = ("_buf", "_from", "_last", "_model_json", "_split", "_to", "_want_usage", "done", "usage")
+    __slots__ = ("_buf", "_from", "_last", "_lead", "_model_json", "_next_lead", "_provider_id", "_secrets", "_split",
+                 "_to", "_want_usage", "done", "error", "usage")
 
-    def __init__(self, public_model: str, client_wants_usage: bool) -> None:
+    def __init__(self, public_model: str, client_wants_usage: bool, secrets: list[str | None] | None = None,
+                 provider_id: str = "openai") -> None:
+        self._secrets = secrets or []
+        self._provider_id = provider_id
+        self.error: ProxyError | None = None
         self._split = SSESplitter()
         self._model_json = orjson.dumps(public_model)
         self._want_usage = client_wants_usage
         self.usage: Usage | None = None
         self._buf = b""
         self._from: bytes | None = None  # the upstream's `"model":"..."` bytes, once seen
+        self._lead = self._next_lead = b""  # `data: {"<first key>` of its chunks (see _learn)
         self._to = b'"model":' + self._model_json
         self._last = b""  # the latest read, for close()'s look for a finish_reason
         self.done: bool | None = False
@@ -162,26 +147,45 @@ class OpenAIStreamDecoder:
         return out
 
     def _fast(self, chunk: bytes) -> bytes | None:
+        src = self._from
+        if src is None:
+            if not self._learn(chunk):
+                return None
+            src = self._from
+            assert src is not None
+        lead = self._lead
         events = chunk.count(b"\n\n")
         if (
-            not chunk.startswith(b"data: {")
+            not chunk.startswith(lead)
             or chunk.count(b"\n") != 2 * events
-            or chunk.count(b"\n\ndata: {") != events - 1
+            # Every event opens with the first key of the upstream's chunks: an error event (`{"error": ...}`) does
+            # not, so it leaves the fast path (and is rebuilt in _frames) without a scan of its own.
+            or chunk.count(self._next_lead) != events - 1
             or b"\r" in chunk
         ):
             return None
-        src = self._from
-        if src is None:
-            m = _MODEL_KEY.search(chunk)
-            if m is None:
-                return None
-            head = chunk[7 : m.start()]
-            if b"{" in head or b"[" in head:  # not a top-level key of the first event
-                return None
-            src = self._from = chunk[m.start() : m.end()]
         if chunk.count(src) != events:
             return None
         return chunk.replace(src, self._to)
+
+    def _learn(self, chunk: bytes) -> bool:
+        """From the first fast-path candidate: the upstream's `"model":"..."` bytes and its chunks' opening
+        `data: {"<first key>` (an error event's `{"error"` never matches it)."""
+        if not chunk.startswith(b'data: {"'):
+            return False
+        end = chunk.find(b'"', 8)
+        m = _MODEL_KEY.search(chunk)
+        if end < 0 or m is None:
+            return False
+        # Without the closing quote: a needle ending in `"` makes bytes.count markedly slower on JSON.
+        lead = chunk[:end]
+        head = chunk[7 : m.start()]
+        if b"error".startswith(chunk[8:end]) or b"{" in head or b"[" in head:  # an error, or not top-level
+            return False
+        self._from = chunk[m.start() : m.end()]
+        self._lead = lead
+        self._next_lead = b"\n\n" + lead
+        return True
 
     def _frames(self, events: list[tuple[bytes | None, bytes]]) -> list[bytes]:
         out: list[bytes] = []
@@ -193,6 +197,11 @@ class OpenAIStreamDecoder:
                 break  # the upstream's end: nothing after it is relayed
             if not payload:
                 continue
+            if _ERROR_KEY in payload:
+                rebuilt = self._error_frame(payload)
+                if rebuilt is not None:
+                    out.append(rebuilt)
+                    continue
             if _USAGE_OBJ.search(payload) is not None:
                 kept = self._usage_chunk(payload)
                 if kept is not None:
@@ -200,6 +209,22 @@ class OpenAIStreamDecoder:
                 continue
             out.append(frame(rewrite_model(payload, self._model_json)))
         return out
+
+    def _error_frame(self, payload: bytes) -> bytes | None:
+        """A mid-stream `{"error": ...}` event, rebuilt from its scrubbed parts (None: not an error event)."""
+        try:
+            data = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            data = None
+        if isinstance(data, dict) and "error" not in data and data.get("object") == "error":
+            data = {"error": data}  # older vLLM: the error object itself
+        if not isinstance(data, dict) or "error" not in data:
+            if data is not None:
+                return None
+            # Not JSON but it mentions an error: relaying it could echo anything; say so in our words instead.
+            data = {"error": None}
+        self.error = error_from_openai_data(status_in_body(data), {}, data, self._provider_id, self._secrets)
+        return frame(self.error.body())
 
     def _usage_chunk(self, payload: bytes) -> bytes | None:
         try:
@@ -262,15 +287,20 @@ class OpenAICompatProvider:
         data = orjson.loads(raw)
         if not isinstance(data, dict):
             raise UpstreamError(f"Upstream provider '{self.id}' returned an unexpected body", status=502)
+        if "error" in data and "choices" not in data and "data" not in data:  # an error sent with HTTP 200
+            raise error_from_openai_data(status_in_body(data), {}, data, self.id, self.secrets())
         if "model" in data or endpoint != "embeddings":
             data["model"] = target.public_model
         return orjson.dumps(data), Usage.from_openai(data.get("usage"))
 
     def stream_decoder(self, endpoint: Endpoint, target: Target, client_wants_usage: bool) -> OpenAIStreamDecoder:
-        return OpenAIStreamDecoder(target.public_model, client_wants_usage)
+        return OpenAIStreamDecoder(target.public_model, client_wants_usage, self.secrets(), self.id)
+
+    def secrets(self) -> list[str | None]:
+        return [self.key.get(), *header_secrets(self.settings.headers)]
 
     def parse_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ProxyError:
-        return error_from_openai_body(status, headers, raw, self.id, [self.key.get()])
+        return error_from_openai_body(status, headers, raw, self.id, self.secrets())
 
 
 def create(settings: ProviderSettings) -> OpenAICompatProvider:

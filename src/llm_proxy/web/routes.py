@@ -15,7 +15,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..core.gateway import RequestContext, new_request_id
-from ..errors import BadRequest, ModelNotFound, PayloadTooLarge, ProxyError, internal_error
+from ..errors import BadRequest, ModelNotFound, PayloadTooLarge, ProxyError, internal_error, ledger_error_type
 from ..ingress.openapi import document
 from ..providers.base import Endpoint
 from ..providers.sse import DONE, frame
@@ -65,11 +65,11 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         if not ctx.status:
             ctx.status = resp.status
     except ProxyError as exc:
-        ctx.status, ctx.error_type = exc.status, exc.type
+        ctx.status, ctx.error_type = exc.status, ledger_error_type(exc)
         resp = error_response(exc, rid)
     except web.HTTPException as exc:
         err = from_http_exception(exc)
-        ctx.status, ctx.error_type = err.status, err.type
+        ctx.status, ctx.error_type = err.status, ledger_error_type(err)
         resp = error_response(err, rid)
     except asyncio.CancelledError:
         ctx.status, ctx.error_type = 499, "client_disconnected"
@@ -155,7 +155,7 @@ def _proxy(endpoint: Endpoint) -> Handler:
             await resp.write(DONE)
         except ProxyError as exc:
             # Headers are gone: the status cannot change. Tell the client in-band and end the stream.
-            ctx.status, ctx.error_type = exc.status, exc.type
+            ctx.status, ctx.error_type = exc.status, ledger_error_type(exc)
             try:
                 await resp.write(frame(exc.body()))
             except ConnectionError:
