@@ -68,11 +68,14 @@ def test_bad_header_byte_with_a_bearer_token_is_not_echoed_or_logged(
     assert reply.closed
 
 
-def test_parser_rejections_log_at_most_one_line_a_second(default: ProxyServer, caplog: pytest.LogCaptureFixture) -> None:
+def test_parser_rejections_log_at_most_one_line_a_second(
+    default: ProxyServer, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     started = time.monotonic()
     for _ in range(30):
-        envelope(exchange(default.port, b"GET / HTTP/1.1\r\nHost: localhost\r\nBad\x7fName: v\r\n\r\n"), 400, "bad_request")
+        reply = exchange(default.port, b"GET / HTTP/1.1\r\nHost: localhost\r\nBad\x7fName: v\r\n\r\n")
+        envelope(reply, 400, "bad_request")
     elapsed = time.monotonic() - started
     refused = [r for r in caplog.records if r.getMessage() == "request refused by the HTTP layer"]
     assert len(refused) <= int(elapsed) + 2
@@ -119,15 +122,17 @@ def test_headers_over_the_total_are_431_even_before_the_head_ends(default: Proxy
 
 
 def test_too_many_headers_is_431(default: ProxyServer) -> None:
-    head = b"GET /v1/health HTTP/1.1\r\nHost: localhost\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(200)) + b"\r\n"
+    many = b"".join(b"X-%d: v\r\n" % i for i in range(200))
+    head = b"GET /v1/health HTTP/1.1\r\nHost: localhost\r\n" + many + b"\r\n"
     envelope(exchange(default.port, head), 431, "request_header_fields_too_large")
 
 
 class RecordingAuth:
     """Records the Authorization header length each request reached auth with."""
 
-    def __init__(self) -> None:
+    def __init__(self, principal: Principal = ANONYMOUS) -> None:
         self.seen: list[int] = []
+        self.principal = principal
 
     async def start(self) -> None:
         return None
@@ -140,7 +145,7 @@ class RecordingAuth:
         if value is None:
             raise Unauthorized("Missing bearer token")
         self.seen.append(len(value))
-        return ANONYMOUS
+        return self.principal
 
     def health(self) -> dict[str, Any]:
         return {"ok": True, "mode": "none"}
