@@ -193,6 +193,7 @@ class GatewayProtocol(RequestHandler):
         "_body",
         "_body_deadline",
         "_counted",
+        "_field_limit",
         "_head_bytes",
         "_head_deadline",
         "_limits",
@@ -204,6 +205,7 @@ class GatewayProtocol(RequestHandler):
     def __init__(self, manager: GatewayServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._limits = manager.limits
+        self._field_limit = manager.limits.max_header_field_bytes
         self._counted = False
         self._rejected = False  # a refusal is queued: the rest of what the client sends is dropped
         self._head_bytes = 0  # bytes of the unfinished head received in earlier reads
@@ -256,29 +258,30 @@ class GatewayProtocol(RequestHandler):
         in_head = body is None or body.is_eof()
         msgs = self._messages
         queued = len(msgs)
-        super().data_received(data)
+        RequestHandler.data_received(self, data)
         if len(msgs) > queued:  # one or more heads completed in this read
             size = self._head_bytes + len(data) if in_head else len(data)
             self._head_bytes = 0
             self._head_deadline = 0.0
-            msg, payload = msgs[-1]
-            if size > self._limits.max_header_field_bytes or len(msgs) > queued + 1:
+            if size > self._field_limit or len(msgs) > queued + 1:
                 # Rare: a big head (only then can a header be over its limit), or pipelined requests.
                 self._check_heads(queued)
-                msg, payload = msgs[-1]
-            elif type(msg) is RawRequestMessage and msg.version is not HttpVersion11 \
-                    and msg.version is not HttpVersion10:
-                msg, payload = _ErrInfo(status=505, exc=_BadVersion(), message=""), EMPTY_PAYLOAD
-                msgs[-1] = msg, payload
-            if type(msg) is _ErrInfo:
+            msg, payload = msgs[-1]
+            if isinstance(msg, _ErrInfo):
                 self._rejected = True
                 self._body = None
-            elif not payload.is_eof():
+                return
+            version = msg.version
+            if version is not HttpVersion11 and version is not HttpVersion10:
+                msgs[-1] = _ErrInfo(status=505, exc=_BadVersion(), message=""), EMPTY_PAYLOAD
+                self._rejected = True
+                self._body = None
+            elif payload.is_eof():
+                self._body = None
+            else:
                 self._body = payload
                 self._body_deadline = self._loop.time() + self._limits.body_timeout
                 self._arm(self._body_deadline)
-            else:
-                self._body = None
         elif in_head:
             size = self._head_bytes + len(data)
             if size > self._limits.max_header_bytes:
