@@ -44,6 +44,27 @@ def host_allowed(value: str | None, allowed: frozenset[str]) -> bool:
     return any(a.startswith(".") and (name.endswith(a) or name == a[1:]) for a in allowed)
 
 
+class HostCheck:
+    """host_allowed() for one server's names, remembering the few Host values its clients send."""
+
+    __slots__ = ("_allowed", "_seen")
+
+    _MAX_SEEN = 256
+
+    def __init__(self, allowed: frozenset[str]) -> None:
+        self._allowed = allowed
+        self._seen: dict[str | None, bool] = {}
+
+    def __call__(self, value: str | None) -> bool:
+        ok = self._seen.get(value)
+        if ok is None:
+            ok = host_allowed(value, self._allowed)
+            if len(self._seen) >= self._MAX_SEEN:  # many distinct names: someone probing; start over
+                self._seen.clear()
+            self._seen[value] = ok
+        return ok
+
+
 def is_local_request(request: web.Request) -> bool:
     """From a loopback address, to a loopback Host name.
 

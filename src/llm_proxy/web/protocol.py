@@ -224,6 +224,7 @@ class GatewayProtocol(RequestHandler):
             _refusals.warning("connection refused: max_connections reached",
                               max_connections=self._limits.max_connections)
             self._manager = None  # aiohttp's connection_lost is then a no-op
+            self._rejected = True
             assert isinstance(transport, asyncio.Transport)
             from .routes import _new_request_id
 

@@ -21,7 +21,6 @@ from ..errors import BadRequest, ModelNotFound, PayloadTooLarge, ProxyError, int
 from ..providers.base import Endpoint
 from ..providers.sse import DONE, frame
 from .errors import error_response, from_http_exception
-from .hosts import host_allowed
 from .json_depth import deeper_than
 from .protocol import BodyTimeout
 from .state import SERVICES, Services
@@ -57,8 +56,8 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     request[CTX] = ctx
     resp: web.StreamResponse
     try:
-        allowed = svc.allowed_hosts
-        if allowed is not None and not host_allowed(request.headers.get(hdrs.HOST), allowed) \
+        host_check = svc.host_check
+        if host_check is not None and not host_check(request.headers.get(hdrs.HOST)) \
                 and not request.path.startswith("/v1/health"):  # probes send the pod's address
             raise ProxyError("Host not allowed on this server (see server.allowed_hosts)", status=421,
                              type="invalid_request_error", code="host_not_allowed")

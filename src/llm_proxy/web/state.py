@@ -14,7 +14,7 @@ from ..core.gateway import Gateway
 from ..core.routing import Router
 from ..logs import AccessLog
 from ..ports import Authenticator, Policy, UsageSink
-from .hosts import allowed_hosts_for, is_local_request
+from .hosts import HostCheck, allowed_hosts_for, is_local_request
 
 
 @dataclass
@@ -40,9 +40,8 @@ class Services:
         unauthenticated = s.auth.mode == "none"
         # A page in a browser can send a body without a type (or text/plain) anywhere without a preflight.
         self.require_content_type = unauthenticated
-        self.allowed_hosts = allowed_hosts_for(
-            s.server.allowed_hosts, s.auth.mode, s.server.allow_non_loopback_unauthenticated
-        )
+        allowed = allowed_hosts_for(s.server.allowed_hosts, s.auth.mode, s.server.allow_non_loopback_unauthenticated)
+        self.host_check: HostCheck | None = HostCheck(allowed) if allowed is not None else None
         # Who sees readiness details without a token; tests replace it to play a remote caller.
         self.is_local: Callable[[web.Request], bool] = is_local_request
 
