@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -196,6 +197,21 @@ def test_unfinished_heads_cannot_grow_memory_without_bound(default: ProxyServer)
     assert grown < 30 * 1024 * 1024, grown
 
 
+def test_big_bodies_in_one_read_are_not_mistaken_for_big_heads(default: ProxyServer) -> None:
+    body = json.dumps({"model": "openai/gpt-4o", "messages": [{"role": "user", "content": "x" * 300_000}]}).encode()
+    head = ("POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    assert exchange(default.port, head + body).status == 200
+
+
+def test_pipelined_requests_are_answered_in_order(default: ProxyServer) -> None:
+    one = b"GET /v1/health HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    with connect(default.port) as s:
+        s.sendall(one + one + b"GET /v1/version HTTP/2.0\r\nHost: localhost\r\n\r\n")
+        raw = read_reply(s).raw
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", raw) == [b"200", b"200", b"505"]
+
+
 # ---- time limits ------------------------------------------------------------------------------------
 
 
@@ -250,6 +266,28 @@ def test_slow_body_is_cut_at_the_body_timeout(fast: ProxyServer) -> None:
     assert elapsed < 2.5, elapsed
 
 
+def test_the_header_timeout_also_applies_to_the_next_request_on_a_connection(fast: ProxyServer) -> None:
+    with connect(fast.port) as s:
+        s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert read_reply(s, until_complete=True).status == 200
+        s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: local")  # and never the rest
+        started = time.monotonic()
+        reply = read_reply(s, timeout=5)
+    envelope(reply, 408, "request_timeout")
+    assert time.monotonic() - started < 2.5
+
+
+def test_a_body_that_keeps_coming_within_the_timeout_is_served(fast: ProxyServer) -> None:
+    body = b'{"model": "openai/gpt-4o", "messages": [{"role": "user", "content": "hi"}]}'
+    with connect(fast.port) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                  + f"Content-Length: {len(body)}\r\n\r\n".encode())
+        for i in range(0, len(body), 30):
+            time.sleep(0.1)  # the slow (but not too slow) client under test: 3 pieces within 0.5 s
+            s.sendall(body[i:i + 30])
+        assert read_reply(s, until_complete=True).status == 200
+
+
 def test_idle_keepalive_connection_is_closed_after_keepalive_timeout(fast: ProxyServer) -> None:
     with connect(fast.port) as s:
         s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
@@ -270,7 +308,12 @@ def test_keepalive_connection_serves_requests_one_after_another(fast: ProxyServe
 # ---- connection cap --------------------------------------------------------------------------------
 
 
-def test_connections_over_the_cap_are_refused_and_the_proxy_stays_healthy(fast: ProxyServer) -> None:
+def test_connections_over_the_cap_are_refused_and_the_proxy_stays_healthy(emulator: Emulator) -> None:
+    with ProxyServer(native_config(basic_config(emulator.base_url, FAST))) as px:  # its own: no leftovers
+        _fill_the_cap(px)
+
+
+def _fill_the_cap(fast: ProxyServer) -> None:
     held = []
     try:
         for _ in range(8):  # max_connections 8: fill it with live keep-alive connections
