@@ -36,7 +36,7 @@ def default(emulator: Emulator) -> Iterator[ProxyServer]:
         yield px
 
 
-def envelope(reply: Reply, status: int, code: str) -> dict[str, Any]:
+def envelope(reply: Reply, status: int, code: str | None) -> dict[str, Any]:
     assert reply.status == status, reply.raw[:300]
     assert reply.status_line.startswith(b"HTTP/1.1 "), reply.status_line
     assert reply.headers["content-type"].startswith("application/json")
@@ -350,3 +350,18 @@ def test_max_connections_counts_closed_connections_out(fast: ProxyServer) -> Non
         reply = exchange(fast.port, b"GET /v1/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         assert reply.status == 200
 
+
+
+def test_an_error_escaping_the_middleware_is_a_500_envelope(emulator: Emulator) -> None:
+    from llm_proxy.core.usage_memory import MemoryUsageSink
+
+    class Broken(MemoryUsageSink):
+        def record(self, event: Any) -> None:
+            raise RuntimeError("ledger bug")  # raised in the middleware's finally: aiohttp's handle_error(500)
+
+    with ProxyServer(native_config(basic_config(emulator.base_url)), usage=Broken()) as px:
+        body = b'{"model": "openai/gpt-4o", "messages": [{"role": "user", "content": "hi"}]}'
+        reply = exchange(px.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                         b"Content-Type: application/json\r\n" + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    err = envelope(reply, 500, None)
+    assert err["message"] == f"Internal server error (request id {reply.headers['x-request-id']})"

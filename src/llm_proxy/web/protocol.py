@@ -378,13 +378,13 @@ class GatewayProtocol(RequestHandler):
         from .routes import _new_request_id
 
         rid = _new_request_id()
-        if status == 500:
+        if status >= 500 and status != 505:
             # Not a parser rejection: an error escaped the app (the middleware answers everything else).
             self.log_exception("unhandled error outside the middleware", extra={"request_id": rid},
                                exc_info=exc)
             if request.writer.output_size > 0:
                 raise ConnectionError("response already started")
-            err = ProxyError(f"Internal server error (request id {rid})")
+            err = ProxyError(f"Internal server error (request id {rid})", status=status)
         else:
             err = _protocol_error(status, exc, self._limits)
             peer = request.remote
