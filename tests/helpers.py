@@ -49,7 +49,9 @@ class LoopThread:
 class ProxyServer:
     """The proxy app served on 127.0.0.1:<free port> in its own loop thread."""
 
-    def __init__(self, loaded: LoadedConfig, *, drain: bool = False, **app_kwargs: Any) -> None:
+    def __init__(
+        self, loaded: LoadedConfig, *, drain: bool = False, host: str = "127.0.0.1", **app_kwargs: Any
+    ) -> None:
         # An in-memory usage sink unless the test passes usage=... (e.g. a UsageLedger): tests that do not
         # look at the ledger must not write ./var/llm-proxy.db and ./var/spool in the working directory.
         app_kwargs.setdefault("usage", MemoryUsageSink())
@@ -72,7 +74,7 @@ class ProxyServer:
 
             async def _run() -> None:
                 try:
-                    await serve(app, "127.0.0.1", 0, on_listening=on_listening, stop=self._stop)
+                    await serve(app, host, 0, on_listening=on_listening, stop=self._stop)
                 except BaseException as exc:  # surface startup failures to the test
                     if not ready.done():
                         ready.set_exception(exc)
@@ -82,7 +84,8 @@ class ProxyServer:
 
         self.lt.run(_start())
         self.port = self.lt.run(asyncio.wait_for(asyncio.shield(ready), 15))
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.host = host
+        self.url = f"http://{host}:{self.port}"
         self.base_url = self.url + "/v1"
 
     def stop(self) -> None:

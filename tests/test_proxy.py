@@ -220,7 +220,8 @@ def test_body_over_limit_413(emulator: Emulator) -> None:
                 yield big
 
             async with aiohttp.ClientSession() as s:
-                async with s.post(px.base_url + "/chat/completions", data=gen()) as r:
+                async with s.post(px.base_url + "/chat/completions", data=gen(),
+                                  headers={"content-type": "application/json"}) as r:
                     return r.status
 
         assert asyncio.run(chunked()) == 413

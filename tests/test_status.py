@@ -69,3 +69,28 @@ def test_client_config_cli_matches_endpoint(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == {"model": "openai/gpt-4o", "enabled": "true"}
+
+
+def test_status_says_details_are_hidden_instead_of_guessing() -> None:
+    # What a non-local caller without a token gets from /v1/health/ready.
+    conds = {c["type"]: c for c in conditions({"status": "OK", "failing": [], "details": "hidden"}, 200)}
+    assert conds["Ready"]["status"] == "True"
+    for t in ("APIKeysConfigured", "IdentityProviderReachable", "DatabaseReachable"):
+        assert conds[t]["status"] == "Unknown" and conds[t]["reason"] == "DetailsHidden"
+
+
+def test_status_sends_the_token(emulator: Emulator) -> None:
+    from llm_proxy.types import Principal
+
+    from .web.test_protocol import RecordingAuth
+
+    auth = RecordingAuth(Principal(subject="ops", username="ops", auth_method="oidc"))
+    with ProxyServer(native_config(basic_config(emulator.base_url)), authenticator=auth) as px:
+        px.services.is_local = lambda request: False
+        hidden = _cli("status", "--url", px.url, "--json")
+        with_token = _cli("status", "--url", px.url, "--json", "--token", "tok-123")
+    assert hidden.returncode == 0 and "DetailsHidden" in hidden.stdout
+    assert with_token.returncode == 0 and auth.seen == [len("Bearer tok-123")]
+    assert "DetailsHidden" not in with_token.stdout and "SomeKeysMissing" not in with_token.stdout
+    conds = {c["type"]: c for c in json.loads(with_token.stdout)["conditions"]}
+    assert conds["APIKeysConfigured"]["status"] == "True"

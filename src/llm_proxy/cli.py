@@ -382,8 +382,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .status import conditions
 
     url = args.url.rstrip("/") + "/v1/health/ready"
+    req = urllib.request.Request(url)  # noqa: S310 - operator-given URL
+    token = args.token or os.environ.get("LLM_PROXY_TOKEN")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(url, timeout=args.timeout) as resp:  # noqa: S310 - operator-given URL
+        with urllib.request.urlopen(req, timeout=args.timeout) as resp:  # noqa: S310 - operator-given URL
             code, body = resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         code, body = exc.code, exc.read()
@@ -470,6 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default="http://127.0.0.1:8321")
     p.add_argument("--json", action="store_true")
     p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--token", help="bearer token, for the checks' details from a non-local address "
+                   "(default: $LLM_PROXY_TOKEN)")
     p.set_defaults(func=cmd_status)
     return parser
 

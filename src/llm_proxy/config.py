@@ -117,6 +117,22 @@ class ServerSettings(_Model):
     shutdown_grace_seconds: float = Field(25.0, ge=0)
     access_log: bool = True
     allow_non_loopback_unauthenticated: bool = False
+    # Client connections, per worker (see docs/design.md "Client connections"). A request head must arrive
+    # within header_timeout_seconds of the connection opening or of its first byte, its body within
+    # body_timeout_seconds of the head; an idle kept-alive connection is closed after keepalive_timeout_seconds.
+    header_timeout_seconds: float = Field(10.0, gt=0)
+    body_timeout_seconds: float = Field(60.0, gt=0)
+    keepalive_timeout_seconds: float = Field(75.0, gt=0)
+    max_connections: int = Field(1024, ge=1)  # more are answered 503 and closed
+    max_header_bytes: int = Field(64 * 1024, ge=4096)  # the whole head: request line and every header; 431
+    max_header_field_bytes: int = Field(16 * 1024, ge=1024)  # one header line (name + value); 431
+    max_authorization_bytes: int = Field(32 * 1024, ge=1024)  # Authorization alone (big Keycloak tokens); 431
+    max_json_depth: int = Field(64, ge=8, le=200)  # nesting of the JSON body; 400 json_too_deep
+    # Host names (no port) accepted in the Host header: exact names, ".example.com" for a domain and its
+    # subdomains, "*" for any. Unset: any Host, except in auth mode none without
+    # allow_non_loopback_unauthenticated, where only loopback names are (against DNS rebinding). Loopback
+    # names (localhost, 127.0.0.1, [::1]) are always accepted. A refused Host gets 421.
+    allowed_hosts: list[str] | None = None
 
 
 class ProviderSettings(_Model):

@@ -23,6 +23,13 @@ def conditions(report: dict[str, Any], http_status: int) -> list[dict[str, str]]
         )
     ]
 
+    if report.get("details") == "hidden":
+        # The proxy shows its checks only to loopback callers with a loopback Host, or with a token.
+        msg = "details are shown to callers on the proxy's host (loopback) or with --token"
+        out += [_cond(t, False, "DetailsHidden", msg) | {"status": "Unknown"}
+                for t in ("APIKeysConfigured", "IdentityProviderReachable", "DatabaseReachable")]
+        return out
+
     providers = (checks.get("providers") or {}).get("providers") or {}
     missing = {pid: p.get("reason", "") for pid, p in providers.items() if not p.get("ok")}
     if not providers:

@@ -209,9 +209,12 @@ def test_missing_token(oidc_proxy: ProxyServer) -> None:
     rejected(reply, "Missing bearer token")
 
 
-def test_100_kb_token_is_rejected_before_parsing(oidc_proxy: ProxyServer) -> None:
+def test_100_kb_token_is_rejected_before_parsing(oidc_proxy: ProxyServer, caplog: pytest.LogCaptureFixture) -> None:
+    # Over server.max_authorization_bytes (32 KiB): the HTTP layer answers 431 and echoes none of it.
     huge = "eyJ" + "A" * (100 * 1024)
-    rejected(bearer(oidc_proxy, huge), "token is larger than 16384 bytes")
+    rejected(bearer(oidc_proxy, huge), "Request headers are larger than the limit", huge, caplog, status=431)
+    # Under it, auth gets the token and refuses it with its own reason.
+    rejected(bearer(oidc_proxy, "eyJ" + "A" * (20 * 1024)), "token is larger than 16384 bytes")
 
 
 def test_just_over_16_kb(oidc_proxy: ProxyServer, local_idp: LocalIdP) -> None:

@@ -393,7 +393,7 @@ def _raw_request(port: int, body: dict[str, Any]) -> socket.socket:
     payload = orjson.dumps(body)
     s = socket.create_connection(("127.0.0.1", port))
     s.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         + f"Content-Length: {len(payload)}\r\n\r\n".encode()
         + payload
     )

@@ -19,7 +19,9 @@ def from_http_exception(exc: web.HTTPException) -> ProxyError:
     if status == 404:
         return ProxyError("Not found", status=404, type="invalid_request_error", code="not_found")
     if status == 405:
-        return ProxyError("Method not allowed", status=405, type="invalid_request_error", code="method_not_allowed")
+        allow = exc.headers.get("Allow", "")
+        return ProxyError("Method not allowed", status=405, type="invalid_request_error", code="method_not_allowed",
+                          headers={"Allow": allow})
     if status == 413:
         return ProxyError(
             "Request body is larger than the configured limit",

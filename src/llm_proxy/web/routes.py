@@ -11,7 +11,8 @@ from contextlib import aclosing
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http import HttpVersion11
 
 from .. import __version__
 from ..core.gateway import RequestContext, new_request_id
@@ -20,6 +21,8 @@ from ..ingress.openapi import document
 from ..providers.base import Endpoint
 from ..providers.sse import DONE, frame
 from .errors import error_response, from_http_exception
+from .json_depth import deeper_than
+from .protocol import BodyTimeout
 from .state import SERVICES, Services
 
 log = logging.getLogger("llm_proxy.access")
@@ -61,6 +64,11 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     request[CTX] = ctx
     resp: web.StreamResponse
     try:
+        host_check = svc.host_check
+        if host_check is not None and not host_check(request.headers.get(hdrs.HOST)) \
+                and not request.path.startswith("/v1/health"):  # probes send the pod's address
+            raise ProxyError("Host not allowed on this server (see server.allowed_hosts)", status=421,
+                             type="invalid_request_error", code="host_not_allowed")
         resp = await handler(request)
         if not ctx.status:
             ctx.status = resp.status
@@ -100,21 +108,69 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     return resp
 
 
-async def _read_json(request: web.Request, limit: int) -> dict[str, Any]:
+_JSON = "application/json"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def _check_content_type(value: str | None, svc: Services) -> None:
+    if value == _JSON:
+        return
+    if value is None:
+        if not svc.require_content_type:
+            return
+    else:
+        mime = value.partition(";")[0].strip().lower()
+        if mime == _JSON or (mime.startswith("application/") and mime.endswith("+json")):
+            return
+    # A page in a browser can POST text/plain (or a body with no type) to any address without a CORS
+    # preflight; application/json needs one. Unauthenticated servers therefore take only that.
+    raise ProxyError("Content-Type must be application/json", status=415, type="invalid_request_error",
+                     code="unsupported_media_type")
+
+
+async def _read_json(request: web.Request, svc: Services) -> dict[str, Any]:
+    _check_content_type(request.headers.get(hdrs.CONTENT_TYPE), svc)
+    limit = svc.max_body_bytes
     length = request.content_length
     if length is not None and length > limit:
         raise PayloadTooLarge("Request body is larger than the configured limit")
+    if request.headers.get(hdrs.EXPECT) is not None and request.version == HttpVersion11:
+        # Asked for only now: after authentication and the size check (see _expect).
+        await request.writer.write(_CONTINUE)
+        request.writer.output_size = 0
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge("Request body is larger than the configured limit") from None
+    except BodyTimeout:
+        raise ProxyError(
+            f"Request body did not arrive within {svc.body_timeout:g} seconds", status=408,
+            type="invalid_request_error", code="request_timeout",
+        ) from None
+    except web.RequestPayloadError:  # bad chunked framing, truncated or undecodable body
+        raise BadRequest("Request body could not be read", code="invalid_body") from None
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise BadRequest("Request body is not valid JSON", code="invalid_json") from None
     if not isinstance(body, dict):
         raise BadRequest("Request body must be a JSON object", code="invalid_json")
+    if deeper_than(body, raw, svc.max_json_depth):
+        raise BadRequest(f"Request body nests deeper than {svc.max_json_depth} levels", code="json_too_deep")
     return body
+
+
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """Expect handler of the POST routes: runs before the middleware; sends nothing for 100-continue.
+
+    aiohttp's default sends "100 Continue" at once, so a client announcing a body over the limit (or
+    without a valid token) was invited to send it before its 413 (401). _read_json sends it instead."""
+    if request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
+        return None
+    rid = new_request_id()
+    err = ProxyError("Only 'Expect: 100-continue' is supported", status=417, type="invalid_request_error",
+                     code="expectation_failed")
+    return error_response(err, rid)
 
 
 def _proxy(endpoint: Endpoint) -> Handler:
@@ -125,7 +181,7 @@ def _proxy(endpoint: Endpoint) -> Handler:
         if svc.draining:
             ctx.extra["draining"] = True
         ctx.principal = await svc.authenticator.authenticate(request.headers, request.remote)
-        body = await _read_json(request, svc.max_body_bytes)
+        body = await _read_json(request, svc)
         result = await svc.gateway.handle(ctx, endpoint, body)
         if isinstance(result, bytes):
             ctx.status = 200
@@ -210,7 +266,21 @@ async def live(request: web.Request) -> web.StreamResponse:
 async def ready(request: web.Request) -> web.StreamResponse:
     svc = request.app[SERVICES]
     report = svc.readiness()
-    return _json(report, status=200 if report["status"] == "OK" else 503)
+    status = 200 if report["status"] == "OK" else 503
+    if not await _may_see_details(request, svc):
+        # Issuer URLs, provider ids and their last errors are for operators: probes need the status only.
+        report = {"status": report["status"], "failing": report["failing"], "details": "hidden"}
+    return _json(report, status=status)
+
+
+async def _may_see_details(request: web.Request, svc: Services) -> bool:
+    if svc.is_local(request):
+        return True
+    try:
+        principal = await svc.authenticator.authenticate(request.headers, request.remote)
+    except ProxyError:
+        return False
+    return principal.auth_method != "none"
 
 
 async def client_config(request: web.Request) -> web.StreamResponse:
@@ -220,9 +290,9 @@ async def client_config(request: web.Request) -> web.StreamResponse:
 
 def add_routes(app: web.Application, services: Services) -> None:
     for prefix in ("/v1", "/v1/openai/v1"):
-        app.router.add_post(prefix + "/chat/completions", _proxy("chat.completions"))
-        app.router.add_post(prefix + "/completions", _proxy("completions"))
-        app.router.add_post(prefix + "/embeddings", _proxy("embeddings"))
+        app.router.add_post(prefix + "/chat/completions", _proxy("chat.completions"), expect_handler=_expect)
+        app.router.add_post(prefix + "/completions", _proxy("completions"), expect_handler=_expect)
+        app.router.add_post(prefix + "/embeddings", _proxy("embeddings"), expect_handler=_expect)
         app.router.add_get(prefix + "/models", list_models)
         app.router.add_get(prefix + "/models/{model:.+}", get_model)
     app.router.add_get("/v1/version", version)

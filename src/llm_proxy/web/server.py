@@ -10,12 +10,10 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from .protocol import ConnectionLimits, GatewayRunner
 from .state import SERVICES
 
 log = logging.getLogger("llm_proxy")
-
-MAX_HEADER_FIELD_BYTES = 128 * 1024
-
 
 async def serve(
     app: web.Application,
@@ -28,14 +26,12 @@ async def serve(
 ) -> None:
     services = app[SERVICES]
     server = services.loaded.settings.server
-    runner = web.AppRunner(
+    runner = GatewayRunner(
         app,
+        limits=ConnectionLimits.from_settings(server),
         handler_cancellation=True,
         access_log=None,
         shutdown_timeout=server.shutdown_grace_seconds,
-        # aiohttp's 8190-byte default would cut Keycloak tokens with many groups and answer oversized
-        # tokens with a bare 400; let them reach auth, which rejects tokens over 16 KB with a 401.
-        max_field_size=MAX_HEADER_FIELD_BYTES,
     )
     # Handle SIGTERM/SIGINT from before startup: a signal arriving while the app starts (migrations, key
     # fetches) or just after "listening" is logged must drain, not kill the process with a default handler.
@@ -56,7 +52,7 @@ async def serve(
 
 
 async def _run(
-    runner: web.AppRunner,
+    runner: GatewayRunner,
     app: web.Application,
     host: str,
     port: int,

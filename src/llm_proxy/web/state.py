@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,7 @@ from ..core.gateway import Gateway
 from ..core.routing import Router
 from ..logs import AccessLog
 from ..ports import Authenticator, Policy, UsageSink
+from .hosts import HostCheck, allowed_hosts_for, is_local_request
 
 
 @dataclass
@@ -33,6 +35,15 @@ class Services:
         self.max_body_bytes = s.server.max_body_bytes
         self.access_log: AccessLog | None = AccessLog() if s.server.access_log else None
         self.store_completions = s.usage.enabled and s.usage.store_completions
+        self.body_timeout = s.server.body_timeout_seconds
+        self.max_json_depth = s.server.max_json_depth
+        unauthenticated = s.auth.mode == "none"
+        # A page in a browser can send a body without a type (or text/plain) anywhere without a preflight.
+        self.require_content_type = unauthenticated
+        allowed = allowed_hosts_for(s.server.allowed_hosts, s.auth.mode, s.server.allow_non_loopback_unauthenticated)
+        self.host_check: HostCheck | None = HostCheck(allowed) if allowed is not None else None
+        # Who sees readiness details without a token; tests replace it to play a remote caller.
+        self.is_local: Callable[[web.Request], bool] = is_local_request
 
     def readiness(self) -> dict[str, Any]:
         checks: dict[str, Any] = {}
