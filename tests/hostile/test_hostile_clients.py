@@ -8,6 +8,7 @@ Each case has a bounded outcome and the proxy answers normally afterwards.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -229,8 +230,12 @@ def test_smuggling_shapes_are_refused_and_nothing_reaches_the_upstream(
                 break
             got += data
         s.close()
-        assert got.split(b" ", 2)[1] == b"400", got[:200]
+        assert got.startswith(b"HTTP/1.1 400 "), got[:200]
         assert got.count(b"HTTP/1.") == 1, got
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert b"x-request-id:" in head.lower()
+        assert set(json.loads(body)["error"]) == {"message", "type", "param", "code"}  # the envelope, nothing echoed
+        assert b"embeddings" not in body and b"chunked" not in body
         assert emulator.requests() == []
         px.healthy()
     finally:
