@@ -26,17 +26,18 @@ INTROSPECTOR = "llm-proxy-introspect"  # the resource server's client, allowed t
 START_TIMEOUT = 30.0
 
 
-def _ensure_node_modules() -> None:
+def ensure_node_modules(directory: Path = OP_DIR, package: str = "oidc-provider") -> None:
+    """`npm ci` in a test's Node.js directory (its lock file pins every package) unless `package` is there."""
     if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.fail("the OIDC tests need Node.js 20+ and npm on PATH (tests/oidc runs the npm package oidc-provider)")
-    if (OP_DIR / "node_modules" / "oidc-provider" / "package.json").is_file():
+        pytest.fail(f"these tests need Node.js 20+ and npm on PATH ({directory.name} runs the npm package {package})")
+    if (directory / "node_modules" / package / "package.json").is_file():
         return
     proc = subprocess.run(
         ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-        cwd=OP_DIR, capture_output=True, text=True, timeout=300, check=False,
+        cwd=directory, capture_output=True, text=True, timeout=300, check=False,
     )
     if proc.returncode != 0:
-        pytest.fail(f"npm ci in {OP_DIR} failed:\n{proc.stdout}\n{proc.stderr}")
+        pytest.fail(f"npm ci in {directory} failed:\n{proc.stdout}\n{proc.stderr}")
 
 
 class OpenIDProvider:
@@ -175,7 +176,7 @@ class OpenIDProvider:
 
 @pytest.fixture(scope="session")
 def oidc_provider() -> Iterator[OpenIDProvider]:
-    _ensure_node_modules()
+    ensure_node_modules()
     op = OpenIDProvider()
     op.start()
     try:

@@ -9,7 +9,6 @@ tools, streamed tool calls, a bad token) and reports what the client library its
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,26 +17,13 @@ from typing import Any
 import pytest
 
 from .conftest import Emulator
-from .conftest_oidc import AUDIENCE, OpenIDProvider, oidc_provider
+from .conftest_oidc import AUDIENCE, OpenIDProvider, ensure_node_modules, oidc_provider
 from .helpers import ProxyServer, native_config
 
 __all__ = ["oidc_provider"]
 
 IDE_DIR = Path(__file__).parent / "ide"
 MODEL = "openai/gpt-4o"
-
-
-def _ensure_node_modules() -> None:
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.fail("the IDE client test needs Node.js 20+ and npm on PATH (tests/ide runs @langchain/openai)")
-    if (IDE_DIR / "node_modules" / "@langchain" / "openai" / "package.json").is_file():
-        return
-    proc = subprocess.run(
-        ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-        cwd=IDE_DIR, capture_output=True, text=True, timeout=300, check=False,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"npm ci in {IDE_DIR} failed:\n{proc.stdout}\n{proc.stderr}")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +45,7 @@ auth:
 
 
 def _run_client(cfg: dict[str, Any]) -> dict[str, Any]:
-    _ensure_node_modules()
+    ensure_node_modules(IDE_DIR, "@langchain/openai")
     proc = subprocess.run(
         ["node", "client.mjs", json.dumps(cfg)], cwd=IDE_DIR, capture_output=True, text=True, timeout=120, check=False
     )
