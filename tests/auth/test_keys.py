@@ -116,31 +116,36 @@ async def test_stale_window(local_idp: LocalIdP, make: Callable[..., Any]) -> No
     assert auth.health()["ok"] is True
 
 
+def count_verifications(auth: Any, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the authenticator's signature verifications (calls[0]), which its token cache should spare."""
+    calls = [0]
+    verify = auth._verify
+
+    async def counting(token: str, now: float) -> Any:
+        calls[0] += 1
+        return await verify(token, now)
+
+    monkeypatch.setattr(auth, "_verify", counting)
+    return calls
+
+
 async def test_verified_tokens_are_cached_by_hash_until_exp(
     local_idp: LocalIdP, make: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     local_idp.realm("cache")
     clock = FakeClock()
     auth = await make(settings(local_idp.issuer("cache")), clock=clock, cache_size=2)
-    calls = 0
-    verify = auth._verify
-
-    async def counting(token: str, now: float) -> Any:
-        nonlocal calls
-        calls += 1
-        return await verify(token, now)
-
-    monkeypatch.setattr(auth, "_verify", counting)
+    calls = count_verifications(auth, monkeypatch)
     exp = int(clock.now) + 60
     token = local_idp.sign("cache", exp=exp)
     first = await auth.authenticate(hdr(token), None)
     assert await auth.authenticate(hdr(token), None) is first
-    assert calls == 1  # the second request skipped signature verification
+    assert calls[0] == 1  # the second request skipped signature verification
     assert list(auth._cache) == [hashlib.sha256(token.encode()).digest()]  # keyed by hash, never the token
 
     clock.now = exp + 1  # past exp the cache no longer answers (and the leeway still accepts it)
     await auth.authenticate(hdr(token), None)
-    assert calls == 2
+    assert calls[0] == 2
 
     for i in range(3):  # bounded LRU
         await auth.authenticate(hdr(local_idp.sign("cache", jti=str(i), exp=exp + 600)), None)
@@ -153,23 +158,15 @@ async def test_a_token_with_an_absurd_exp_is_cached_for_token_cache_seconds_only
     local_idp.realm("cache-cap")
     clock = FakeClock()
     auth = await make(settings(local_idp.issuer("cache-cap")), clock=clock, cache_seconds=300)
-    calls = 0
-    verify = auth._verify
-
-    async def counting(token: str, now: float) -> Any:
-        nonlocal calls
-        calls += 1
-        return await verify(token, now)
-
-    monkeypatch.setattr(auth, "_verify", counting)
+    calls = count_verifications(auth, monkeypatch)
     token = local_idp.sign("cache-cap", exp=int(clock.now) + 100 * 365 * 86400)
     await auth.authenticate(hdr(token), None)
     clock.now += 299
     await auth.authenticate(hdr(token), None)
-    assert calls == 1
+    assert calls[0] == 1
     clock.now += 2  # 301 s after the first verification: verified again, not trusted until the year 2126
     await auth.authenticate(hdr(token), None)
-    assert calls == 2
+    assert calls[0] == 2
 
 
 async def test_cached_token_dies_with_its_key(local_idp: LocalIdP, make: Callable[..., Any]) -> None:
