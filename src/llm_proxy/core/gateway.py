@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
@@ -346,6 +347,15 @@ _STREAMABLE: frozenset[str] = frozenset({"chat.completions", "completions"})
 _STREAM_TYPES: dict[str, str] = {"sse": "text/event-stream", "aws-eventstream": "application/vnd.amazon.eventstream"}
 
 
+_MEDIA_TYPE = re.compile(r"[a-z0-9.+-]{1,40}/[a-z0-9.+-]{1,60}")
+
+
+def _media_type(ctype: str) -> str:
+    """The upstream's media type, named only when it is a plain `type/subtype` (it is upstream text)."""
+    media = ctype.split(";", 1)[0].strip()
+    return f"'{media}'" if _MEDIA_TYPE.fullmatch(media) else "another content type"
+
+
 def _not_a_stream(provider: Provider, provider_id: str, headers: Mapping[str, str], ctype: str, raw: bytes
                   ) -> ProxyError:
     """A 200 to a stream request whose body is not a stream (an error object in JSON, an HTML page...)."""
@@ -361,7 +371,8 @@ def _not_a_stream(provider: Provider, provider_id: str, headers: Mapping[str, st
                 exc.code = "bad_upstream_response"
             return exc
     return ProxyError(
-        f"Upstream provider '{provider_id}' answered a stream request with {ctype[:60]!r} instead of an event stream",
+        f"Upstream provider '{provider_id}' answered a stream request with {_media_type(ctype)} instead of an "
+        "event stream",
         status=502, type="api_error", code="bad_upstream_response",
     )
 
