@@ -94,3 +94,27 @@ def test_status_sends_the_token(emulator: Emulator) -> None:
     assert "DetailsHidden" not in with_token.stdout and "SomeKeysMissing" not in with_token.stdout
     conds = {c["type"]: c for c in json.loads(with_token.stdout)["conditions"]}
     assert conds["APIKeysConfigured"]["status"] == "True"
+
+
+def _identity_condition(auth: dict[str, object]) -> dict[str, str]:
+    report = {"status": "OK", "failing": [], "checks": {"auth": auth, "providers": {"providers": {}}}}
+    return next(c for c in conditions(report, 200) if c["type"] == "IdentityProviderReachable")
+
+
+def test_identity_condition_for_hub_introspection_and_lists_of_modes() -> None:
+    hub_down = {"ok": True, "mode": "hub", "cached_tokens": 3, "error": "GET /auth/self: connection refused"}
+    cond = _identity_condition(hub_down)
+    # Still ready (seen tokens keep working), but the condition says the Hub is not answering.
+    assert (cond["status"], cond["reason"]) == ("False", "LastCheckFailed") and "connection refused" in cond["message"]
+    assert _identity_condition({"ok": True, "mode": "introspection", "error": None})["reason"] == "Reachable"
+    chain = {"ok": True, "mode": "oidc,api_keys,hub", "modes": {
+        "oidc": {"ok": True, "issuers": {"https://kc/realms/k": {"keys": 2}}},
+        "api_keys": {"ok": True, "keys": 4, "error": None},
+        "hub": {"ok": True, "error": None},
+    }}
+    cond = _identity_condition(chain)
+    assert (cond["status"], cond["reason"]) == ("True", "AllReachable")
+    assert "4 key(s) loaded" in cond["message"] and "hub: reachable" in cond["message"]
+    chain["modes"]["hub"] = hub_down  # type: ignore[index]
+    assert _identity_condition(chain)["reason"] == "LastCheckFailed"
+    assert _identity_condition({"ok": True, "mode": "trusted_header"})["reason"] == "NotUsed"
