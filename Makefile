@@ -67,6 +67,7 @@ test: bootstrap node-deps
 lint: bootstrap
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/mypy src
+	$(BIN)/lint-imports --no-cache
 
 bench: bootstrap node-deps
 	@command -v nginx >/dev/null && command -v wrk >/dev/null && command -v taskset >/dev/null || sh bench/setup.sh

@@ -70,9 +70,11 @@ def _bearer_authenticator(loaded: LoadedConfig, mode: str, admin_check: Callable
         return IntrospectionAuthenticator(auth.introspection, admin_check=admin_check)
     if mode == "api_keys":
         from .auth.api_keys import ApiKeyAuthenticator
+        from .store.api_keys import ApiKeyStore
 
         db = loaded.settings.database
-        return ApiKeyAuthenticator(auth.api_keys, db.url, table_prefix=db.table_prefix, migrate=db.auto_migrate)
+        store = ApiKeyStore(db.url, table_prefix=db.table_prefix)
+        return ApiKeyAuthenticator(auth.api_keys, store, migrate=db.auto_migrate)
     raise ValueError(f"auth mode '{mode}' is not available in this build")
 
 

@@ -314,8 +314,9 @@ def _when(ts: float | None) -> str:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     """`keys create | list | revoke`: service API keys in the ledger database (migrated first)."""
-    from .store.api_keys import KEY_PREFIX, ApiKeyStore
+    from .store.api_keys import ApiKeyStore
     from .store.db import upgrade_url
+    from .types import API_KEY_PREFIX as KEY_PREFIX
 
     database = _load(args.config).settings.database
     url = database.url

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from .types import Principal, UsageEvent
+from .types import ApiKeyRecord, Principal, UsageEvent
 
 
 class Authenticator(Protocol):
@@ -38,3 +38,25 @@ class UsageSink(Protocol):
     async def close(self) -> None: ...
 
     def health(self) -> dict[str, Any]: ...
+
+
+class ApiKeySource(Protocol):
+    """Where service API keys are kept (store/api_keys.py): auth/ loads them all and is told of changes."""
+
+    @property
+    def pg(self) -> bool:
+        """True when `listen` can deliver changes at once (PostgreSQL NOTIFY)."""
+        ...
+
+    @property
+    def listening(self) -> bool: ...
+
+    async def migrate(self) -> None: ...
+
+    async def load(self) -> list[ApiKeyRecord]:
+        """Every key that is neither revoked nor expired."""
+        ...
+
+    async def listen(self, on_change: Callable[[], None], on_lost: Callable[[], None]) -> None: ...
+
+    async def close(self) -> None: ...

@@ -87,3 +87,34 @@ class UsageEvent:
     extra: dict[str, Any] = field(default_factory=dict)
     # New fields go at the end only (the journal's lines are positional: store/ledger_db.py:JOURNAL_FIELDS).
     usage_estimated: bool = False  # the token counts are estimates (the upstream reported none)
+
+
+# Service API keys (`llm-proxy keys create`) start with this; auth/ recognises them by it, store/ keeps them.
+API_KEY_PREFIX = "llmp_"
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyRecord:
+    """A service API key as stored (its sha256, never the key)."""
+
+    id: str
+    name: str
+    key_hash: str
+    models: tuple[str, ...]
+    created_at: float
+    expires_at: float | None = None
+    revoked_at: float | None = None
+
+    def usable(self, now: float) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
+
+    def public(self) -> dict[str, Any]:
+        """What `keys list` shows: never the key or its hash."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "models": list(self.models),
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "revoked_at": self.revoked_at,
+        }

@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 
 from llm_proxy.core.usage import UsageLedger
+from llm_proxy.store.connect import open_ledger_db
 from llm_proxy.store.db import _sqlite_path, create_engine, normalize_url
 from llm_proxy.store.ledger_db import (
     HEAD_REVISION,
@@ -26,7 +27,6 @@ from llm_proxy.store.ledger_db import (
     PgLedgerDB,
     SqliteLedgerDB,
     migrate_in_child,
-    open_ledger_db,
     parse_db_url,
 )
 from llm_proxy.store.repos import UsageRepo

@@ -8,8 +8,9 @@ from typing import Any
 import orjson
 import pytest
 
+from llm_proxy.store.connect import open_ledger_db
 from llm_proxy.store.db import upgrade_url
-from llm_proxy.store.ledger_db import HEAD_REVISION, JOURNAL_FIELDS, open_ledger_db
+from llm_proxy.store.ledger_db import HEAD_REVISION, JOURNAL_FIELDS
 
 from .dbutil import create_pg_database, drop_pg_database, pg_available, pg_url
 

@@ -20,8 +20,9 @@ from llm_proxy.cli import main
 from llm_proxy.config import load_config_text
 from llm_proxy.core.usage import UsageLedger
 from llm_proxy.errors import ConfigError
+from llm_proxy.store.connect import open_ledger_db
 from llm_proxy.store.db import upgrade_url
-from llm_proxy.store.ledger_db import HEAD_REVISION, open_ledger_db
+from llm_proxy.store.ledger_db import HEAD_REVISION
 
 from ..conftest import Emulator
 from ..helpers import ProxyServer, native_config

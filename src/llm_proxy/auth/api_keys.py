@@ -1,8 +1,8 @@
 """Service API keys (`llm-proxy keys create`): recognised by their prefix, looked up in memory by sha256.
 
-The keys live in the ledger database (store/api_keys.py). Every `auth.api_keys.refresh_seconds` (and on
-PostgreSQL at once on NOTIFY) the whole set is reloaded, so a revocation reaches every replica within seconds
-and no request reads the database.
+The keys live in the ledger database (store/api_keys.py, handed in by app.py as a ports.ApiKeySource). Every
+`auth.api_keys.refresh_seconds` (and on PostgreSQL at once on NOTIFY) the whole set is reloaded, so a revocation
+reaches every replica within seconds and no request reads the database.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from typing import Any
 
 from ..config import ApiKeySettings
 from ..errors import AuthUnavailable, Unauthorized
-from ..store.api_keys import KEY_PREFIX, ApiKeyRecord, ApiKeyStore
-from ..types import Principal
+from ..ports import ApiKeySource
+from ..types import API_KEY_PREFIX as KEY_PREFIX
+from ..types import ApiKeyRecord, Principal
 from .oidc import bearer_token
 
 log = logging.getLogger("llm_proxy.auth")
@@ -33,14 +34,13 @@ class ApiKeyAuthenticator:
     def __init__(
         self,
         settings: ApiKeySettings,
-        database_url: str,
+        store: ApiKeySource,
         *,
-        table_prefix: str = "",
         migrate: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._s = settings
-        self._store = ApiKeyStore(database_url, table_prefix=table_prefix, clock=clock)
+        self._store = store
         self._migrate = migrate
         self._clock = clock
         self._by_hash: dict[bytes, tuple[ApiKeyRecord, Principal]] = {}

@@ -21,7 +21,8 @@ from typing import Any
 import orjson
 
 from ..config import LoadedConfig
-from ..store.ledger_db import JOURNAL_FIELDS, LedgerDB, event_from_line, line_fields, open_ledger_db, parse_db_url
+from ..store.connect import open_ledger_db
+from ..store.ledger_db import JOURNAL_FIELDS, LedgerDB, event_from_line, line_fields, parse_db_url
 from ..types import UsageEvent
 
 log = logging.getLogger("llm_proxy.usage")

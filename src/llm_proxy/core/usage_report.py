@@ -171,7 +171,7 @@ async def fetch_report(
     table_prefix: str = "",
 ) -> dict[str, Any]:
     """Run one report against the database at `database_url` (for the CLI; the server uses its ledger)."""
-    from ..store.ledger_db import open_ledger_db
+    from ..store.connect import open_ledger_db
 
     db = open_ledger_db(database_url, connections=1, table_prefix=table_prefix)
     try:

@@ -8,7 +8,6 @@ revoke` send it), so no request reads the database.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import secrets
@@ -18,12 +17,14 @@ from typing import Any
 
 import orjson
 
-from .ledger_db import LedgerDB, check_table_prefix, open_ledger_db, parse_db_url
+from ..types import API_KEY_PREFIX as KEY_PREFIX
+from ..types import ApiKeyRecord
+from .connect import open_ledger_db
+from .ledger_db import LedgerDB, check_table_prefix, parse_db_url
 
 # aiosqlite logs every statement with its bound parameters at DEBUG: the key hashes must not go there.
 logging.getLogger("aiosqlite").setLevel(logging.INFO)
 
-KEY_PREFIX = "llmp_"
 NOTIFY_CHANNEL = "llm_proxy_api_keys"
 _API_KEYS_TABLE = "api_keys"
 
@@ -41,31 +42,6 @@ def new_key() -> tuple[str, str]:
     """(key id, key): the key is shown once and never stored."""
     key_id = secrets.token_hex(6)
     return key_id, f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ApiKeyRecord:
-    id: str
-    name: str
-    key_hash: str
-    models: tuple[str, ...]
-    created_at: float
-    expires_at: float | None = None
-    revoked_at: float | None = None
-
-    def usable(self, now: float) -> bool:
-        return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
-
-    def public(self) -> dict[str, Any]:
-        """What `keys list` shows: never the key or its hash."""
-        return {
-            "id": self.id,
-            "name": self.name,
-            "models": list(self.models),
-            "created_at": self.created_at,
-            "expires_at": self.expires_at,
-            "revoked_at": self.revoked_at,
-        }
 
 
 _COLUMNS = "id, name, key_hash, models, created_at, expires_at, revoked_at"

@@ -837,19 +837,3 @@ class SqliteLedgerDB(LedgerDB):
         db, self._db = self._db, None
         if db is not None:
             await db.close()
-
-
-def open_ledger_db(raw_url: str, *, connections: int = 2, table_prefix: str = "") -> LedgerDB:
-    """The ledger's database at `raw_url` (nothing connects before the first use). `connections`: batches
-    the writer keeps in flight; `table_prefix`: database.table_prefix."""
-    url = parse_db_url(raw_url)
-    path = url.sqlite_path
-    if url.backend == "postgresql" and "host" not in url.query:
-        return PgLedgerDB(raw_url, url, connections, table_prefix)
-    if path is not None and not url.query:
-        return SqliteLedgerDB(raw_url, path, table_prefix)
-    # In-memory SQLite (one connection shared by migrations, writes and reads), SQLite URI options,
-    # multi-host PostgreSQL: SQLAlchemy connects, as it always did.
-    from .repos import UsageRepo
-
-    return UsageRepo.from_url(raw_url, table_prefix)

@@ -23,12 +23,11 @@ from ..providers.sse import DONE, frame
 from .errors import error_response, from_http_exception
 from .json_depth import deeper_than
 from .protocol import BodyTimeout
-from .state import SERVICES, Services
+from .state import CTX, SERVICES, Services
 
 log = logging.getLogger("llm_proxy.access")
 errlog = logging.getLogger("llm_proxy.web")
 
-CTX = web.RequestKey("ctx", RequestContext)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache", "x-accel-buffering": "no"}
@@ -307,6 +306,6 @@ def add_routes(app: web.Application, services: Services) -> None:
         return web.Response(body=openapi, content_type="application/json")
 
     app.router.add_get("/openapi.json", openapi_json)
-    from .usage_routes import add_usage_routes  # imports CTX from this module
+    from .usage_routes import add_usage_routes
 
     add_usage_routes(app)

@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from ..config import LoadedConfig, Settings
-from ..core.gateway import Gateway
+from ..core.gateway import Gateway, RequestContext
 from ..core.routing import Router
 from ..logs import AccessLog
 from ..ports import Authenticator, Policy, UsageSink
@@ -75,3 +75,4 @@ def client_config_for(s: Settings) -> dict[str, str]:
 
 
 SERVICES = web.AppKey("services", Services)
+CTX = web.RequestKey("ctx", RequestContext)  # the request's context, set by the middleware

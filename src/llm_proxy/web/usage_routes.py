@@ -13,8 +13,7 @@ from ..core.usage import UsageLedger
 from ..core.usage_report import parse_group_by, parse_time, report_document
 from ..errors import BadRequest, Forbidden, NotFound, ServiceUnavailable
 from ..types import Principal
-from .routes import CTX
-from .state import SERVICES, Services
+from .state import CTX, SERVICES, Services
 
 log = logging.getLogger("llm_proxy.web")
 
