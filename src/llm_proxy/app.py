@@ -13,10 +13,11 @@ from .auth.none import NoAuth
 from .auth.policy import RulePolicy
 from .config import LoadedConfig
 from .core.gateway import Gateway
+from .core.metrics import Metrics, NullMetrics, auth_failures, model_labels, usage_gauges
 from .core.routing import Router
 from .core.usage import UsageLedger
 from .core.usage_memory import NullUsageSink
-from .ports import Authenticator, UsageSink
+from .ports import Authenticator, MetricsSink, UsageSink
 from .providers.base import Provider
 from .providers.http import UpstreamClient
 from .providers.registry import build_provider
@@ -82,12 +83,20 @@ def build_usage_sink(loaded: LoadedConfig) -> UsageSink:
     return UsageLedger.from_config(loaded)
 
 
+def build_metrics(loaded: LoadedConfig, shared_dir: str | None = None) -> MetricsSink:
+    if not loaded.settings.server.metrics.enabled:
+        return NullMetrics()
+    return Metrics(model_labels(loaded.settings.models), shared_dir=shared_dir)
+
+
 def create_app(
     loaded: LoadedConfig,
     *,
     authenticator: Authenticator | None = None,
     usage: UsageSink | None = None,
+    metrics_dir: str | None = None,
 ) -> web.Application:
+    """`metrics_dir`: where `serve --workers N` workers share their metrics totals (None: one process)."""
     settings = loaded.settings
     providers: dict[str, Provider] = {}
     status: dict[str, dict[str, object]] = {}
@@ -114,21 +123,32 @@ def create_app(
         policy=policy,
         usage=usage or build_usage_sink(loaded),
         provider_status=status,
+        metrics=build_metrics(loaded, metrics_dir),
     )
     app = web.Application(middlewares=[gateway_middleware], client_max_size=settings.server.max_body_bytes)
     app[SERVICES] = services
     add_routes(app, services)
+    if settings.server.metrics.enabled:
+        from .web.metrics_routes import add_metrics_route
+
+        metrics = services.metrics
+        if isinstance(metrics, Metrics):
+            metrics.add_gauges(usage_gauges(services.usage.health))
+            metrics.add_gauges(auth_failures(services.authenticator.health))
+        add_metrics_route(app, settings.server.metrics)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await client.start()
         await services.usage.start()
         await services.authenticator.start()
+        await services.metrics.start()
         services.started = True
         yield
         services.draining = True
         await services.authenticator.close()
         await client.close()
         await services.usage.close()  # last: flushes every event recorded by in-flight requests
+        await services.metrics.close()
         if services.access_log is not None:
             services.access_log.flush()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -11,7 +12,7 @@ from typing import Any, Literal
 from urllib.parse import quote, urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
 
@@ -108,6 +109,25 @@ class TimeoutSettings(_Model):
     total: float = 900.0
 
 
+class MetricsSettings(_Model):
+    """GET /metrics (Prometheus text). No authentication, as Prometheus scrapes: it holds no user ids, tokens or
+    secrets, only bounded labels. `allow`: networks (CIDR) a scrape may come from; empty: any."""
+
+    enabled: bool = True
+    path: str = Field("/metrics", pattern=r"^/[A-Za-z0-9._/-]*$")
+    allow: list[str] = Field(default_factory=list)
+
+    @field_validator("allow")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for net in v:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"server.metrics.allow: '{net}' is not an IP network (CIDR)") from None
+        return v
+
+
 class ServerSettings(_Model):
     host: str = "127.0.0.1"
     port: int = Field(8321, ge=0, le=65535)
@@ -117,6 +137,7 @@ class ServerSettings(_Model):
     shutdown_grace_seconds: float = Field(25.0, ge=0)
     access_log: bool = True
     allow_non_loopback_unauthenticated: bool = False
+    metrics: MetricsSettings = Field(default_factory=lambda: MetricsSettings())
 
 
 class ProviderSettings(_Model):

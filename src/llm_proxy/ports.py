@@ -1,4 +1,4 @@
-"""Protocols for the pluggable services the gateway talks to (auth, usage ledger)."""
+"""Protocols for the pluggable services the gateway talks to (auth, usage ledger, metrics)."""
 
 from __future__ import annotations
 
@@ -38,3 +38,19 @@ class UsageSink(Protocol):
     async def close(self) -> None: ...
 
     def health(self) -> dict[str, Any]: ...
+
+
+class MetricsSink(Protocol):
+    """Counts finished requests for /metrics. observe() is on the hot path: plain arithmetic, no I/O, no locks.
+
+    Values that are not per request (ledger backlog, auth refresh failures) are read when render() runs."""
+
+    def observe(self, event: UsageEvent) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every worker's totals."""
+        ...

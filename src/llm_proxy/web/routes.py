@@ -49,6 +49,13 @@ def _json(data: Any, status: int = 200, request_id: str | None = None) -> web.Re
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)
 
 
+def _record(svc: Services, ctx: RequestContext) -> None:
+    """The request's usage event goes to the ledger and to the metrics (once per request)."""
+    event = ctx.to_event()
+    svc.usage.record(event)
+    svc.metrics.observe(event)
+
+
 @web.middleware
 async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     svc = request.app[SERVICES]
@@ -79,7 +86,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         resp = error_response(internal_error(rid), rid)
     finally:
         if ctx.endpoint is not None and not ctx.recorded:
-            svc.usage.record(ctx.to_event())
+            _record(svc, ctx)
         access = svc.access_log
         if access is not None and not request.path.startswith("/v1/health"):  # probes would flood the log
             access.log(
@@ -150,7 +157,7 @@ def _proxy(endpoint: Endpoint) -> Handler:
                     await resp.write(f)
             # Record before the last write: once the client has [DONE], a kill -9 must not lose the row.
             ctx.recorded = True
-            svc.usage.record(ctx.to_event())
+            _record(svc, ctx)
             await resp.write(DONE)
         except ProxyError as exc:
             # Headers are gone: the status cannot change. Tell the client in-band and end the stream.

@@ -10,9 +10,10 @@ from aiohttp import web
 
 from ..config import LoadedConfig, Settings
 from ..core.gateway import Gateway
+from ..core.metrics import NullMetrics
 from ..core.routing import Router
 from ..logs import AccessLog
-from ..ports import Authenticator, Policy, UsageSink
+from ..ports import Authenticator, MetricsSink, Policy, UsageSink
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Services:
     started_at: float = field(default_factory=time.time)
     draining: bool = False
     started: bool = False
+    metrics: MetricsSink = field(default_factory=NullMetrics)
 
     def __post_init__(self) -> None:
         s = self.loaded.settings
