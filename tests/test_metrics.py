@@ -205,6 +205,22 @@ def test_jwks_refresh_failures_are_counted(emulator: Emulator) -> None:
         assert value(s, "llm_proxy_auth_refresh_failures_total", mode="oidc") >= 1
 
 
+def test_ledger_backlog_and_journal_bytes_while_the_database_is_away(emulator: Emulator, tmp_path: Path) -> None:
+    from llm_proxy.core.usage import UsageLedger
+
+    from .store.dbutil import config_text
+
+    dead_db = f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/nothing"  # nothing listens there
+    loaded = native_config(config_text(emulator.base_url, dead_db, tmp_path / "spool"))
+    with ProxyServer(loaded, usage=UsageLedger.from_config(loaded)) as px:
+        c = openai.OpenAI(base_url=px.base_url, api_key="k", max_retries=0)
+        for _ in range(3):
+            c.chat.completions.create(model="openai/gpt-4o", messages=MSG)
+        s = scrape(px.url)
+        assert value(s, "llm_proxy_ledger_backlog_rows") == 3
+        assert value(s, "llm_proxy_journal_bytes") > 0
+
+
 # ---- two worker processes -----------------------------------------------------------------------------
 
 

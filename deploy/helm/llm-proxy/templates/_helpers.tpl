@@ -131,7 +131,8 @@ ${env.NAME} references substituted by the proxy at start.
       "workers" (int $v.server.workers)
       "max_body_bytes" (int64 $v.server.maxBodyBytes)
       "drain_delay_seconds" (int $v.server.drainDelaySeconds)
-      "shutdown_grace_seconds" (int $v.server.shutdownGraceSeconds) }}
+      "shutdown_grace_seconds" (int $v.server.shutdownGraceSeconds)
+      "metrics" (dict "enabled" $v.metrics.enabled "path" $v.metrics.path) }}
 {{- if eq $v.auth.mode "none" }}
 {{- /* A pod always listens on a non-loopback address. */}}
 {{- $_ := set $server "allow_non_loopback_unauthenticated" true }}
