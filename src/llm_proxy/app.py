@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +28,7 @@ from .web.state import SERVICES, Services
 
 if TYPE_CHECKING:
     from .auth.chain import BearerAuthenticator as BearerAuth
+    from .core.tracing import Tracing
 
 log = logging.getLogger("llm_proxy")
 
@@ -89,12 +91,21 @@ def build_metrics(loaded: LoadedConfig, shared_dir: str | None = None) -> Metric
     return Metrics(model_labels(loaded.settings.models), shared_dir=shared_dir)
 
 
+def build_tracing(loaded: LoadedConfig) -> Tracing:
+    try:
+        from .core.tracing import Tracing
+    except ImportError:
+        raise ValueError("tracing.enabled needs OpenTelemetry: pip install 'llm-proxy[otel]'") from None
+    return Tracing(loaded.settings.tracing)
+
+
 def create_app(
     loaded: LoadedConfig,
     *,
     authenticator: Authenticator | None = None,
     usage: UsageSink | None = None,
     metrics_dir: str | None = None,
+    tracing: Tracing | None = None,
 ) -> web.Application:
     """`metrics_dir`: where `serve --workers N` workers share their metrics totals (None: one process)."""
     settings = loaded.settings
@@ -115,15 +126,18 @@ def create_app(
     router = Router(settings, providers, {**loaded.disabled_providers, **{
         k: str(v["reason"]) for k, v in status.items() if not v["ok"]}}, int(time.time()))
     policy = RulePolicy(settings.auth.policy)
+    if tracing is None and settings.tracing.enabled:
+        tracing = build_tracing(loaded)
     services = Services(
         loaded=loaded,
         router=router,
-        gateway=Gateway(router, client, policy),
+        gateway=Gateway(router, client, policy, traced=tracing is not None),
         authenticator=authenticator or build_authenticator(loaded),
         policy=policy,
         usage=usage or build_usage_sink(loaded),
         provider_status=status,
         metrics=build_metrics(loaded, metrics_dir),
+        tracing=tracing,
     )
     app = web.Application(middlewares=[gateway_middleware], client_max_size=settings.server.max_body_bytes)
     app[SERVICES] = services
@@ -149,6 +163,8 @@ def create_app(
         await client.close()
         await services.usage.close()  # last: flushes every event recorded by in-flight requests
         await services.metrics.close()
+        if services.tracing is not None:
+            await asyncio.to_thread(services.tracing.shutdown)  # flushes the batch (blocking)
         if services.access_log is not None:
             services.access_log.flush()
 

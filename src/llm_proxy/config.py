@@ -358,6 +358,15 @@ class UsageSettings(_Model):
     store_completions: bool = False
 
 
+class TracingSettings(_Model):
+    """OpenTelemetry traces (needs the `otel` extra). The OTLP exporter reads the standard OTEL_EXPORTER_OTLP_*
+    variables (endpoint, headers)."""
+
+    enabled: bool = False
+    exporter: Literal["otlp", "console"] = "otlp"
+    service_name: str = "llm-proxy"
+
+
 class Settings(_Model):
     server: ServerSettings = Field(default_factory=ServerSettings)
     providers: list[ProviderSettings] = Field(default_factory=list)
@@ -366,6 +375,7 @@ class Settings(_Model):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     usage: UsageSettings = Field(default_factory=UsageSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
     redis_url: str | None = None
 
 

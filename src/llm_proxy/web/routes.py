@@ -54,6 +54,8 @@ def _record(svc: Services, ctx: RequestContext) -> None:
     event = ctx.to_event()
     svc.usage.record(event)
     svc.metrics.observe(event)
+    if ctx.trace is not None:
+        ctx.trace.finish(event)
 
 
 @web.middleware
@@ -128,6 +130,8 @@ def _proxy(endpoint: Endpoint) -> Handler:
         svc = request.app[SERVICES]
         ctx = request[CTX]
         ctx.endpoint = endpoint
+        if svc.tracing is not None:
+            ctx.trace = svc.tracing.request(request.headers, endpoint)
         if svc.draining:
             ctx.extra["draining"] = True
         ctx.principal = await svc.authenticator.authenticate(request.headers, request.remote)

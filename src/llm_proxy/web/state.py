@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -14,6 +14,9 @@ from ..core.metrics import NullMetrics
 from ..core.routing import Router
 from ..logs import AccessLog
 from ..ports import Authenticator, MetricsSink, Policy, UsageSink
+
+if TYPE_CHECKING:
+    from ..core.tracing import Tracing
 
 
 @dataclass
@@ -29,6 +32,7 @@ class Services:
     draining: bool = False
     started: bool = False
     metrics: MetricsSink = field(default_factory=NullMetrics)
+    tracing: Tracing | None = None  # tracing.enabled (core/tracing.py is imported only then)
 
     def __post_init__(self) -> None:
         s = self.loaded.settings
