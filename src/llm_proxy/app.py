@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
@@ -29,6 +30,7 @@ from .web.state import SERVICES, Services
 if TYPE_CHECKING:
     from .auth.chain import BearerAuthenticator as BearerAuth
     from .core.tracing import Tracing
+    from .web.ui import Dashboard
 
 log = logging.getLogger("llm_proxy")
 
@@ -91,6 +93,22 @@ def build_metrics(loaded: LoadedConfig, shared_dir: str | None = None) -> Metric
     return Metrics(model_labels(loaded.settings.models), shared_dir=shared_dir)
 
 
+# Set by `serve --workers N` for its workers: the one key they sign dashboard sessions with.
+UI_SESSION_KEY_ENV = "LLM_PROXY_UI_SESSION_KEY"
+
+
+def build_dashboard(loaded: LoadedConfig) -> Dashboard | None:
+    settings = loaded.settings
+    if not settings.ui.enabled:
+        return None
+    from .web.ui import Dashboard, session_key
+
+    oidc = settings.auth.oidc
+    issuer = oidc.issuers[0].issuer if oidc.issuers else None
+    return Dashboard(settings.ui, issuer, session_key(settings.ui, os.environ.get(UI_SESSION_KEY_ENV)),
+                     verify_tls=oidc.verify_tls, tls_cafile=oidc.tls_cafile)
+
+
 def build_tracing(loaded: LoadedConfig) -> Tracing:
     try:
         from .core.tracing import Tracing
@@ -150,6 +168,11 @@ def create_app(
             metrics.add_gauges(usage_gauges(services.usage.health))
             metrics.add_gauges(auth_failures(services.authenticator.health))
         add_metrics_route(app, settings.server.metrics)
+    dashboard = build_dashboard(loaded)
+    if dashboard is not None:
+        from .web.ui import add_ui_routes
+
+        add_ui_routes(app, dashboard)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await client.start()
@@ -163,6 +186,8 @@ def create_app(
         await client.close()
         await services.usage.close()  # last: flushes every event recorded by in-flight requests
         await services.metrics.close()
+        if dashboard is not None:
+            await dashboard.close()
         if services.tracing is not None:
             await asyncio.to_thread(services.tracing.shutdown)  # flushes the batch (blocking)
         if services.access_log is not None:

@@ -214,6 +214,11 @@ def _serve_workers(args: argparse.Namespace, loaded: LoadedConfig | None, host: 
 
     # The workers' metrics totals, summed by whichever worker answers a scrape (core/metrics.py); per run.
     metrics_dir = tempfile.mkdtemp(prefix="llm-proxy-metrics-")
+    import secrets
+
+    from .app import UI_SESSION_KEY_ENV
+
+    os.environ.setdefault(UI_SESSION_KEY_ENV, secrets.token_urlsafe(32))  # one dashboard session key for all
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_worker, args=(args.config, host, port, args.log_level, metrics_dir))
              for _ in range(n)]

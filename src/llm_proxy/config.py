@@ -367,6 +367,24 @@ class TracingSettings(_Model):
     service_name: str = "llm-proxy"
 
 
+class UiSettings(_Model):
+    """The usage dashboard at /ui/. Login: the OIDC authorization-code flow with PKCE against `issuer` (default:
+    the first auth.oidc issuer) as client `client_id` (public, or confidential with `client_secret`); the access
+    token it gets is checked like any bearer, then a signed session cookie holds who it was. Without
+    `client_id` the dashboard takes the bearer a gateway in front (Konveyor's Hub) sends."""
+
+    enabled: bool = False
+    issuer: str | None = None
+    client_id: str | None = None
+    client_secret: str | None = Field(default=None, repr=False)
+    scopes: list[str] = Field(default_factory=lambda: ["openid", "profile", "email"])
+    # Default: <scheme>://<host>/ui/callback of the login request (set it behind a proxy that rewrites Host).
+    redirect_uri: str | None = None
+    # Signs the session cookies; default a random key per start (every worker of `serve --workers N` shares one).
+    session_secret: str | None = Field(default=None, repr=False)
+    session_hours: float = Field(8.0, gt=0, le=24 * 30)
+
+
 class Settings(_Model):
     server: ServerSettings = Field(default_factory=ServerSettings)
     providers: list[ProviderSettings] = Field(default_factory=list)
@@ -376,6 +394,7 @@ class Settings(_Model):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     usage: UsageSettings = Field(default_factory=UsageSettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
+    ui: UiSettings = Field(default_factory=UiSettings)
     redis_url: str | None = None
 
 
