@@ -184,6 +184,13 @@ def _number(page: Any, sel: str) -> int:
     return int(page.inner_text(sel).replace(",", ""))
 
 
+def _percentiles(events: list[UsageEvent], subject: str | None) -> str:
+    import math
+
+    lat = sorted(e.latency_ms for e in events if e.latency_ms is not None and subject in (None, e.subject))
+    return " / ".join(f"{round(lat[max(1, math.ceil(q * len(lat))) - 1]):,}" for q in (0.5, 0.95, 0.99)) + " ms"
+
+
 def _page_totals(page: Any) -> dict[str, int]:
     return {
         "requests": _number(page, "#total-requests"),
@@ -202,6 +209,8 @@ def test_a_user_sees_their_own_totals(browser: Any, seeded: tuple[ProxyServer, l
     assert totals == {k: int(ledger[k]) for k in totals}  # the ledger's numbers
     assert totals == _sums(events, ALICE)  # which are the seeded rows'
     assert page.inner_text("#scope") == "Your usage"
+    assert page.inner_text("#latency-pct") == _percentiles(events, ALICE)
+    assert page.is_hidden("#users-chart")  # per-user series: admins only
     assert "bob" not in page.inner_text("#users")
     cookie = next(c for c in page.context.cookies() if c["name"] == "llmp_session")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/ui/"
@@ -225,6 +234,8 @@ def test_an_admin_sees_everyone(browser: Any, seeded: tuple[ProxyServer, list[Us
     assert totals == {k: int(ledger[k]) for k in totals}
     assert totals == _sums(events, None)
     assert page.inner_text("#scope").startswith("Everyone")
+    assert page.inner_text("#latency-pct") == _percentiles(events, None)
+    assert page.is_visible("#users-chart")
     users = page.inner_text("#users")
     assert "alice" in users and "bob" in users
     from playwright.sync_api import expect  # waits by polling the DOM (the page's CSP forbids eval)

@@ -20,8 +20,8 @@ function range() {
   return out;
 }
 
-async function report(groupBy) {
-  const q = new URLSearchParams({ ...range(), group_by: groupBy });
+async function report(groupBy, extra) {
+  const q = new URLSearchParams({ ...range(), group_by: groupBy, ...(extra || {}) });
   const r = await fetch('/ui/api/usage?' + q, { credentials: 'same-origin' });
   const body = await r.json();
   if (!r.ok) throw new Error(body.error ? body.error.message : 'HTTP ' + r.status);
@@ -30,7 +30,14 @@ async function report(groupBy) {
 
 function ms(v) { return v == null ? '-' : fmt.format(Math.round(v)) + ' ms'; }
 
-function cards(t) {
+function cards(t, latency) {
+  const p = latency || {};
+  $('latency-pct').textContent = p.p50 == null ? '-'
+    : [p.p50, p.p95, p.p99].map((v) => fmt.format(Math.round(v))).join(' / ') + ' ms';
+  // The ledger has a cost per row once prices are configured (usage rows' cost_usd).
+  const cost = t.cost_usd ?? t.total_cost_usd;
+  show('cost-card', cost != null);
+  if (cost != null) $('total-cost').textContent = '$' + Number(cost).toFixed(2);
   $('total-requests').textContent = fmt.format(t.requests || 0);
   $('total-errors').textContent = fmt.format(t.errors || 0);
   $('error-rate').textContent = t.requests ? (100 * (t.errors || 0) / t.requests).toFixed(1) + ' %' : '-';
@@ -44,6 +51,21 @@ function cards(t) {
 function draw(id, config) {
   if (charts[id]) charts[id].destroy();
   charts[id] = new Chart($(id), config);
+}
+
+function byUser(rows) {
+  const tokens = {};
+  for (const r of rows) tokens[r.user] = (tokens[r.user] || 0) + (r.total_tokens || 0);
+  const top = Object.keys(tokens).sort((a, b) => tokens[b] - tokens[a]).slice(0, 8);
+  const days = [...new Set(rows.map((r) => r.day))].sort();
+  const names = Object.fromEntries(rows.map((r) => [r.user, r.username || r.user]));
+  const cell = (day, user) => rows.filter((r) => r.day === day && r.user === user)
+    .reduce((n, r) => n + (r.total_tokens || 0), 0);
+  draw('by-user', {
+    type: 'line',
+    data: { labels: days, datasets: top.map((u) => ({ label: names[u], data: days.map((d) => cell(d, u)) })) },
+    options: { animation: false, responsive: true },
+  });
 }
 
 function byDay(rows) {
@@ -86,8 +108,11 @@ async function refresh() {
   const q = new URLSearchParams({ ...range(), group_by: 'day,user,model' });
   $('csv').href = '/ui/api/usage.csv?' + q;
   try {
-    const [days, users, models] = await Promise.all([report('day,model'), report('user'), report('model')]);
-    cards(days.totals);
+    const [days, users, models, perUser] = await Promise.all([
+      report('day,model', { percentiles: '1' }), report('user'), report('model'), report('day,user')]);
+    cards(days.totals, days.latency_ms);
+    show('users-chart', days.scope === 'all');
+    if (days.scope === 'all') byUser(perUser.data);
     $('scope').textContent = days.scope === 'all' ? 'Everyone\u2019s usage (administrator)' : 'Your usage';
     byDay(days.data);
     const top = [...users.data].sort((a, b) => (b.total_tokens || 0) - (a.total_tokens || 0)).slice(0, 20);

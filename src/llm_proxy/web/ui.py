@@ -243,7 +243,8 @@ class Dashboard:
         ledger = svc.usage
         if not isinstance(ledger, UsageLedger):
             raise NotFound("The usage ledger is disabled on this server (usage.enabled: false)", code="usage_disabled")
-        return await report_for(ledger, principal, admin, request.query)
+        return await report_for(ledger, principal, admin, request.query,
+                                percentiles=request.query.get("percentiles") == "1")
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
