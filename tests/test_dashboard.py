@@ -143,6 +143,35 @@ def test_api_needs_a_session_or_a_bearer(seeded: tuple[ProxyServer, list[UsageEv
     assert httpx.get(px.url + "/ui/callback", params={"code": "x", "state": "y"}).status_code == 400
 
 
+def test_login_request_uses_pkce_and_secure_cookies_behind_tls(
+    emulator: Emulator, oidc_provider: OpenIDProvider, tmp_path: Path  # noqa: F811
+) -> None:
+    import base64
+    from urllib.parse import parse_qs, urlsplit
+
+    from llm_proxy.web.ui import Sealer, session_key
+
+    text = _config(emulator, oidc_provider, f"sqlite+aiosqlite:///{tmp_path / 'l.db'}", tmp_path / "spool").replace(
+        "ui: {enabled: true, client_id: llm-proxy-ui}",
+        "ui: {enabled: true, client_id: llm-proxy-ui, redirect_uri: 'https://llm.example.com/ui/callback', "
+        "session_secret: s3cret}")
+    with ProxyServer(native_config(text)) as px:
+        r = httpx.get(px.url + "/ui/login", follow_redirects=False)
+    assert r.status_code == 302
+    where = urlsplit(r.headers["location"])
+    assert where.geturl().startswith(oidc_provider.issuer)
+    q = {k: v[0] for k, v in parse_qs(where.query).items()}
+    assert q["redirect_uri"] == "https://llm.example.com/ui/callback" and q["code_challenge_method"] == "S256"
+    assert "code_verifier" not in q
+    cookie = r.headers["set-cookie"]
+    assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Path=/ui/" in cookie
+    sealed = cookie.split(";", 1)[0].split("=", 1)[1].strip('"')
+    pending = Sealer(session_key(native_config(text).settings.ui, None)).open(sealed)  # the configured secret
+    assert pending is not None and pending["state"] == q["state"]
+    digest = hashlib.sha256(pending["verifier"].encode()).digest()
+    assert base64.urlsafe_b64encode(digest).rstrip(b"=").decode() == q["code_challenge"]
+
+
 def test_vendored_chart_library_is_the_pinned_file() -> None:
     vendor = ROOT / "src" / "llm_proxy" / "ui" / "vendor"
     readme = (vendor / "README.md").read_text()

@@ -134,6 +134,10 @@ class Dashboard:
         body, ctype = self._files[name]
         return web.Response(body=body, headers={"content-type": ctype, **_HEADERS})
 
+    def _secure(self, request: web.Request) -> bool:
+        """Secure cookies over https, also where TLS ends in front of the proxy (an https ui.redirect_uri)."""
+        return request.secure or (self.settings.redirect_uri or "").startswith("https://")
+
     def redirect_uri(self, request: web.Request) -> str:
         return self.settings.redirect_uri or f"{request.scheme}://{request.host}/ui/callback"
 
@@ -155,7 +159,7 @@ class Dashboard:
         sealed = self.sealer.seal({"state": state, "verifier": verifier, "redirect": redirect,
                                    "exp": time.time() + LOGIN_SECONDS})
         resp.set_cookie(LOGIN_COOKIE, sealed, max_age=LOGIN_SECONDS, path="/ui/", httponly=True,
-                        secure=request.secure, samesite="Lax")
+                        secure=self._secure(request), samesite="Lax")
         resp.headers.update(_HEADERS)
         return resp
 
@@ -198,7 +202,7 @@ class Dashboard:
                 '<meta http-equiv="refresh" content="0;url=/ui/"><p><a href="/ui/">Continue</a></p>')
         resp = web.Response(text=page, content_type="text/html", headers=_HEADERS)
         resp.set_cookie(SESSION_COOKIE, self.sealer.seal(session), max_age=int(self.settings.session_hours * 3600),
-                        path="/ui/", httponly=True, secure=request.secure, samesite="Strict")
+                        path="/ui/", httponly=True, secure=self._secure(request), samesite="Strict")
         resp.del_cookie(LOGIN_COOKIE, path="/ui/")
         return resp
 
