@@ -486,6 +486,16 @@ def test_metrics_pod_annotations_and_service_monitor(chart):
                 if k.startswith("prometheus.io/")]
 
 
+def test_dashboard_values(chart):
+    assert "ui" not in proxy_config(objects(chart))
+    values = {"ui": {"enabled": True, "clientId": "llm-proxy-ui", "redirectUri": "https://llm.example.com/ui/callback",
+                     "sessionSecretEnv": "LLM_PROXY_UI_SECRET"}}
+    assert proxy_config(objects(chart, values))["ui"] == {
+        "enabled": True, "client_id": "llm-proxy-ui", "redirect_uri": "https://llm.example.com/ui/callback",
+        "session_secret": "${env.LLM_PROXY_UI_SECRET}"}
+    assert helm.lint(CHART, copy.deepcopy(values), strict=True)["errors"] == []
+
+
 def test_checksum_annotation_is_hash_of_rendered_configmap(chart):
     raw = render_raw(chart)
     configmap_text = raw["llm-proxy/templates/configmap.yaml"]
