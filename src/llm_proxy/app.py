@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
@@ -13,10 +15,11 @@ from .auth.none import NoAuth
 from .auth.policy import RulePolicy
 from .config import LoadedConfig
 from .core.gateway import Gateway
+from .core.metrics import Metrics, NullMetrics, auth_failures, model_labels, usage_gauges
 from .core.routing import Router
 from .core.usage import UsageLedger
 from .core.usage_memory import NullUsageSink
-from .ports import Authenticator, UsageSink
+from .ports import Authenticator, MetricsSink, UsageSink
 from .providers.base import Provider
 from .providers.http import UpstreamClient
 from .providers.registry import build_provider
@@ -26,6 +29,8 @@ from .web.state import SERVICES, Services
 
 if TYPE_CHECKING:
     from .auth.chain import BearerAuthenticator as BearerAuth
+    from .core.tracing import Tracing
+    from .web.ui import Dashboard
 
 log = logging.getLogger("llm_proxy")
 
@@ -84,12 +89,45 @@ def build_usage_sink(loaded: LoadedConfig) -> UsageSink:
     return UsageLedger.from_config(loaded)
 
 
+def build_metrics(loaded: LoadedConfig, shared_dir: str | None = None) -> MetricsSink:
+    if not loaded.settings.server.metrics.enabled:
+        return NullMetrics()
+    return Metrics(model_labels(loaded.settings.models), shared_dir=shared_dir)
+
+
+# Set by `serve --workers N` for its workers: the one key they sign dashboard sessions with.
+UI_SESSION_KEY_ENV = "LLM_PROXY_UI_SESSION_KEY"
+
+
+def build_dashboard(loaded: LoadedConfig) -> Dashboard | None:
+    settings = loaded.settings
+    if not settings.ui.enabled:
+        return None
+    from .web.ui import Dashboard, session_key
+
+    oidc = settings.auth.oidc
+    issuer = oidc.issuers[0].issuer if oidc.issuers else None
+    return Dashboard(settings.ui, issuer, session_key(settings.ui, os.environ.get(UI_SESSION_KEY_ENV)),
+                     verify_tls=oidc.verify_tls, tls_cafile=oidc.tls_cafile)
+
+
+def build_tracing(loaded: LoadedConfig) -> Tracing:
+    try:
+        from .core.tracing import Tracing
+    except ImportError:
+        raise ValueError("tracing.enabled needs OpenTelemetry: pip install 'llm-proxy[otel]'") from None
+    return Tracing(loaded.settings.tracing)
+
+
 def create_app(
     loaded: LoadedConfig,
     *,
     authenticator: Authenticator | None = None,
     usage: UsageSink | None = None,
+    metrics_dir: str | None = None,
+    tracing: Tracing | None = None,
 ) -> web.Application:
+    """`metrics_dir`: where `serve --workers N` workers share their metrics totals (None: one process)."""
     settings = loaded.settings
     providers: dict[str, Provider] = {}
     status: dict[str, dict[str, object]] = {}
@@ -108,29 +146,52 @@ def create_app(
     router = Router(settings, providers, {**loaded.disabled_providers, **{
         k: str(v["reason"]) for k, v in status.items() if not v["ok"]}}, int(time.time()))
     policy = RulePolicy(settings.auth.policy)
+    if tracing is None and settings.tracing.enabled:
+        tracing = build_tracing(loaded)
     services = Services(
         loaded=loaded,
         router=router,
-        gateway=Gateway(router, client, policy),
+        gateway=Gateway(router, client, policy, traced=tracing is not None),
         authenticator=authenticator or build_authenticator(loaded),
         policy=policy,
         usage=usage or build_usage_sink(loaded),
         provider_status=status,
+        metrics=build_metrics(loaded, metrics_dir),
+        tracing=tracing,
     )
     app = web.Application(middlewares=[gateway_middleware], client_max_size=settings.server.max_body_bytes)
     app[SERVICES] = services
     add_routes(app, services)
+    if settings.server.metrics.enabled:
+        from .web.metrics_routes import add_metrics_route
+
+        metrics = services.metrics
+        if isinstance(metrics, Metrics):
+            metrics.add_gauges(usage_gauges(services.usage.health))
+            metrics.add_gauges(auth_failures(services.authenticator.health))
+        add_metrics_route(app, settings.server.metrics)
+    dashboard = build_dashboard(loaded)
+    if dashboard is not None:
+        from .web.ui import add_ui_routes
+
+        add_ui_routes(app, dashboard)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await client.start()
         await services.usage.start()
         await services.authenticator.start()
+        await services.metrics.start()
         services.started = True
         yield
         services.draining = True
         await services.authenticator.close()
         await client.close()
         await services.usage.close()  # last: flushes every event recorded by in-flight requests
+        await services.metrics.close()
+        if dashboard is not None:
+            await dashboard.close()
+        if services.tracing is not None:
+            await asyncio.to_thread(services.tracing.shutdown)  # flushes the batch (blocking)
         if services.access_log is not None:
             services.access_log.flush()
 

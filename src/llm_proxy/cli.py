@@ -162,7 +162,9 @@ def _install_uvloop() -> None:
         pass
 
 
-async def _serve_one(loaded: LoadedConfig | None, host: str, port: int, reuse_port: bool) -> None:
+async def _serve_one(
+    loaded: LoadedConfig | None, host: str, port: int, reuse_port: bool, metrics_dir: str | None = None
+) -> None:
     from .app import create_app
     from .web.server import serve
 
@@ -184,7 +186,7 @@ async def _serve_one(loaded: LoadedConfig | None, host: str, port: int, reuse_po
             log.warning(banner)
         _report(loaded)
     try:
-        app = create_app(loaded)
+        app = create_app(loaded, metrics_dir=metrics_dir)
     except ValueError as exc:
         raise SystemExit(f"llm-proxy: {exc}") from None
     try:
@@ -194,21 +196,32 @@ async def _serve_one(loaded: LoadedConfig | None, host: str, port: int, reuse_po
             await emulator.close()
 
 
-def _worker(config_path: str, host: str, port: int, log_level: str) -> None:
+def _worker(config_path: str, host: str, port: int, log_level: str, metrics_dir: str) -> None:
     from .logs import setup_logging
 
     setup_logging(log_level)
     loaded = _load(config_path)
     _install_uvloop()
-    asyncio.run(_serve_one(loaded, host, port, reuse_port=True))
+    asyncio.run(_serve_one(loaded, host, port, reuse_port=True, metrics_dir=metrics_dir))
 
 
 def _serve_workers(args: argparse.Namespace, loaded: LoadedConfig | None, host: str, port: int, n: int) -> int:
     if loaded is None or not args.config:
         print("llm-proxy: --workers needs --config", file=sys.stderr)
         return 2
+    import shutil
+    import tempfile
+
+    # The workers' metrics totals, summed by whichever worker answers a scrape (core/metrics.py); per run.
+    metrics_dir = tempfile.mkdtemp(prefix="llm-proxy-metrics-")
+    import secrets
+
+    from .app import UI_SESSION_KEY_ENV
+
+    os.environ.setdefault(UI_SESSION_KEY_ENV, secrets.token_urlsafe(32))  # one dashboard session key for all
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(args.config, host, port, args.log_level)) for _ in range(n)]
+    procs = [ctx.Process(target=_worker, args=(args.config, host, port, args.log_level, metrics_dir))
+             for _ in range(n)]
     for p in procs:
         p.start()
 
@@ -220,9 +233,12 @@ def _serve_workers(args: argparse.Namespace, loaded: LoadedConfig | None, host: 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     code = 0
-    for p in procs:
-        p.join()
-        code = code or (p.exitcode or 0)
+    try:
+        for p in procs:
+            p.join()
+            code = code or (p.exitcode or 0)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return code
 
 

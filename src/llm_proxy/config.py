@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -11,7 +12,7 @@ from typing import Any, Literal
 from urllib.parse import quote, urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
 
@@ -108,6 +109,25 @@ class TimeoutSettings(_Model):
     total: float = 900.0
 
 
+class MetricsSettings(_Model):
+    """GET /metrics (Prometheus text). No authentication, as Prometheus scrapes: it holds no user ids, tokens or
+    secrets, only bounded labels. `allow`: networks (CIDR) a scrape may come from; empty: any."""
+
+    enabled: bool = True
+    path: str = Field("/metrics", pattern=r"^/[A-Za-z0-9._/-]*$")
+    allow: list[str] = Field(default_factory=list)
+
+    @field_validator("allow")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for net in v:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"server.metrics.allow: '{net}' is not an IP network (CIDR)") from None
+        return v
+
+
 class ServerSettings(_Model):
     host: str = "127.0.0.1"
     port: int = Field(8321, ge=0, le=65535)
@@ -133,6 +153,7 @@ class ServerSettings(_Model):
     # allow_non_loopback_unauthenticated, where only loopback names are (against DNS rebinding). Loopback
     # names (localhost, 127.0.0.1, [::1]) are always accepted. A refused Host gets 421.
     allowed_hosts: list[str] | None = None
+    metrics: MetricsSettings = Field(default_factory=lambda: MetricsSettings())
 
 
 class ProviderSettings(_Model):
@@ -353,6 +374,33 @@ class UsageSettings(_Model):
     store_completions: bool = False
 
 
+class TracingSettings(_Model):
+    """OpenTelemetry traces (needs the `otel` extra). The OTLP exporter reads the standard OTEL_EXPORTER_OTLP_*
+    variables (endpoint, headers)."""
+
+    enabled: bool = False
+    exporter: Literal["otlp", "console"] = "otlp"
+    service_name: str = "llm-proxy"
+
+
+class UiSettings(_Model):
+    """The usage dashboard at /ui/. Login: the OIDC authorization-code flow with PKCE against `issuer` (default:
+    the first auth.oidc issuer) as client `client_id` (public, or confidential with `client_secret`); the access
+    token it gets is checked like any bearer, then a signed session cookie holds who it was. Without
+    `client_id` the dashboard takes the bearer a gateway in front (Konveyor's Hub) sends."""
+
+    enabled: bool = False
+    issuer: str | None = None
+    client_id: str | None = None
+    client_secret: str | None = Field(default=None, repr=False)
+    scopes: list[str] = Field(default_factory=lambda: ["openid", "profile", "email"])
+    # Default: <scheme>://<host>/ui/callback of the login request (set it behind a proxy that rewrites Host).
+    redirect_uri: str | None = None
+    # Signs the session cookies; default a random key per start (every worker of `serve --workers N` shares one).
+    session_secret: str | None = Field(default=None, repr=False)
+    session_hours: float = Field(8.0, gt=0, le=24 * 30)
+
+
 class Settings(_Model):
     server: ServerSettings = Field(default_factory=ServerSettings)
     providers: list[ProviderSettings] = Field(default_factory=list)
@@ -361,6 +409,8 @@ class Settings(_Model):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     usage: UsageSettings = Field(default_factory=UsageSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
+    ui: UiSettings = Field(default_factory=UiSettings)
     redis_url: str | None = None
 
 

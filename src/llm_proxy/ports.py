@@ -1,4 +1,4 @@
-"""Protocols for the pluggable services the gateway talks to (auth, usage ledger)."""
+"""Protocols for the pluggable services the gateway talks to (auth, usage ledger, metrics)."""
 
 from __future__ import annotations
 
@@ -60,3 +60,19 @@ class ApiKeySource(Protocol):
     async def listen(self, on_change: Callable[[], None], on_lost: Callable[[], None]) -> None: ...
 
     async def close(self) -> None: ...
+
+
+class MetricsSink(Protocol):
+    """Counts finished requests for /metrics. observe() is on the hot path: plain arithmetic, no I/O, no locks.
+
+    Values that are not per request (ledger backlog, auth refresh failures) are read when render() runs."""
+
+    def observe(self, event: UsageEvent) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every worker's totals."""
+        ...

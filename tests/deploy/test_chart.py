@@ -458,6 +458,44 @@ def test_service_port(chart):
     assert service["spec"]["selector"] == deployment(objects(chart))["spec"]["selector"]["matchLabels"]
 
 
+def test_metrics_pod_annotations_and_service_monitor(chart):
+    annotations = deployment(objects(chart))["spec"]["template"]["metadata"]["annotations"]
+    assert {k: v for k, v in annotations.items() if k.startswith("prometheus.io/")} == {
+        "prometheus.io/scrape": "true", "prometheus.io/port": "8321", "prometheus.io/path": "/metrics"}
+    assert "ServiceMonitor" not in kinds(objects(chart))
+
+    values = {"metrics": {"path": "/internal/metrics", "podAnnotations": False,
+                          "serviceMonitor": {"enabled": True, "interval": "15s", "scrapeTimeout": "5s",
+                                             "labels": {"release": "kube-prometheus"}}}}
+    objs = objects(chart, values)
+    annotations = deployment(objs)["spec"]["template"]["metadata"]["annotations"]
+    assert not [k for k in annotations if k.startswith("prometheus.io/")]
+    monitor = find(objs, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus"
+    assert monitor["spec"]["selector"]["matchLabels"] == find(objs, "Service")["spec"]["selector"]
+    assert monitor["spec"]["endpoints"] == [
+        {"port": "http", "path": "/internal/metrics", "interval": "15s", "scrapeTimeout": "5s"}]
+    assert proxy_config(objs)["server"]["metrics"] == {"enabled": True, "path": "/internal/metrics"}
+    assert helm.lint(CHART, copy.deepcopy(values), strict=True)["errors"] == []
+
+    off = objects(chart, {"metrics": {"enabled": False, "serviceMonitor": {"enabled": True}}})
+    assert "ServiceMonitor" not in kinds(off)
+    assert proxy_config(off)["server"]["metrics"]["enabled"] is False
+    assert not [k for k in deployment(off)["spec"]["template"]["metadata"]["annotations"]
+                if k.startswith("prometheus.io/")]
+
+
+def test_dashboard_values(chart):
+    assert "ui" not in proxy_config(objects(chart))
+    values = {"ui": {"enabled": True, "clientId": "llm-proxy-ui", "redirectUri": "https://llm.example.com/ui/callback",
+                     "sessionSecretEnv": "LLM_PROXY_UI_SECRET"}}
+    assert proxy_config(objects(chart, values))["ui"] == {
+        "enabled": True, "client_id": "llm-proxy-ui", "redirect_uri": "https://llm.example.com/ui/callback",
+        "session_secret": "${env.LLM_PROXY_UI_SECRET}"}
+    assert helm.lint(CHART, copy.deepcopy(values), strict=True)["errors"] == []
+
+
 def test_checksum_annotation_is_hash_of_rendered_configmap(chart):
     raw = render_raw(chart)
     configmap_text = raw["llm-proxy/templates/configmap.yaml"]
@@ -498,6 +536,7 @@ def test_config_yaml_defaults(chart):
         "shutdown_grace_seconds": 25,
         # auth is off by default and a pod listens on 0.0.0.0: the proxy wants both spelled out
         "allow_non_loopback_unauthenticated": True,
+        "metrics": {"enabled": True, "path": "/metrics"},
     }
     assert config["providers"] == [
         {

@@ -79,6 +79,17 @@ const clients = Object.keys(CLIENT_ROLES).map((clientId) => ({
   token_endpoint_auth_method: 'client_secret_post',
   scope: API_SCOPES,
 }));
+// The usage dashboard's login (authorization code + PKCE, a public client). Native: any loopback port matches the
+// redirect URI (RFC 8252), so a proxy on a free port can use it.
+clients.push({
+  client_id: 'llm-proxy-ui',
+  application_type: 'native',
+  grant_types: ['authorization_code'],
+  response_types: ['code'],
+  redirect_uris: ['http://127.0.0.1/ui/callback'],
+  token_endpoint_auth_method: 'none',
+  scope: API_SCOPES,
+});
 clients.push({
   client_id: INTROSPECTOR,
   client_secret: `${INTROSPECTOR}-secret`,
@@ -158,7 +169,9 @@ function configuration() {
     cookies: { keys: [crypto.randomBytes(32).toString('hex')] },
     scopes: ['openid', 'profile', 'email', 'models:read', 'models:write', 'offline_access'],
     features: {
-      devInteractions: { enabled: false },
+      // The built-in login and consent pages (login: a user's `sub`; the password is not checked), for the
+      // dashboard's browser test.
+      devInteractions: { enabled: true },
       clientCredentials: { enabled: true },
       introspection: {
         enabled: true,

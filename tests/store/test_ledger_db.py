@@ -167,6 +167,25 @@ async def test_a_connection_killed_by_the_server_is_replaced(tmp_path: Path) -> 
         await drop_pg_database(name)
 
 
+async def test_latency_percentiles_nearest_rank(db_url: str) -> None:
+    """p50 / p95 / p99 of latency_ms over a subject's rows in a time range (the dashboard's), both drivers."""
+    db = open_ledger_db(db_url)
+    repo = UsageRepo(create_engine(db_url))
+    try:
+        lat = [float(x) for x in range(101, 121)]  # 20 rows: 101..120 ms, and one without a latency
+        lines = [line(ev(f"req_pct_{i}", subject="percentile-user", latency_ms=v)) for i, v in enumerate(lat)]
+        lines.append(line(ev("req_pct_none", subject="percentile-user", latency_ms=None)))
+        assert await db.insert_lines(lines) == 21
+        for reader in (db, repo):
+            got = await reader.latency_percentiles(since=None, until=None, subject="percentile-user")
+            assert got == {"p50": 110.0, "p95": 119.0, "p99": 120.0}  # ranks ceil(q * 20): 10, 19, 20
+            none = await reader.latency_percentiles(since=None, until=None, subject="nobody")
+            assert none == {"p50": None, "p95": None, "p99": None}
+    finally:
+        await db.close()
+        await repo.close()
+
+
 async def test_in_memory_sqlite_ledger_goes_through_sqlalchemy(tmp_path: Path) -> None:
     """One StaticPool connection shared by the migration, the writer and reads (the database lives in it)."""
     ledger = UsageLedger("sqlite+aiosqlite://", tmp_path / "spool", flush_interval=0.01)

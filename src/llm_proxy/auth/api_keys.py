@@ -47,6 +47,7 @@ class ApiKeyAuthenticator:
         self._loaded_at: float | None = None
         self.error: str | None = None
         self.reloads = 0
+        self.failures = 0  # failed reloads (llm_proxy_auth_refresh_failures_total)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._schema_ok = not migrate
@@ -79,6 +80,7 @@ class ApiKeyAuthenticator:
             records = await self._store.load()
         except Exception as exc:
             self.error = f"{type(exc).__name__}: {exc}"[:300]
+            self.failures += 1
             log.warning("cannot load API keys: %s", self.error)
             raise
         fresh = {bytes.fromhex(r.key_hash): (r, self._principal(r)) for r in records}
@@ -143,4 +145,5 @@ class ApiKeyAuthenticator:
             ),
             "listening": self._store.listening,
             "error": self.error,
+            "refresh_failures": self.failures,
         }

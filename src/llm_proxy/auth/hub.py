@@ -98,4 +98,5 @@ class HubAuthenticator(RemoteTokenChecker):
         jwt = self.jwt.health()
         out["url"] = self.base
         out["jwt_keys"] = next(iter(jwt["issuers"].values()), {})
+        out["refresh_failures"] = out.get("refresh_failures", 0) + jwt.get("refresh_failures", 0)
         return out

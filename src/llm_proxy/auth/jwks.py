@@ -237,6 +237,7 @@ class KeySource:
     last_ok: bool = False
     error: str | None = None
     refreshes: int = 0
+    failures: int = 0  # failed refreshes (llm_proxy_auth_refresh_failures_total)
     _inflight: asyncio.Task[bool] | None = None
     _background: asyncio.Task[None] | None = None
 
@@ -297,6 +298,7 @@ class KeySource:
                 raise FetchError(f"{self.jwks_uri} lists no usable signing keys")
         except Exception as exc:  # every failure is reported in health and retried
             self.last_ok = False
+            self.failures += 1
             self.error = _describe(exc)
             log.warning(
                 "cannot refresh OIDC signing keys: %s", self.error,

@@ -212,12 +212,14 @@ class OIDCAuthenticator:
                 ),
                 "stale": src.fetched_at is not None and src.due(now),
                 "error": src.error,
+                "refresh_failures": src.failures,
             }
         # Ready only when every trusted issuer's tokens can be verified. Keys outlive an IdP outage by the stale
         # window (default 24 h), so this mostly holds back a pod that could not load some issuer's keys at start:
         # it stays out of rotation (and a rollout waits) instead of answering that issuer's users 503.
         failing = [iss for iss, v in issuers.items() if v["keys"] == 0]
-        return {"ok": bool(issuers) and not failing, "mode": "oidc", "issuers": issuers, "failing_issuers": failing}
+        return {"ok": bool(issuers) and not failing, "mode": "oidc", "issuers": issuers, "failing_issuers": failing,
+                "refresh_failures": sum(s.failures for s in self._sources.values())}
 
     # ---- authentication ----------------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ class RemoteTokenChecker:
             ttl=settings.cache_ttl, negative_ttl=settings.negative_cache_ttl, max_size=settings.cache_size, **kw
         )
         self.last_error: str | None = None
+        self.failures = 0  # calls that got no usable answer (llm_proxy_auth_refresh_failures_total)
         self.last_ok_at: float | None = None
 
     async def start(self) -> None:
@@ -72,12 +73,14 @@ class RemoteTokenChecker:
             status, body = await self._fetcher.call(method, url, seconds=self._settings.timeout, **kw)
         except (aiohttp.ClientError, TimeoutError, FetchError, OSError) as exc:
             self.last_error = describe_error(exc)
+            self.failures += 1
             log.warning("%s cannot be reached: %s", what, self.last_error, extra={"mode": self.mode})
             raise AuthUnavailable(
                 f"Authentication is temporarily unavailable: {what} cannot be reached"
             ) from None
         if status >= 500 or status in (404, 429):
             self.last_error = f"HTTP {status} from {url}"
+            self.failures += 1
             log.warning("%s answered HTTP %d", what, status, extra={"mode": self.mode})
             raise AuthUnavailable(f"Authentication is temporarily unavailable: {what} answered HTTP {status}")
         self.last_error = None
@@ -97,6 +100,7 @@ class RemoteTokenChecker:
             "mode": self.mode,
             "cached_tokens": len(self.cache),
             "error": self.last_error,
+            "refresh_failures": self.failures,
         }
 
 

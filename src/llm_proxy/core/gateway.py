@@ -82,6 +82,8 @@ class RequestContext:
     attempts: int = 0
     recorded: bool = False  # the usage event was already handed to the ledger
     client_request_id: str | None = None  # the caller's own id (x-client-request-id / x-request-id), checked
+    trace: Any = None  # core/tracing.py's RequestTrace when tracing is on
+    traceparent: str | None = None  # sent upstream with the current attempt (tracing on)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_event(self) -> UsageEvent:
@@ -390,11 +392,13 @@ def _attempt_entry(ctx: RequestContext, target: Target, status: int, error: str 
 
 
 class Gateway:
-    def __init__(self, router: Router, client: UpstreamClient, policy: Policy) -> None:
+    def __init__(self, router: Router, client: UpstreamClient, policy: Policy, *, traced: bool = False) -> None:
         self.router = router
         self.client = client
         self.policy = policy
         self._reports_usage: dict[tuple[str, str], bool] = {}  # see UsageEstimate
+        if traced:  # a span per attempt; untraced, the attempt path is left exactly as it is
+            self._attempt = self._traced_attempt  # type: ignore[method-assign,assignment]
 
     def _sanitize(self, ctx: RequestContext, exc: ProxyError) -> None:
         """Last pass over a failed attempt's error (error path only): every provider's credentials scrubbed from
@@ -528,6 +532,22 @@ class Gateway:
                 ctx.extra["attempts"] = log
             return result
 
+    async def _traced_attempt(self, ctx: RequestContext, endpoint: Endpoint, body: dict[str, Any], stream: bool,
+                              want_usage: bool, dep: Deployment, target: Target, *rest: Any) -> bytes | StreamSession:
+        """_attempt in a child span of the request's (tracing on); the upstream gets the span's traceparent."""
+        trace = ctx.trace
+        if trace is None:
+            return await Gateway._attempt(self, ctx, endpoint, body, stream, want_usage, dep, target, *rest)
+        span, ctx.traceparent = trace.attempt(target, getattr(dep.provider, "base_url", "") or "")
+        try:
+            result = await Gateway._attempt(self, ctx, endpoint, body, stream, want_usage, dep, target, *rest)
+        except BaseException as exc:
+            trace.attempt_failed(span, exc)
+            raise
+        span.set_attribute("http.response.status_code", 200)
+        span.end()
+        return result
+
     async def _attempt(
         self,
         ctx: RequestContext,
@@ -552,6 +572,8 @@ class Gateway:
         headers["x-request-id"] = ctx.request_id[_RID_PREFIX_LEN:]  # see new_request_id
         if ctx.client_request_id is not None:
             headers["x-client-request-id"] = ctx.client_request_id
+        if ctx.traceparent is not None:
+            headers["traceparent"] = ctx.traceparent
         resp = await self.client.send(target.provider_id, req, dep.timeouts, deadline)
         try:
             if resp.status >= 400:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import math
 import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -643,14 +644,7 @@ class LedgerDB:
                 raise ValueError(f"unknown group key '{key}'")
 
         def select(q: _Sql, columns: str) -> str:
-            conds = []
-            if since is not None:
-                conds.append(f"started_at >= {q.p(since)}")
-            if until is not None:
-                conds.append(f"started_at < {q.p(until)}")
-            if subject is not None:
-                conds.append(f"subject = {q.p(subject)}")
-            return f"SELECT {columns} FROM {self.sql.usage_events}{q.where(conds)}"  # noqa: S608
+            return self._select(q, columns, since, until, subject)
 
         async def run(conn: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             rows: list[dict[str, Any]] = []
@@ -665,6 +659,49 @@ class LedgerDB:
             q = _Sql(self.dialect)
             (totals,) = await q.fetch(conn, select(q, _AGGREGATES))
             return rows, totals
+
+        return await self._run(run)
+
+    def _select(self, q: _Sql, columns: str, since: datetime | None, until: datetime | None, subject: str | None,
+                extra: Sequence[str] = ()) -> str:
+        """SELECT `columns` FROM usage_events for a time range and (optionally) one subject."""
+        conds = []
+        if since is not None:
+            conds.append(f"started_at >= {q.p(since)}")
+        if until is not None:
+            conds.append(f"started_at < {q.p(until)}")
+        if subject is not None:
+            conds.append(f"subject = {q.p(subject)}")
+        conds.extend(extra)
+        return f"SELECT {columns} FROM {self.sql.usage_events}{q.where(conds)}"  # noqa: S608
+
+    async def latency_percentiles(
+        self,
+        *,
+        since: datetime | None,
+        until: datetime | None,
+        subject: str | None = None,
+        quantiles: Sequence[float] = (0.5, 0.95, 0.99),
+    ) -> dict[str, float | None]:
+        """Request latency (ms) at each quantile, nearest rank, over the rows that have one: {"p50": ..., ...}."""
+
+        async def run(conn: Any) -> dict[str, float | None]:
+            q = _Sql(self.dialect)
+            (row,) = await q.fetch(conn, self._select(q, "count(latency_ms) AS n", since, until, subject))
+            n = int(row["n"] or 0)
+            out: dict[str, float | None] = {}
+            for quantile in quantiles:
+                key = f"p{round(quantile * 100):d}"
+                if n == 0:
+                    out[key] = None
+                    continue
+                rank = max(1, min(n, math.ceil(quantile * n)))
+                q = _Sql(self.dialect)
+                sql = self._select(q, "latency_ms", since, until, subject, ["latency_ms IS NOT NULL"])
+                sql += f" ORDER BY latency_ms LIMIT 1 OFFSET {q.p(rank - 1)}"
+                (hit,) = await q.fetch(conn, sql)
+                out[key] = float(hit["latency_ms"])
+            return out
 
         return await self._run(run)
 

@@ -52,6 +52,15 @@ def _json(data: Any, status: int = 200, request_id: str | None = None) -> web.Re
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)
 
 
+def _record(svc: Services, ctx: RequestContext) -> None:
+    """The request's usage event goes to the ledger and to the metrics (once per request)."""
+    event = ctx.to_event()
+    svc.usage.record(event)
+    svc.metrics.observe(event)
+    if ctx.trace is not None:
+        ctx.trace.finish(event)
+
+
 @web.middleware
 async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     svc = request.app[SERVICES]
@@ -65,7 +74,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         host_check = svc.host_check
         if host_check is not None and not host_check(request.headers.get(hdrs.HOST)) \
-                and not request.path.startswith("/v1/health"):  # probes send the pod's address
+                and not request.path.startswith(svc.host_exempt):  # probes and scrapes send the pod's address
             raise ProxyError("Host not allowed on this server (see server.allowed_hosts)", status=421,
                              type="invalid_request_error", code="host_not_allowed")
         resp = await handler(request)
@@ -87,7 +96,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         resp = error_response(internal_error(rid), rid)
     finally:
         if ctx.endpoint is not None and not ctx.recorded:
-            svc.usage.record(ctx.to_event())
+            _record(svc, ctx)
         access = svc.access_log
         if access is not None and not request.path.startswith("/v1/health"):  # probes would flood the log
             access.log(
@@ -177,6 +186,8 @@ def _proxy(endpoint: Endpoint) -> Handler:
         svc = request.app[SERVICES]
         ctx = request[CTX]
         ctx.endpoint = endpoint
+        if svc.tracing is not None:
+            ctx.trace = svc.tracing.request(request.headers, endpoint)
         if svc.draining:
             ctx.extra["draining"] = True
         ctx.principal = await svc.authenticator.authenticate(request.headers, request.remote)
@@ -206,7 +217,7 @@ def _proxy(endpoint: Endpoint) -> Handler:
                     await resp.write(f)
             # Record before the last write: once the client has [DONE], a kill -9 must not lose the row.
             ctx.recorded = True
-            svc.usage.record(ctx.to_event())
+            _record(svc, ctx)
             await resp.write(DONE)
         except ProxyError as exc:
             # Headers are gone: the status cannot change. Tell the client in-band and end the stream.

@@ -5,16 +5,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from ..config import LoadedConfig, Settings
 from ..core.gateway import Gateway, RequestContext
+from ..core.metrics import NullMetrics
 from ..core.routing import Router
 from ..logs import AccessLog
-from ..ports import Authenticator, Policy, UsageSink
+from ..ports import Authenticator, MetricsSink, Policy, UsageSink
 from .hosts import HostCheck, allowed_hosts_for, is_local_request
+
+if TYPE_CHECKING:
+    from ..core.tracing import Tracing
 
 
 @dataclass
@@ -29,6 +33,8 @@ class Services:
     started_at: float = field(default_factory=time.time)
     draining: bool = False
     started: bool = False
+    metrics: MetricsSink = field(default_factory=NullMetrics)
+    tracing: Tracing | None = None  # tracing.enabled (core/tracing.py is imported only then)
 
     def __post_init__(self) -> None:
         s = self.loaded.settings
@@ -42,6 +48,9 @@ class Services:
         self.require_content_type = unauthenticated
         allowed = allowed_hosts_for(s.server.allowed_hosts, s.auth.mode, s.server.allow_non_loopback_unauthenticated)
         self.host_check: HostCheck | None = HostCheck(allowed) if allowed is not None else None
+        # Paths the Host check skips: kubelet probes and Prometheus scrapes use the pod's address.
+        self.host_exempt: tuple[str, ...] = ("/v1/health", s.server.metrics.path) if s.server.metrics.enabled \
+            else ("/v1/health",)
         # Who sees readiness details without a token; tests replace it to play a remote caller.
         self.is_local: Callable[[web.Request], bool] = is_local_request
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -44,7 +45,13 @@ def _unavailable(exc: Exception) -> ServiceUnavailable:
 
 async def usage_report(request: web.Request) -> web.StreamResponse:
     svc, principal, ledger = await _caller(request)
-    q = request.query
+    return _json(await report_for(ledger, principal, svc.policy.is_admin(principal), request.query))
+
+
+async def report_for(ledger: UsageLedger, principal: Principal, admin: bool, q: Mapping[str, str], *,
+                     percentiles: bool = False) -> dict[str, Any]:
+    """The usage report `principal` may see (all of it for an admin) for the query's from / to / group_by / user;
+    with `percentiles`, also `latency_ms` {p50, p95, p99} over the same rows."""
     try:
         now = datetime.now(UTC)
         since = parse_time(q["from"], now=now) if q.get("from") else now - DEFAULT_WINDOW
@@ -52,7 +59,6 @@ async def usage_report(request: web.Request) -> web.StreamResponse:
         group_by = parse_group_by(q.get("group_by", DEFAULT_GROUP_BY))
     except ValueError as exc:
         raise BadRequest(str(exc), code="invalid_parameter") from None
-    admin = svc.policy.is_admin(principal)
     subject: str | None = None if admin else principal.subject
     wanted = q.get("user")
     if wanted:
@@ -62,6 +68,8 @@ async def usage_report(request: web.Request) -> web.StreamResponse:
     await ledger.flush(FLUSH_WAIT_SECONDS)
     try:
         rows, totals = await ledger.db.usage_report(since=since, until=until, group_by=group_by, subject=subject)
+        latency = await ledger.db.latency_percentiles(since=since, until=until, subject=subject) if percentiles \
+            else None
     except Exception as exc:
         raise _unavailable(exc) from None
     doc = report_document(
@@ -69,7 +77,9 @@ async def usage_report(request: web.Request) -> web.StreamResponse:
     )
     if subject is not None:
         doc["user"] = subject
-    return _json(doc)
+    if latency is not None:
+        doc["latency_ms"] = latency
+    return doc
 
 
 def _completion_object(row: dict[str, Any]) -> dict[str, Any]:

@@ -131,7 +131,8 @@ ${env.NAME} references substituted by the proxy at start.
       "workers" (int $v.server.workers)
       "max_body_bytes" (int64 $v.server.maxBodyBytes)
       "drain_delay_seconds" (int $v.server.drainDelaySeconds)
-      "shutdown_grace_seconds" (int $v.server.shutdownGraceSeconds) }}
+      "shutdown_grace_seconds" (int $v.server.shutdownGraceSeconds)
+      "metrics" (dict "enabled" $v.metrics.enabled "path" $v.metrics.path) }}
 {{- if eq $v.auth.mode "none" }}
 {{- /* A pod always listens on a non-loopback address. */}}
 {{- $_ := set $server "allow_non_loopback_unauthenticated" true }}
@@ -173,6 +174,13 @@ ${env.NAME} references substituted by the proxy at start.
       "auth" $auth
       "database" (dict "url" (printf "${env.DATABASE_URL:=sqlite+aiosqlite:///%s/usage.db}" (include "llm-proxy.dataDir" .)))
       "usage" (dict "spool_dir" (printf "%s/spool" (include "llm-proxy.dataDir" .))) }}
+{{- if $v.ui.enabled }}
+{{- $ui := dict "enabled" true }}
+{{- with $v.ui.clientId }}{{ $_ := set $ui "client_id" . }}{{ end }}
+{{- with $v.ui.redirectUri }}{{ $_ := set $ui "redirect_uri" . }}{{ end }}
+{{- with $v.ui.sessionSecretEnv }}{{ $_ := set $ui "session_secret" (printf "${env.%s}" .) }}{{ end }}
+{{- $_ := set $cfg "ui" $ui }}
+{{- end }}
 {{- if or $v.redis.url $v.redis.existingSecret.name }}
 {{- $_ := set $cfg "redis_url" "${env.REDIS_URL:=}" }}
 {{- end }}
