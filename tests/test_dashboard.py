@@ -8,7 +8,9 @@ import asyncio
 import csv
 import hashlib
 import io
+import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +29,9 @@ from .helpers import ProxyServer, native_config
 from .store.dbutil import create_pg_database, drop_pg_database, pg_available, pg_url
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ROOT / "docs"
+# Screenshots: under docs/ (committed) when LLM_PROXY_SCREENSHOTS=docs, else in a temporary directory, so that a
+# test run leaves the work tree as it was.
+DOCS = ROOT / "docs" if os.environ.get("LLM_PROXY_SCREENSHOTS") == "docs" else Path(tempfile.gettempdir())
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ALICE = "f3b1c1a0-0000-4000-8000-00000000a11c"  # tests/oidc/op.mjs's users (the login form takes the sub)
 BOB = "f3b1c1a0-0000-4000-8000-000000000b0b"
