@@ -13,6 +13,8 @@ from .auth.none import NoAuth
 from .auth.policy import RulePolicy
 from .config import LoadedConfig
 from .core.gateway import Gateway
+from .core.limits import build_limiter
+from .core.pricing import PriceTable
 from .core.routing import Router
 from .core.usage import UsageLedger
 from .core.usage_memory import NullUsageSink
@@ -106,14 +108,19 @@ def create_app(
     router = Router(settings, providers, {**loaded.disabled_providers, **{
         k: str(v["reason"]) for k, v in status.items() if not v["ok"]}}, int(time.time()))
     policy = RulePolicy(settings.auth.policy)
+    prices = PriceTable(settings)
+    prices.report()
+    limiter = build_limiter(settings.limits)
     services = Services(
         loaded=loaded,
         router=router,
-        gateway=Gateway(router, client, policy),
+        gateway=Gateway(router, client, policy, limiter),
         authenticator=authenticator or build_authenticator(loaded),
         policy=policy,
         usage=usage or build_usage_sink(loaded),
         provider_status=status,
+        prices=prices,
+        limiter=limiter,
     )
     app = web.Application(middlewares=[gateway_middleware], client_max_size=settings.server.max_body_bytes)
     app[SERVICES] = services
@@ -123,11 +130,15 @@ def create_app(
         await client.start()
         await services.usage.start()
         await services.authenticator.start()
+        if limiter is not None:
+            await limiter.start()
         services.started = True
         yield
         services.draining = True
         await services.authenticator.close()
         await client.close()
+        if limiter is not None:
+            await limiter.close()  # its last charges first
         await services.usage.close()  # last: flushes every event recorded by in-flight requests
         if services.access_log is not None:
             services.access_log.flush()

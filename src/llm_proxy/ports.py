@@ -1,11 +1,11 @@
-"""Protocols for the pluggable services the gateway talks to (auth, usage ledger)."""
+"""Protocols for the pluggable services the gateway talks to (auth, usage ledger, limits)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from .types import Principal, UsageEvent
+from .types import Principal, Usage, UsageEvent
 
 
 class Authenticator(Protocol):
@@ -32,6 +32,26 @@ class UsageSink(Protocol):
     """Receives one UsageEvent per finished request. record() never blocks and never drops."""
 
     def record(self, event: UsageEvent) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def health(self) -> dict[str, Any]: ...
+
+
+class Limiter(Protocol):
+    """Request, token and dollar limits (core/limits.py). Not configured (no rules): there is no limiter and
+    the request path calls nothing.
+
+    admit() runs once per request before the upstream call: it raises a 429 ProxyError (a limit reached) or a
+    503 (the store unreachable, on_store_error: deny), or returns a ticket (None: nothing to track) whose
+    `headers` go on the answer. settle() runs once when the request ends, whatever the outcome: it charges the
+    usage and cost and gives back concurrency slots, without blocking the request."""
+
+    async def admit(self, principal: Principal, model: str, endpoint: str, request_id: str) -> Any: ...
+
+    def settle(self, ticket: Any, usage: Usage | None, cost_usd: float | None) -> None: ...
 
     async def start(self) -> None: ...
 

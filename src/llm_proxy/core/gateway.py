@@ -14,11 +14,11 @@ from typing import Any
 import orjson
 
 from ..errors import BadRequest, Forbidden, ProxyError, UpstreamTimeout, UpstreamUnreachable
-from ..ports import Policy
+from ..ports import Limiter, Policy
 from ..providers.base import Endpoint, Provider, StreamDecoder, Target
 from ..providers.http import UpstreamClient, UpstreamResponse
 from ..providers.sse import frame
-from ..types import Principal, Usage, UsageEvent
+from ..types import ANONYMOUS, Principal, Usage, UsageEvent
 from .resilience import ELSEWHERE, NEVER, Deployment, retry_after_seconds, retry_scope
 from .routing import Route, Router
 
@@ -63,8 +63,9 @@ class RequestContext:
     recorded: bool = False  # the usage event was already handed to the ledger
     client_request_id: str | None = None  # the caller's own id (x-client-request-id / x-request-id), checked
     extra: dict[str, Any] = field(default_factory=dict)
+    limit: Any = None  # the Limiter's ticket (headers for the answer; settled when the request ends)
 
-    def to_event(self) -> UsageEvent:
+    def to_event(self, cost_usd: float | None = None) -> UsageEvent:
         now = time.perf_counter()
         u = self.usage
         p = self.principal
@@ -94,6 +95,7 @@ class RequestContext:
             attempts=self.attempts,
             extra=self.extra,
             usage_estimated=u.estimated if u else False,
+            cost_usd=cost_usd,
         )
 
 
@@ -373,10 +375,12 @@ def _attempt_entry(ctx: RequestContext, target: Target, status: int, error: str 
 
 
 class Gateway:
-    def __init__(self, router: Router, client: UpstreamClient, policy: Policy) -> None:
+    def __init__(self, router: Router, client: UpstreamClient, policy: Policy, limiter: Limiter | None = None
+                 ) -> None:
         self.router = router
         self.client = client
         self.policy = policy
+        self.limiter = limiter
         self._reports_usage: dict[tuple[str, str], bool] = {}  # see UsageEstimate
 
     async def handle(self, ctx: RequestContext, endpoint: Endpoint, body: dict[str, Any]) -> bytes | StreamSession:
@@ -405,6 +409,9 @@ class Gateway:
         principal = ctx.principal
         if principal is not None and not self.policy.may_use(principal, route.canonical):
             raise Forbidden(f"You are not allowed to use the model '{model}'", param="model")
+        limiter = self.limiter
+        if limiter is not None:  # no rules configured: no limiter, nothing called
+            ctx.limit = await limiter.admit(principal or ANONYMOUS, route.canonical, endpoint, ctx.request_id)
 
         want_usage = False
         if stream:

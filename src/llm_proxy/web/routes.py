@@ -79,7 +79,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         resp = error_response(internal_error(rid), rid)
     finally:
         if ctx.endpoint is not None and not ctx.recorded:
-            svc.usage.record(ctx.to_event())
+            _record(svc, ctx)
         access = svc.access_log
         if access is not None and not request.path.startswith("/v1/health"):  # probes would flood the log
             access.log(
@@ -97,6 +97,17 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     if not resp.prepared:
         resp.headers["x-request-id"] = rid
     return resp
+
+
+def _record(svc: Services, ctx: RequestContext) -> None:
+    """The request's usage row (with its cost) to the ledger, and its usage and cost charged to its limits."""
+    ctx.recorded = True
+    cost = svc.prices.cost(ctx.provider_id, ctx.upstream_model, ctx.usage)
+    svc.usage.record(ctx.to_event(cost))
+    ticket = ctx.limit
+    if ticket is not None:
+        ctx.limit = None
+        svc.limiter.settle(ticket, ctx.usage, cost)  # type: ignore[union-attr]  # a ticket comes from it
 
 
 async def _read_json(request: web.Request, limit: int) -> dict[str, Any]:
@@ -131,8 +142,12 @@ def _proxy(endpoint: Endpoint) -> Handler:
             if endpoint == "chat.completions" and svc.store_completions and body.get("store") is not False:
                 # Picked up by the usage ledger (usage.store_completions); the reply is kept as raw JSON.
                 ctx.extra["completion"] = {"input_messages": body.get("messages"), "response": orjson.Fragment(result)}
-            return web.Response(body=result, content_type="application/json")
-        resp = web.StreamResponse(status=200, headers={**_SSE_HEADERS, "x-request-id": ctx.request_id})
+            return web.Response(body=result, content_type="application/json",
+                                headers=ctx.limit.headers if ctx.limit is not None else None)
+        headers = {**_SSE_HEADERS, "x-request-id": ctx.request_id}
+        if ctx.limit is not None:
+            headers.update(ctx.limit.headers)
+        resp = web.StreamResponse(status=200, headers=headers)
         try:
             await resp.prepare(request)
         except ConnectionError:  # the client left before the headers went out (incl. "closing transport")
@@ -149,8 +164,7 @@ def _proxy(endpoint: Endpoint) -> Handler:
                 async for f in frames:
                     await resp.write(f)
             # Record before the last write: once the client has [DONE], a kill -9 must not lose the row.
-            ctx.recorded = True
-            svc.usage.record(ctx.to_event())
+            _record(svc, ctx)
             await resp.write(DONE)
         except ProxyError as exc:
             # Headers are gone: the status cannot change. Tell the client in-band and end the stream.

@@ -1,0 +1,439 @@
+"""Request, token and dollar limits: rules -> counters per principal / group / model / API key, and the stores
+that keep them (this process's memory, or Redis for limits exact across replicas: store/redis_limits.py).
+
+Windows:
+- requests per second / minute / hour: a sliding log (each admitted request's time): never more than the limit in
+  any window of that length, so no burst at a boundary. Check and count are one step (one Lua script on Redis).
+- concurrent requests: a set of the requests in flight, each with a lease (`concurrency_lease_seconds`), so the
+  slots of a replica that died come back by themselves.
+- tokens per minute / hour: a sliding window over 60 sub-buckets (1 s / 1 min).
+- tokens and USD per day / month: calendar windows in UTC (a month's budget starts on the 1st, 00:00 UTC).
+Tokens and dollars are charged after the answer, with what it really used; a request is admitted while what was
+used is below the limit (the answer that crosses it is served; the next request is refused).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from fnmatch import fnmatchcase
+from typing import Any, Protocol
+
+from ..config import LIMIT_KINDS, LimitRule, LimitsSettings
+from ..errors import ProxyError, ServiceUnavailable
+from ..types import Principal, Usage
+
+log = logging.getLogger("llm_proxy.limits")
+
+MICRO = 1_000_000  # USD are counted in micro-dollars (integers: exact sums on every store)
+_SECONDS = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
+SUB_BUCKETS = 60  # a sliding token window's buckets
+
+# Store codes for each kind of counter.
+REQUESTS, CONCURRENT, SLIDING_TOKENS, CALENDAR_TOKENS, CALENDAR_USD = "r", "c", "st", "ft", "fu"
+
+
+class LimitExceeded(ProxyError):
+    """429: a request or token limit (`rate_limit_exceeded`) or a dollar budget (`budget_exceeded`)."""
+
+    status = 429
+
+
+class StoreUnavailable(Exception):
+    """The limits store could not be reached (or did not answer in time)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One counter a request is checked against."""
+
+    rule: str
+    option: str  # the config key, e.g. requests_per_minute
+    code: str  # REQUESTS, CONCURRENT, ...
+    limit: int  # requests, tokens, or micro-USD
+    window: str  # second | minute | hour | day | month | lease
+    key: str  # without the store's prefix and, for calendar windows, without the period
+    seconds: float  # sliding window / lease length; 0 for calendar windows
+
+    @property
+    def calendar(self) -> bool:
+        return self.code in (CALENDAR_TOKENS, CALENDAR_USD)
+
+
+def period(window: str, now: float) -> tuple[str, float]:
+    """A calendar window's id and its end (unix seconds), UTC."""
+    d = datetime.fromtimestamp(now, UTC)
+    if window == "day":
+        start = datetime(d.year, d.month, d.day, tzinfo=UTC)
+        return start.strftime("%Y%m%d"), start.timestamp() + 86400.0
+    end = datetime(d.year + 1, 1, 1, tzinfo=UTC) if d.month == 12 else datetime(d.year, d.month + 1, 1, tzinfo=UTC)
+    return d.strftime("%Y%m"), end.timestamp()
+
+
+@dataclass(slots=True)
+class Count:
+    """A counter's state as a store reports it: what is used (this request included, for request counters) and
+    the seconds until it next goes down (sliding) or starts again (calendar)."""
+
+    used: int
+    reset: float
+
+
+class LimitStore(Protocol):
+    async def admit(self, checks: Sequence[Check], token: str, now: float) -> tuple[int, list[Count]]:
+        """Check every counter and, only if none is full, count the request in the request and concurrency
+        counters, in one atomic step. Returns (index of the first full counter + 1, or 0; each counter's state)."""
+        ...
+
+    async def settle(self, checks: Sequence[Check], token: str, tokens: int, micro_usd: int, now: float) -> None:
+        """Charge tokens and micro-USD to the token and dollar counters; give back concurrency slots."""
+        ...
+
+    async def read(self, checks: Sequence[Check], now: float) -> list[Count]: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------------------------------
+# Rules -> the checks of one (principal, model)
+# --------------------------------------------------------------------------------------------------
+
+
+def _dimension_values(dim: str, rule: LimitRule, p: Principal, model: str) -> list[str]:
+    if dim == "user":
+        return [p.subject]
+    if dim == "group":
+        wanted = rule.match.groups if rule.match is not None and rule.match.groups else None
+        return [g for g in p.groups if wanted is None or g in wanted]
+    if dim == "model":
+        return [model]
+    if dim == "api_key":
+        return [p.subject] if p.auth_method == "api_key" else []
+    return ["*"]  # global
+
+
+def rule_keys(rule: LimitRule, p: Principal, model: str) -> list[str]:
+    """The counters' keys of one rule for a principal and model: one per combination of the `per` values
+    (a user in two matched groups has two group counters); none if the rule does not apply."""
+    if rule.match is not None and not rule.match.matches(p):
+        return []
+    if rule.models and not any(fnmatchcase(model, g) for g in rule.models):
+        return []
+    keys = [""]
+    for dim in rule.dimensions:
+        values = _dimension_values(dim, rule, p, model)
+        keys = [f"{k}|{dim}={v}" if k else f"{dim}={v}" for k in keys for v in values]
+    return keys
+
+
+def rule_checks(rule: LimitRule, keys: Sequence[str], lease: float) -> list[Check]:
+    out: list[Check] = []
+    for option, (kind, window) in LIMIT_KINDS.items():
+        value = getattr(rule, option)
+        if value is None:
+            continue
+        if kind == "requests":
+            code, seconds, limit = REQUESTS, _SECONDS[window], int(value)
+        elif kind == "concurrent":
+            code, seconds, limit = CONCURRENT, lease, int(value)
+        elif kind == "tokens" and window in _SECONDS:
+            code, seconds, limit = SLIDING_TOKENS, _SECONDS[window], int(value)
+        elif kind == "tokens":
+            code, seconds, limit = CALENDAR_TOKENS, 0.0, int(value)
+        else:
+            code, seconds, limit = CALENDAR_USD, 0.0, round(float(value) * MICRO)
+        out.extend(Check(rule.name, option, code, limit, window, f"{rule.name}:{option}:{k}", seconds) for k in keys)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The limiter (the exchange's Limiter port)
+# --------------------------------------------------------------------------------------------------
+
+
+def reset_text(seconds: float) -> str:
+    """A duration as OpenAI writes x-ratelimit-reset-*: 20ms, 1.5s, 6m0s, 1h2m3s."""
+    if seconds < 1.0:
+        return f"{max(int(seconds * 1000), 0)}ms"
+    if seconds < 60.0:
+        return f"{round(seconds, 3):g}s"
+    total = math.ceil(seconds)
+    h, rest = divmod(total, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m}m{s}s" if h else f"{m}m{s}s"
+
+
+@dataclass(slots=True)
+class Ticket:
+    """What admit() hands the request: the headers for its answer, and what settle() must charge or give back."""
+
+    checks: tuple[Check, ...]  # the token, dollar and concurrency counters (the ones settle() touches)
+    token: str
+    headers: dict[str, str]
+
+
+_HEADER_KIND = {REQUESTS: "requests", SLIDING_TOKENS: "tokens", CALENDAR_TOKENS: "tokens"}
+
+
+def _headers(checks: Sequence[Check], counts: Sequence[Count]) -> dict[str, str]:
+    """x-ratelimit-{limit,remaining,reset}-{requests,tokens} from the most constraining counter of each kind."""
+    best: dict[str, tuple[int, Check, Count]] = {}
+    for c, n in zip(checks, counts, strict=True):
+        kind = _HEADER_KIND.get(c.code)
+        if kind is None:
+            continue
+        remaining = max(c.limit - n.used, 0)
+        cur = best.get(kind)
+        if cur is None or remaining < cur[0]:
+            best[kind] = (remaining, c, n)
+    out: dict[str, str] = {}
+    for kind, (remaining, c, n) in best.items():
+        out[f"x-ratelimit-limit-{kind}"] = str(c.limit)
+        out[f"x-ratelimit-remaining-{kind}"] = str(remaining)
+        out[f"x-ratelimit-reset-{kind}"] = reset_text(n.reset)
+    return out
+
+
+def _refusal(c: Check, n: Count, headers: dict[str, str]) -> LimitExceeded:
+    retry = max(1, math.ceil(n.reset)) if c.code != CONCURRENT else 1
+    headers["retry-after"] = str(retry)
+    what = c.option.replace("_", " ")
+    if c.code == CALENDAR_USD:
+        return LimitExceeded(
+            f"Budget '{c.rule}' is used up: ${n.used / MICRO:.4f} of ${c.limit / MICRO:.2f} {what[4:]} "
+            f"({c.key.split(':', 2)[2]}); it renews in {reset_text(n.reset)}",
+            type="budget_exceeded", code="budget_exceeded", headers=headers,
+        )
+    used = f"{n.used} used" if c.code not in (REQUESTS, CONCURRENT) else f"{n.used} counted"
+    return LimitExceeded(
+        f"Rate limit '{c.rule}' reached: {c.limit} {what} ({c.key.split(':', 2)[2]}), {used}; "
+        f"retry after {retry}s",
+        type="rate_limit_exceeded", code="rate_limit_exceeded", headers=headers,
+    )
+
+
+class RuleLimiter:
+    """The limits of `limits.rules` on one store. admit() before the upstream call, settle() after the answer."""
+
+    def __init__(self, settings: LimitsSettings, store: LimitStore) -> None:
+        self.settings = settings
+        self.store = store
+        self._rules = settings.rules
+        self._lease = settings.concurrency_lease_seconds
+        self._deny = settings.on_store_error == "deny"
+        self._cache: dict[tuple[Principal, str], tuple[tuple[Check, ...], tuple[Check, ...]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._last_loud = 0.0
+        self._quiet = 0
+        self.store_ok = True
+
+    def checks(self, p: Principal, model: str) -> tuple[Check, ...]:
+        return self._checks(p, model)[0]
+
+    def _checks(self, p: Principal, model: str) -> tuple[tuple[Check, ...], tuple[Check, ...]]:
+        key = (p, model)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        out: list[Check] = []
+        for rule in self._rules:
+            keys = rule_keys(rule, p, model)
+            if keys:
+                out.extend(rule_checks(rule, keys, self._lease))
+        every = tuple(out)
+        later = tuple(c for c in every if c.code != REQUESTS)
+        if len(self._cache) > 50_000:
+            self._cache.clear()
+        self._cache[key] = (every, later)
+        return every, later
+
+    async def admit(self, principal: Principal, model: str, endpoint: str, request_id: str) -> Ticket | None:
+        checks, later = self._checks(principal, model)
+        if not checks:
+            return None
+        try:
+            refused, counts = await self.store.admit(checks, request_id, time.time())
+        except StoreUnavailable as exc:
+            self._unavailable(exc)
+            return None
+        self.store_ok = True
+        headers = _headers(checks, counts)
+        if refused:
+            raise _refusal(checks[refused - 1], counts[refused - 1], headers)
+        return Ticket(later, request_id, headers)
+
+    def _unavailable(self, exc: BaseException) -> None:
+        self.store_ok = False
+        if self._deny:
+            raise ServiceUnavailable(
+                "Usage limits cannot be checked right now (their store is unreachable); retry shortly",
+                code="limits_unavailable", headers={"retry-after": "1"},
+            ) from None
+        self._loud(f"limits store unreachable ({type(exc).__name__}: {exc}); serving WITHOUT limits "
+                   "(limits.on_store_error: allow)")
+        return None
+
+    def _loud(self, message: str) -> None:
+        """One error line per 10 s at most (with the number of requests in between)."""
+        now = time.monotonic()
+        if now - self._last_loud < 10.0:
+            self._quiet += 1
+            return
+        quiet, self._quiet, self._last_loud = self._quiet, 0, now
+        log.error("%s%s", message, f" [{quiet} more since the last line]" if quiet else "")
+
+    def settle(self, ticket: Ticket, usage: Usage | None, cost_usd: float | None) -> None:
+        """Charge what the answer used and give back its concurrency slot. Never blocks the request: the
+        store's work runs in a task (Redis) or at once (memory)."""
+        checks = ticket.checks
+        if not checks:
+            return
+        tokens = usage.total_tokens if usage is not None else 0
+        micro = round(cost_usd * MICRO) if cost_usd else 0
+        task = asyncio.get_running_loop().create_task(self._settle(checks, ticket.token, tokens, micro))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _settle(self, checks: Sequence[Check], token: str, tokens: int, micro: int) -> None:
+        try:
+            await self.store.settle(checks, token, tokens, micro, time.time())
+        except StoreUnavailable as exc:
+            self.store_ok = False
+            self._loud(f"limits store unreachable ({type(exc).__name__}: {exc}): an answer's {tokens} tokens "
+                       f"and ${micro / MICRO:.6f} were not charged")
+        except Exception:
+            log.exception("charging limits failed")
+
+    async def usage(self, principal: Principal, model: str) -> list[tuple[Check, Count]]:
+        """Every counter of a principal and model with what it holds now (for `llm-proxy limits show`)."""
+        checks = self.checks(principal, model)
+        counts = await self.store.read(checks, time.time())
+        return list(zip(checks, counts, strict=True))
+
+    async def start(self) -> None:
+        await self.store.start()
+
+    async def close(self) -> None:
+        if self._tasks:  # charges in flight go out before the store closes
+            await asyncio.wait(list(self._tasks), timeout=5.0)
+        await self.store.close()
+
+    def health(self) -> dict[str, Any]:
+        return {"ok": self.store_ok, "store": "memory" if self.settings.store == "memory" else "redis",
+                "rules": len(self._rules), "on_store_error": self.settings.on_store_error}
+
+
+def build_limiter(settings: LimitsSettings) -> RuleLimiter | None:
+    """None without rules: the request path then calls nothing at all."""
+    if not settings.rules:
+        return None
+    store: LimitStore
+    if settings.store == "memory":
+        store = MemoryLimitStore()
+    else:
+        from ..store.redis_limits import RedisLimitStore
+
+        store = RedisLimitStore(settings.store, settings.key_prefix, timeout=settings.timeout_seconds)
+    return RuleLimiter(settings, store)
+
+
+# --------------------------------------------------------------------------------------------------
+# The memory store: one process
+# --------------------------------------------------------------------------------------------------
+
+
+class MemoryLimitStore:
+    """Counters in this process (limits.store: memory): the same windows as Redis, for a single replica."""
+
+    def __init__(self) -> None:
+        self._logs: dict[str, deque[float]] = {}
+        self._leases: dict[str, dict[str, float]] = {}
+        self._buckets: dict[str, dict[int, int]] = {}
+        self._calendar: dict[str, tuple[str, int]] = {}
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def _count(self, c: Check, now: float) -> Count:
+        if c.code == REQUESTS:
+            q = self._logs.get(c.key)
+            if not q:
+                return Count(0, c.seconds)
+            edge = now - c.seconds
+            while q and q[0] <= edge:
+                q.popleft()
+            return Count(len(q), (q[0] + c.seconds - now) if q else c.seconds)
+        if c.code == CONCURRENT:
+            leases = self._leases.get(c.key)
+            if not leases:
+                return Count(0, 1.0)
+            for t in [t for t, exp in leases.items() if exp <= now]:
+                del leases[t]
+            return Count(len(leases), 1.0)
+        if c.code == SLIDING_TOKENS:
+            buckets = self._buckets.get(c.key)
+            width = c.seconds / SUB_BUCKETS
+            cur = int(now // width)
+            if not buckets:
+                return Count(0, c.seconds)
+            first = cur - SUB_BUCKETS + 1
+            for b in [b for b in buckets if b < first]:
+                del buckets[b]
+            if not buckets:
+                return Count(0, c.seconds)
+            return Count(sum(buckets.values()), (min(buckets) + SUB_BUCKETS) * width - now)
+        pid, end = period(c.window, now)
+        held = self._calendar.get(c.key)
+        return Count(held[1] if held is not None and held[0] == pid else 0, end - now)
+
+    async def admit(self, checks: Sequence[Check], token: str, now: float) -> tuple[int, list[Count]]:
+        counts = [self._count(c, now) for c in checks]
+        for i, (c, n) in enumerate(zip(checks, counts, strict=True)):
+            if n.used >= c.limit:
+                return i + 1, counts
+        for c, n in zip(checks, counts, strict=True):
+            if c.code == REQUESTS:
+                q = self._logs.get(c.key)
+                if q is None:
+                    q = self._logs[c.key] = deque()
+                q.append(now)
+                n.used += 1
+                if n.used == 1:
+                    n.reset = c.seconds
+            elif c.code == CONCURRENT:
+                self._leases.setdefault(c.key, {})[token] = now + c.seconds
+                n.used += 1
+        return 0, counts
+
+    async def settle(self, checks: Sequence[Check], token: str, tokens: int, micro_usd: int, now: float) -> None:
+        for c in checks:
+            if c.code == CONCURRENT:
+                leases = self._leases.get(c.key)
+                if leases is not None:
+                    leases.pop(token, None)
+                continue
+            amount = micro_usd if c.code == CALENDAR_USD else tokens
+            if amount <= 0:
+                continue
+            if c.code == SLIDING_TOKENS:
+                b = int(now // (c.seconds / SUB_BUCKETS))
+                buckets = self._buckets.setdefault(c.key, {})
+                buckets[b] = buckets.get(b, 0) + amount
+            elif c.calendar:
+                pid, _ = period(c.window, now)
+                held = self._calendar.get(c.key)
+                self._calendar[c.key] = (pid, (held[1] if held is not None and held[0] == pid else 0) + amount)
+
+    async def read(self, checks: Sequence[Check], now: float) -> list[Count]:
+        return [self._count(c, now) for c in checks]
