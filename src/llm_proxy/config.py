@@ -379,7 +379,7 @@ LIMIT_KINDS: dict[str, tuple[str, str]] = {
 class LimitRule(_Model):
     """One rule: a counter per `per` key (its values combined) for each principal it matches."""
 
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     per: LimitDimension | list[LimitDimension] = "user"
     match: PolicyMatch | None = None  # as auth.policy's rules; unset: every principal
     models: list[str] = Field(default_factory=list)  # globs over the model id; empty: every model

@@ -97,6 +97,10 @@ class LimitStore(Protocol):
 
     async def read(self, checks: Sequence[Check], now: float) -> list[Count]: ...
 
+    async def keys(self) -> list[str]:
+        """Every counter's key (calendar ones with their period), for `llm-proxy limits show`."""
+        ...
+
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -212,9 +216,9 @@ def _refusal(c: Check, n: Count, headers: dict[str, str]) -> LimitExceeded:
             f"({c.key.split(':', 2)[2]}); it renews in {reset_text(n.reset)}",
             type="budget_exceeded", code="budget_exceeded", headers=headers,
         )
-    used = f"{n.used} used" if c.code not in (REQUESTS, CONCURRENT) else f"{n.used} counted"
+    used = f", {n.used} used" if c.code in (SLIDING_TOKENS, CALENDAR_TOKENS) else ""
     return LimitExceeded(
-        f"Rate limit '{c.rule}' reached: {c.limit} {what} ({c.key.split(':', 2)[2]}), {used}; "
+        f"Rate limit '{c.rule}' reached: {c.limit} {what} ({c.key.split(':', 2)[2]}){used}; "
         f"retry after {retry}s",
         type="rate_limit_exceeded", code="rate_limit_exceeded", headers=headers,
     )
@@ -331,18 +335,65 @@ class RuleLimiter:
                 "rules": len(self._rules), "on_store_error": self.settings.on_store_error}
 
 
+def _check_of(rules: dict[str, LimitRule], key: str, lease: float, now: float) -> Check | None:
+    """The Check a store key belongs to (`<rule>:<option>:<dims>[:<period>]`), if its rule still exists and, for
+    a calendar window, the period is the current one."""
+    parts = key.split(":", 2)
+    if len(parts) != 3 or parts[0] not in rules or parts[1] not in LIMIT_KINDS:
+        return None
+    rule, option, dims = rules[parts[0]], parts[1], parts[2]
+    window = LIMIT_KINDS[option][1]
+    if window in ("day", "month"):
+        dims, _, pid = dims.rpartition(":")
+        if pid != period(window, now)[0]:
+            return None
+    for c in rule_checks(rule, [dims], lease):
+        if c.option == option:
+            return c
+    return None
+
+
+async def snapshot(settings: LimitsSettings, store: LimitStore, *, user: str | None = None) -> list[dict[str, Any]]:
+    """Every counter in the store against its rule (only those of principal `user` if given), sorted by rule."""
+    now = time.time()
+    rules = {r.name: r for r in settings.rules}
+    checks = []
+    for key in set(await store.keys()):
+        c = _check_of(rules, key, settings.concurrency_lease_seconds, now)
+        if c is None:
+            continue
+        dims = c.key.split(":", 2)[2]
+        if user is not None and f"user={user}" not in dims.split("|") and f"api_key={user}" not in dims.split("|"):
+            continue
+        checks.append(c)
+    checks.sort(key=lambda c: (c.rule, c.option, c.key))
+    counts = await store.read(checks, now) if checks else []
+    out = []
+    for c, n in zip(checks, counts, strict=True):
+        usd = c.code == CALENDAR_USD
+        scale = MICRO if usd else 1
+        out.append({
+            "rule": c.rule, "limit": c.option, "key": c.key.split(":", 2)[2],
+            "used": n.used / scale if usd else n.used, "max": c.limit / scale if usd else c.limit,
+            "remaining": max(c.limit - n.used, 0) / scale if usd else max(c.limit - n.used, 0),
+            "reset": reset_text(n.reset), "reset_seconds": round(n.reset, 3),
+        })
+    return out
+
+
+def build_store(settings: LimitsSettings) -> LimitStore:
+    if settings.store == "memory":
+        return MemoryLimitStore()
+    from ..store.redis_limits import RedisLimitStore
+
+    return RedisLimitStore(settings.store, settings.key_prefix, timeout=settings.timeout_seconds)
+
+
 def build_limiter(settings: LimitsSettings) -> RuleLimiter | None:
     """None without rules: the request path then calls nothing at all."""
     if not settings.rules:
         return None
-    store: LimitStore
-    if settings.store == "memory":
-        store = MemoryLimitStore()
-    else:
-        from ..store.redis_limits import RedisLimitStore
-
-        store = RedisLimitStore(settings.store, settings.key_prefix, timeout=settings.timeout_seconds)
-    return RuleLimiter(settings, store)
+    return RuleLimiter(settings, build_store(settings))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -437,3 +488,11 @@ class MemoryLimitStore:
 
     async def read(self, checks: Sequence[Check], now: float) -> list[Count]:
         return [self._count(c, now) for c in checks]
+
+    async def keys(self) -> list[str]:
+        now = time.time()
+        out = [*self._logs, *self._leases, *self._buckets]
+        for key in self._calendar:
+            option = key.split(":", 2)[1]
+            out.append(f"{key}:{period(LIMIT_KINDS[option][1], now)[0]}")
+        return out

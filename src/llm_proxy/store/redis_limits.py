@@ -189,6 +189,15 @@ class RedisLimitStore:
             args += [c.code, int(c.seconds * 1000), ms]
         await self._run(self._settle, keys, args)
 
+    async def keys(self) -> list[str]:
+        from redis.exceptions import RedisError
+
+        n = len(self._prefix)
+        try:
+            return [k.decode()[n:] async for k in self._redis.scan_iter(match=self._prefix + "*", count=1000)]
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreUnavailable(str(exc) or type(exc).__name__) from exc
+
     async def start(self) -> None:
         try:
             await self._redis.ping()
