@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from .types import Principal, Usage, UsageEvent
@@ -47,11 +47,13 @@ class Limiter(Protocol):
     admit() runs once per request before the upstream call: it raises a 429 ProxyError (a limit reached) or a
     503 (the store unreachable, on_store_error: deny), or returns a ticket (None: nothing to track) whose
     `headers` go on the answer. settle() runs once when the request ends, whatever the outcome: it charges the
-    usage and cost and gives back concurrency slots, without blocking the request."""
+    usage and cost and gives back concurrency slots, without blocking the request (`estimate`: what to charge
+    for a stream cut short before its usage came)."""
 
     async def admit(self, principal: Principal, model: str, endpoint: str, request_id: str) -> Any: ...
 
-    def settle(self, ticket: Any, usage: Usage | None, cost_usd: float | None) -> None: ...
+    def settle(self, ticket: Any, usage: Usage | None, cost_usd: float | None,
+               estimate: Callable[[], Awaitable[tuple[Usage, float | None]]] | None = None) -> None: ...
 
     async def start(self) -> None: ...
 

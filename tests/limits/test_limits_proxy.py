@@ -21,7 +21,7 @@ from llm_proxy.core.usage_memory import MemoryUsageSink
 from ..conftest import Emulator, basic_config
 from ..helpers import ProxyServer, native_config
 from .redisutil import RedisServer
-from .util import client, limits_config
+from .util import client, limits_config, wait_used
 
 
 @contextmanager
@@ -207,3 +207,26 @@ def test_limits_show_cli(emulator: Emulator, fresh_redis: RedisServer, tmp_path:
     assert {r["key"] for r in rows if r["rule"] == "user-rpm"} == {"user=alice", "user=bob"}
     tpm = next(r for r in rows if r["rule"] == "user-tpm" and r["key"] == "user=alice")
     assert tpm["used"] > 0 and tpm["max"] == 1000
+
+
+async def test_a_stream_cut_short_is_charged_an_estimate(emulator: Emulator, fresh_redis: RedisServer,
+                                                         tmp_path: Path) -> None:
+    limits = _limits(fresh_redis.url, "    - {name: user-tokens, per: user, tokens_per_day: 100000}\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(limits_config(emulator.base_url, limits))
+    words = " ".join(f"word{i}" for i in range(400))
+    emulator.script({"responses": [{"content": words, "chunks": 200, "chunk_delay_ms": 20}]})
+    with limited(emulator, limits) as (px, _):
+        async with client(px.port, "alice") as c:
+            stream = await c.chat.completions.create(
+                model="openai/gpt-4o", messages=[{"role": "user", "content": "tell me everything"}], stream=True,
+                stream_options={"include_usage": True})
+            got = 0
+            async for chunk in stream:
+                got += bool(chunk.choices and chunk.choices[0].delta.content)
+                if got >= 5:
+                    break
+            await stream.close()  # the client leaves: no usage ever comes from the upstream
+        # The prompt and the part relayed are charged (estimated), not nothing.
+        used = await wait_used(cfg, "user-tokens", 10)
+        assert used < 400  # far less than the whole answer would have cost

@@ -7,7 +7,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +64,8 @@ class RequestContext:
     client_request_id: str | None = None  # the caller's own id (x-client-request-id / x-request-id), checked
     extra: dict[str, Any] = field(default_factory=dict)
     limit: Any = None  # the Limiter's ticket (headers for the answer; settled when the request ends)
+    # A stream cut short without usage, while token or dollar limits apply: its estimate, for those limits.
+    partial_usage: Callable[[], Awaitable[Usage]] | None = None
 
     def to_event(self, cost_usd: float | None = None) -> UsageEvent:
         now = time.perf_counter()
@@ -293,6 +295,16 @@ class StreamSession:
         ctx = self._ctx
         ctx.upstream_ended = time.perf_counter()
         ctx.usage = self._decoder.usage or self._estimated
+        if ctx.usage is None and not clean and self._seen and ctx.limit is not None:
+            # Cut short (client gone, upstream broke) before any usage came: the limits charge an estimate of
+            # what was relayed (the row keeps no counts: it records what the upstream reported).
+            est, seen, relayed, kept = self._estimate, self._seen, self._relayed, self._kept
+            assert est is not None
+
+            async def partial() -> Usage:
+                return (await est.stream_usage(seen, relayed, kept))[0]
+
+            ctx.partial_usage = partial
         self._seen = []
         if clean:
             self._resp.release()
@@ -607,4 +619,6 @@ class Gateway:
             resp.close()  # drops the connection: this is also how an upstream request is cancelled
             raise
         estimate = UsageEstimate(endpoint, body, target, want_usage, self._reports_usage)
+        if ctx.limit is not None and ctx.limit.charges:
+            estimate.keep = True  # token or dollar limits: a stream cut short is charged an estimate of its part
         return StreamSession(resp, decoder, ctx, chunks, pending, track, done, estimate)

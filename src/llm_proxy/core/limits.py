@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
@@ -182,6 +182,7 @@ class Ticket:
     checks: tuple[Check, ...]  # the token, dollar and concurrency counters (the ones settle() touches)
     token: str
     headers: dict[str, str]
+    charges: bool  # some of them count tokens or dollars
 
 
 _HEADER_KIND = {REQUESTS: "requests", SLIDING_TOKENS: "tokens", CALENDAR_TOKENS: "tokens"}
@@ -272,7 +273,7 @@ class RuleLimiter:
         headers = _headers(checks, counts)
         if refused:
             raise _refusal(checks[refused - 1], counts[refused - 1], headers)
-        return Ticket(later, request_id, headers)
+        return Ticket(later, request_id, headers, any(c.code != CONCURRENT for c in later))
 
     def _unavailable(self, exc: BaseException) -> None:
         self.store_ok = False
@@ -294,19 +295,26 @@ class RuleLimiter:
         quiet, self._quiet, self._last_loud = self._quiet, 0, now
         log.error("%s%s", message, f" [{quiet} more since the last line]" if quiet else "")
 
-    def settle(self, ticket: Ticket, usage: Usage | None, cost_usd: float | None) -> None:
-        """Charge what the answer used and give back its concurrency slot. Never blocks the request: the
-        store's work runs in a task (Redis) or at once (memory)."""
+    def settle(self, ticket: Ticket, usage: Usage | None, cost_usd: float | None,
+               estimate: Callable[[], Awaitable[tuple[Usage, float | None]]] | None = None) -> None:
+        """Charge what the answer used and give back its concurrency slot, in a task: never on the request's
+        path. `estimate`: for a stream cut short without usage, what to charge instead (worked out in the task)."""
         checks = ticket.checks
         if not checks:
             return
-        tokens = usage.total_tokens if usage is not None else 0
-        micro = round(cost_usd * MICRO) if cost_usd else 0
-        task = asyncio.get_running_loop().create_task(self._settle(checks, ticket.token, tokens, micro))
+        task = asyncio.get_running_loop().create_task(self._settle(checks, ticket.token, usage, cost_usd, estimate))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _settle(self, checks: Sequence[Check], token: str, tokens: int, micro: int) -> None:
+    async def _settle(self, checks: Sequence[Check], token: str, usage: Usage | None, cost_usd: float | None,
+                      estimate: Callable[[], Awaitable[tuple[Usage, float | None]]] | None) -> None:
+        if usage is None and estimate is not None:
+            try:
+                usage, cost_usd = await estimate()
+            except Exception:
+                log.exception("estimating a cut-short stream's usage for its limits failed")
+        tokens = usage.total_tokens if usage is not None else 0
+        micro = round(cost_usd * MICRO) if cost_usd else 0
         try:
             await self.store.settle(checks, token, tokens, micro, time.time())
         except StoreUnavailable as exc:

@@ -18,6 +18,7 @@ from ..core.gateway import RequestContext, new_request_id
 from ..errors import BadRequest, ModelNotFound, PayloadTooLarge, ProxyError, internal_error
 from ..providers.base import Endpoint
 from ..providers.sse import DONE, frame
+from ..types import Usage
 from .errors import error_response, from_http_exception
 from .state import SERVICES, Services
 
@@ -107,7 +108,14 @@ def _record(svc: Services, ctx: RequestContext) -> None:
     ticket = ctx.limit
     if ticket is not None:
         ctx.limit = None
-        svc.limiter.settle(ticket, ctx.usage, cost)  # type: ignore[union-attr]  # a ticket comes from it
+        partial = ctx.partial_usage
+        estimate = None
+        if partial is not None:
+            async def estimate() -> tuple[Usage, float | None]:
+                usage = await partial()
+                return usage, svc.prices.cost(ctx.provider_id, ctx.upstream_model, usage)
+
+        svc.limiter.settle(ticket, ctx.usage, cost, estimate)  # type: ignore[union-attr]  # a ticket comes from it
 
 
 async def _read_json(request: web.Request, limit: int) -> dict[str, Any]:
