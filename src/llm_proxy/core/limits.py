@@ -66,14 +66,24 @@ class Check:
         return self.code in (CALENDAR_TOKENS, CALENDAR_USD)
 
 
+_PERIODS: dict[str, tuple[float, float, str]] = {}  # window -> (start, end, id) of the last one asked for
+
+
 def period(window: str, now: float) -> tuple[str, float]:
-    """A calendar window's id and its end (unix seconds), UTC."""
+    """A calendar window's id and its end (unix seconds), UTC (the last one is kept: no date maths per call)."""
+    hit = _PERIODS.get(window)
+    if hit is not None and hit[0] <= now < hit[1]:
+        return hit[2], hit[1]
     d = datetime.fromtimestamp(now, UTC)
     if window == "day":
         start = datetime(d.year, d.month, d.day, tzinfo=UTC)
-        return start.strftime("%Y%m%d"), start.timestamp() + 86400.0
-    end = datetime(d.year + 1, 1, 1, tzinfo=UTC) if d.month == 12 else datetime(d.year, d.month + 1, 1, tzinfo=UTC)
-    return d.strftime("%Y%m"), end.timestamp()
+        pid, end = start.strftime("%Y%m%d"), start.timestamp() + 86400.0
+    else:
+        start = datetime(d.year, d.month, 1, tzinfo=UTC)
+        nxt = datetime(d.year + 1, 1, 1, tzinfo=UTC) if d.month == 12 else datetime(d.year, d.month + 1, 1, tzinfo=UTC)
+        pid, end = d.strftime("%Y%m"), nxt.timestamp()
+    _PERIODS[window] = (start.timestamp(), end, pid)
+    return pid, end
 
 
 @dataclass(slots=True)
@@ -85,6 +95,11 @@ class Count:
     reset: float
 
 
+# (checks, request token, tokens, micro-USD, unix time): one answer's charge.
+Settlement = tuple[tuple["Check", ...], str, int, int, float]
+SETTLE_DELAY = 0.002  # charges are gathered this long (seconds) and sent together
+
+
 class LimitStore(Protocol):
     async def admit(self, checks: Sequence[Check], token: str, now: float) -> tuple[int, list[Count]]:
         """Check every counter and, only if none is full, count the request in the request and concurrency
@@ -93,6 +108,10 @@ class LimitStore(Protocol):
 
     async def settle(self, checks: Sequence[Check], token: str, tokens: int, micro_usd: int, now: float) -> None:
         """Charge tokens and micro-USD to the token and dollar counters; give back concurrency slots."""
+        ...
+
+    async def settle_many(self, batch: Sequence[Settlement]) -> None:
+        """settle() for each of (checks, token, tokens, micro-USD, time), sent together."""
         ...
 
     async def read(self, checks: Sequence[Check], now: float) -> list[Count]: ...
@@ -236,6 +255,8 @@ class RuleLimiter:
         self._deny = settings.on_store_error == "deny"
         self._cache: dict[tuple[Principal, str], tuple[tuple[Check, ...], tuple[Check, ...]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._batch: list[Settlement] = []
+        self._flush_at: asyncio.TimerHandle | None = None
         self._last_loud = 0.0
         self._quiet = 0
         self.store_ok = True
@@ -297,30 +318,52 @@ class RuleLimiter:
 
     def settle(self, ticket: Ticket, usage: Usage | None, cost_usd: float | None,
                estimate: Callable[[], Awaitable[tuple[Usage, float | None]]] | None = None) -> None:
-        """Charge what the answer used and give back its concurrency slot, in a task: never on the request's
-        path. `estimate`: for a stream cut short without usage, what to charge instead (worked out in the task)."""
+        """Charge what the answer used and give back its concurrency slot, never on the request's path: charges
+        are gathered for SETTLE_DELAY and sent together (one write to Redis for all of them). `estimate`: for a
+        stream cut short without usage, what to charge instead (worked out in a task first)."""
         checks = ticket.checks
         if not checks:
             return
-        task = asyncio.get_running_loop().create_task(self._settle(checks, ticket.token, usage, cost_usd, estimate))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _settle(self, checks: Sequence[Check], token: str, usage: Usage | None, cost_usd: float | None,
-                      estimate: Callable[[], Awaitable[tuple[Usage, float | None]]] | None) -> None:
         if usage is None and estimate is not None:
-            try:
-                usage, cost_usd = await estimate()
-            except Exception:
-                log.exception("estimating a cut-short stream's usage for its limits failed")
-        tokens = usage.total_tokens if usage is not None else 0
-        micro = round(cost_usd * MICRO) if cost_usd else 0
+            task = asyncio.get_running_loop().create_task(self._estimated(checks, ticket.token, estimate))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        self._enqueue(checks, ticket.token, usage.total_tokens if usage is not None else 0,
+                      round(cost_usd * MICRO) if cost_usd else 0)
+
+    def _enqueue(self, checks: tuple[Check, ...], token: str, tokens: int, micro: int) -> None:
+        self._batch.append((checks, token, tokens, micro, time.time()))
+        if self._flush_at is None:
+            self._flush_at = asyncio.get_running_loop().call_later(SETTLE_DELAY, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_at = None
+        batch, self._batch = self._batch, []
+        if batch:
+            task = asyncio.get_running_loop().create_task(self._settle_many(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _estimated(self, checks: tuple[Check, ...], token: str,
+                         estimate: Callable[[], Awaitable[tuple[Usage, float | None]]]) -> None:
+        usage: Usage | None = None
+        cost: float | None = None
         try:
-            await self.store.settle(checks, token, tokens, micro, time.time())
+            usage, cost = await estimate()
+        except Exception:
+            log.exception("estimating a cut-short stream's usage for its limits failed")
+        self._enqueue(checks, token, usage.total_tokens if usage is not None else 0,
+                      round(cost * MICRO) if cost else 0)
+
+    async def _settle_many(self, batch: list[Settlement]) -> None:
+        try:
+            await self.store.settle_many(batch)
         except StoreUnavailable as exc:
             self.store_ok = False
-            self._loud(f"limits store unreachable ({type(exc).__name__}: {exc}): an answer's {tokens} tokens "
-                       f"and ${micro / MICRO:.6f} were not charged")
+            tokens, micro = sum(b[2] for b in batch), sum(b[3] for b in batch)
+            self._loud(f"limits store unreachable ({type(exc).__name__}: {exc}): {len(batch)} answers' {tokens} "
+                       f"tokens and ${micro / MICRO:.6f} were not charged")
         except Exception:
             log.exception("charging limits failed")
 
@@ -334,7 +377,12 @@ class RuleLimiter:
         await self.store.start()
 
     async def close(self) -> None:
-        if self._tasks:  # charges in flight go out before the store closes
+        if self._tasks:  # estimates first: they add to the batch
+            await asyncio.wait(list(self._tasks), timeout=5.0)
+        if self._flush_at is not None:
+            self._flush_at.cancel()
+        self._flush()
+        if self._tasks:  # the last charges go out before the store closes
             await asyncio.wait(list(self._tasks), timeout=5.0)
         await self.store.close()
 
@@ -496,6 +544,10 @@ class MemoryLimitStore:
 
     async def read(self, checks: Sequence[Check], now: float) -> list[Count]:
         return [self._count(c, now) for c in checks]
+
+    async def settle_many(self, batch: Sequence[Settlement]) -> None:
+        for checks, token, tokens, micro, now in batch:
+            await self.settle(checks, token, tokens, micro, now)
 
     async def keys(self) -> list[str]:
         now = time.time()

@@ -27,13 +27,14 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from ..core.limits import CONCURRENT, SUB_BUCKETS, Check, Count, StoreUnavailable, period
+from ..core.limits import CONCURRENT, SUB_BUCKETS, Check, Count, Settlement, StoreUnavailable, period
 
 log = logging.getLogger("llm_proxy.limits")
 
 # KEYS: one per check. ARGV: token, dry ("1": only read), the caller's time (unix ms: it names the calendar
 # windows, so their resets are counted from it too), then per check: code, limit, window ms, the calendar
-# window's end (unix ms). Returns {refused (0 or index), used_1, reset_ms_1, used_2, reset_ms_2, ...}.
+# window's end (unix ms). Returns "refused used_1 reset_ms_1 used_2 reset_ms_2 ..." (refused: 0 or the index of
+# the first full counter; one string: cheaper to read than an array).
 _ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -102,7 +103,7 @@ for i = 1, n do
   out[#out + 1] = used[i]
   out[#out + 1] = math.floor(reset[i])
 end
-return out
+return table.concat(out, ' ')
 """ % {"buckets": SUB_BUCKETS}  # noqa: UP031 (Lua braces)
 
 # KEYS: one per check. ARGV: token, tokens, micro-USD, then per check: code, window ms, the calendar window's
@@ -376,8 +377,9 @@ class RedisLimitStore:
                              ) -> tuple[int, list[Count]]:
         head, tail, n = self._encoded(0, checks, now)
         middle = _bulk(token.encode()) + (b"$1\r\n1\r\n" if dry else b"$1\r\n0\r\n") + _bulk(b"%d" % (now * 1000))
-        out = await self._script(self._admit_sha, _ADMIT, head, middle, tail, 3 + n + 3 + 4 * n)
-        return int(out[0]), [Count(int(out[1 + 2 * i]), int(out[2 + 2 * i]) / 1000.0) for i in range(n)]
+        out = [int(x) for x in (await self._script(self._admit_sha, _ADMIT, head, middle, tail, 3 + n + 3 + 4 * n)
+                                ).split()]
+        return out[0], [Count(out[1 + 2 * i], out[2 + 2 * i] / 1000.0) for i in range(n)]
 
     async def admit(self, checks: Sequence[Check], token: str, now: float) -> tuple[int, list[Count]]:
         return await self._admit_or_read(checks, token, now, False)
@@ -385,14 +387,37 @@ class RedisLimitStore:
     async def read(self, checks: Sequence[Check], now: float) -> list[Count]:
         return (await self._admit_or_read(checks, "-", now, True))[1]
 
-    async def settle(self, checks: Sequence[Check], token: str, tokens: int, micro_usd: int, now: float) -> None:
+    def _settle_parts(self, checks: Sequence[Check], token: str, tokens: int, micro_usd: int, now: float
+                      ) -> tuple[bytes, bytes, bytes, int] | None:
         if tokens <= 0 and micro_usd <= 0:
             checks = [c for c in checks if c.code == CONCURRENT]
             if not checks:
-                return
+                return None
         head, tail, n = self._encoded(1, checks, now)
         middle = _bulk(token.encode()) + _bulk(b"%d" % max(tokens, 0)) + _bulk(b"%d" % max(micro_usd, 0))
-        await self._script(self._settle_sha, _SETTLE, head, middle, tail, 3 + n + 3 + 3 * n)
+        return head, middle, tail, 3 + n + 3 + 3 * n
+
+    async def settle(self, checks: Sequence[Check], token: str, tokens: int, micro_usd: int, now: float) -> None:
+        await self.settle_many([(tuple(checks), token, tokens, micro_usd, now)])
+
+    async def settle_many(self, batch: Sequence[Settlement]) -> None:
+        """Every charge of the batch written at once (pipelined), then the replies awaited."""
+        calls = [p for b in batch if (p := self._settle_parts(*b)) is not None]
+        if not calls:
+            return
+        try:
+            conn = await self._connection()
+        except (OSError, TimeoutError) as exc:
+            raise StoreUnavailable(f"cannot connect to Redis: {type(exc).__name__}: {exc}") from exc
+        sha = self._settle_sha
+        futs = [conn.send(b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n%s%s%s" % (nargs, sha, head, middle, tail))
+                for head, middle, tail, nargs in calls]
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().call_later(self._timeout, self._check_stall, conn, futs[-1])
+        for (head, middle, tail, nargs), fut in zip(calls, futs, strict=True):
+            reply = await fut
+            if isinstance(reply, RespError):  # NOSCRIPT after a restart: this one again, with EVAL
+                await self._script(sha, _SETTLE, head, middle, tail, nargs)
 
     async def keys(self) -> list[str]:
         n = len(self._prefix)
