@@ -111,6 +111,9 @@ def create_app(
     prices = PriceTable(settings)
     prices.report()
     limiter = build_limiter(settings.limits)
+    if limiter is not None and settings.limits.store == "memory" and settings.server.workers > 1:
+        log.warning("limits.store is memory with %d workers: each worker counts on its own, so every limit is "
+                    "multiplied by the number of workers; use a redis:// store", settings.server.workers)
     services = Services(
         loaded=loaded,
         router=router,
