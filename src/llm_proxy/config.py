@@ -963,7 +963,16 @@ def _validate(settings: Settings, problems: list[str], disabled: dict[str, str],
 def _validate_limits(limits: LimitsSettings, problems: list[str]) -> None:
     store = limits.store
     if store != "memory" and not store.startswith(("redis://", "rediss://", "unix://")):
-        problems.append(f"limits.store: '{store}' is neither memory nor a redis:// / rediss:// / unix:// URL")
+        problems.append("limits.store: neither memory nor a redis:// / rediss:// / unix:// URL")
+    elif store != "memory":
+        try:
+            u = urlsplit(store)
+            u.port  # noqa: B018 (raises on a bad port)
+            db = u.path.strip("/")
+            if u.scheme != "unix" and db and not db.isdigit():
+                raise ValueError("the database must be a number")
+        except ValueError as exc:
+            problems.append(f"limits.store: not a usable Redis URL ({exc})")
     names: set[str] = set()
     for i, rule in enumerate(limits.rules):
         if rule.name in names:

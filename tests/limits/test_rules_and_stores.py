@@ -11,6 +11,7 @@ from llm_proxy.config import LimitRule, LimitsSettings
 from llm_proxy.core.limits import (
     MemoryLimitStore,
     RuleLimiter,
+    StoreUnavailable,
     period,
     reset_text,
     rule_checks,
@@ -127,6 +128,30 @@ async def test_redis_admit_is_atomic_under_concurrency(fresh_redis: RedisServer)
             await s.close()
 
 
+async def test_redis_url_with_password_and_database() -> None:
+    server = RedisServer(password="pw-secret")
+    try:
+        server.start()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    try:
+        checks = _checks(requests_per_minute=1)
+        good = RedisLimitStore(f"redis://:pw-secret@127.0.0.1:{server.port}/3", "t:")
+        assert (await good.admit(checks, "a", 0))[0] == 0
+        assert (await good.admit(checks, "b", 0))[0] == 1
+        await good.close()
+        with server.client() as c:
+            c.select(3)
+            assert c.exists("t:" + checks[0].key)  # in database 3
+        bad = RedisLimitStore(f"redis://:wrong@127.0.0.1:{server.port}/0", "t:")
+        with pytest.raises(StoreUnavailable, match="refused the connection setup") as info:
+            await bad.admit(checks, "c", 0)
+        assert "wrong" not in str(info.value)
+        await bad.close()
+    finally:
+        server.stop()
+
+
 def test_periods_and_reset_text() -> None:
     dec31 = datetime(2026, 12, 31, 12, tzinfo=UTC).timestamp()
     assert period("day", dec31) == ("20261231", datetime(2027, 1, 1, tzinfo=UTC).timestamp())
@@ -167,6 +192,10 @@ def test_config_problems() -> None:
     text = "\n".join(info.value.problems)
     assert "limits.store" in text and "no limit set" in text and "duplicate rule name 'a'" in text
     assert "at most once" in text
+    with pytest.raises(ConfigError) as info:
+        native_config(base + "limits:\n  store: 'redis://:s3cr3t@h:port/x'\n"
+                      "  rules: [{name: a, requests_per_minute: 1}]\n")
+    assert "not a usable Redis URL" in str(info.value) and "s3cr3t" not in str(info.value)
     with pytest.raises(ConfigError) as info:
         native_config(base + "limits:\n  rules:\n    - {name: 'bad name', requests_per_minute: 0}\n")
     text = "\n".join(info.value.problems)

@@ -192,6 +192,9 @@ async def test_usage_report_own_rows_and_admin_view(proxy: ProxyServer, repo: Us
         assert (row["user"], row["username"], row["model"]) == ("dave", "dave@example.com", "openai/gpt-4o")
         assert row["requests"] == 4 and row["total_tokens"] == dave_tokens and row["errors"] == 0
         assert len(row["day"]) == 10 and doc["totals"]["requests"] == 4
+        # Cost beside tokens (gpt-4o: the genai-prices catalogue's price), none unpriced.
+        assert row["cost_usd"] > 0 and row["requests_without_cost"] == 0
+        assert doc["totals"]["cost_usd"] == row["cost_usd"]
 
         status, doc = await get("root", "?group_by=user")
         assert status == 200 and doc["scope"] == "all"
