@@ -207,6 +207,10 @@ class Ticket:
 _HEADER_KIND = {REQUESTS: "requests", SLIDING_TOKENS: "tokens", CALENDAR_TOKENS: "tokens"}
 
 
+_HEADER_NAMES = {kind: (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}", f"x-ratelimit-reset-{kind}")
+                 for kind in ("requests", "tokens")}
+
+
 def _headers(checks: Sequence[Check], counts: Sequence[Count]) -> dict[str, str]:
     """x-ratelimit-{limit,remaining,reset}-{requests,tokens} from the most constraining counter of each kind."""
     best: dict[str, tuple[int, Check, Count]] = {}
@@ -214,15 +218,16 @@ def _headers(checks: Sequence[Check], counts: Sequence[Count]) -> dict[str, str]
         kind = _HEADER_KIND.get(c.code)
         if kind is None:
             continue
-        remaining = max(c.limit - n.used, 0)
+        remaining = c.limit - n.used
         cur = best.get(kind)
         if cur is None or remaining < cur[0]:
             best[kind] = (remaining, c, n)
     out: dict[str, str] = {}
     for kind, (remaining, c, n) in best.items():
-        out[f"x-ratelimit-limit-{kind}"] = str(c.limit)
-        out[f"x-ratelimit-remaining-{kind}"] = str(remaining)
-        out[f"x-ratelimit-reset-{kind}"] = reset_text(n.reset)
+        names = _HEADER_NAMES[kind]
+        out[names[0]] = str(c.limit)
+        out[names[1]] = str(remaining) if remaining > 0 else "0"
+        out[names[2]] = reset_text(n.reset)
     return out
 
 
@@ -253,7 +258,7 @@ class RuleLimiter:
         self._rules = settings.rules
         self._lease = settings.concurrency_lease_seconds
         self._deny = settings.on_store_error == "deny"
-        self._cache: dict[tuple[Principal, str], tuple[tuple[Check, ...], tuple[Check, ...]]] = {}
+        self._cache: dict[tuple[Principal, str], tuple[tuple[Check, ...], tuple[Check, ...], bool]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._batch: list[Settlement] = []
         self._flush_at: asyncio.TimerHandle | None = None
@@ -264,7 +269,8 @@ class RuleLimiter:
     def checks(self, p: Principal, model: str) -> tuple[Check, ...]:
         return self._checks(p, model)[0]
 
-    def _checks(self, p: Principal, model: str) -> tuple[tuple[Check, ...], tuple[Check, ...]]:
+    def _checks(self, p: Principal, model: str) -> tuple[tuple[Check, ...], tuple[Check, ...], bool]:
+        """(every counter, the ones settle() touches, whether some of those count tokens or dollars)."""
         key = (p, model)
         hit = self._cache.get(key)
         if hit is not None:
@@ -278,11 +284,11 @@ class RuleLimiter:
         later = tuple(c for c in every if c.code != REQUESTS)
         if len(self._cache) > 50_000:
             self._cache.clear()
-        self._cache[key] = (every, later)
-        return every, later
+        out3 = self._cache[key] = (every, later, any(c.code != CONCURRENT for c in later))
+        return out3
 
     async def admit(self, principal: Principal, model: str, endpoint: str, request_id: str) -> Ticket | None:
-        checks, later = self._checks(principal, model)
+        checks, later, charges = self._checks(principal, model)
         if not checks:
             return None
         try:
@@ -294,7 +300,7 @@ class RuleLimiter:
         headers = _headers(checks, counts)
         if refused:
             raise _refusal(checks[refused - 1], counts[refused - 1], headers)
-        return Ticket(later, request_id, headers, any(c.code != CONCURRENT for c in later))
+        return Ticket(later, request_id, headers, charges)
 
     def _unavailable(self, exc: BaseException) -> None:
         self.store_ok = False

@@ -260,7 +260,8 @@ class RedisLimitStore:
         self._connecting: asyncio.Future[_Resp] | None = None
         self._admit_sha = hashlib.sha1(_ADMIT.encode()).hexdigest().encode()  # noqa: S324 (Redis's script id)
         self._settle_sha = hashlib.sha1(_SETTLE.encode()).hexdigest().encode()  # noqa: S324
-        self._parts: dict[tuple[int, tuple[Check, ...], str, str], tuple[bytes, bytes, int]] = {}
+        # (kind, id of the rule set's tuple, day, month) -> (that tuple, numkeys + keys, per-check arguments, n)
+        self._parts: dict[tuple[int, int, str, str], tuple[Sequence[Check], bytes, bytes, int]] = {}
         self._watch: asyncio.TimerHandle | None = None
 
     @staticmethod
@@ -346,10 +347,10 @@ class RedisLimitStore:
         arguments, the number of checks), built once per rule set and period."""
         day = period("day", now)
         month = period("month", now)
-        key = (kind, tuple(checks), day[0], month[0])
+        key = (kind, id(checks), day[0], month[0])
         hit = self._parts.get(key)
-        if hit is not None:
-            return hit
+        if hit is not None and hit[0] is checks:  # (the very tuple: an id is reused only after it is gone)
+            return hit[1], hit[2], hit[3]
         keys: list[bytes] = []
         args: list[bytes] = []
         p = self._prefix
@@ -367,11 +368,11 @@ class RedisLimitStore:
             else:
                 args += [c.code.encode(), win, ends]
         head = _bulk(str(len(keys)).encode()) + b"".join(_bulk(k) for k in keys)
-        out = (head, b"".join(_bulk(a) for a in args), len(keys))
+        tail = b"".join(_bulk(a) for a in args)
         if len(self._parts) > 10_000:
             self._parts.clear()
-        self._parts[key] = out
-        return out
+        self._parts[key] = (checks, head, tail, len(keys))
+        return head, tail, len(keys)
 
     async def _admit_or_read(self, checks: Sequence[Check], token: str, now: float, dry: bool
                              ) -> tuple[int, list[Count]]:
@@ -382,7 +383,17 @@ class RedisLimitStore:
         return out[0], [Count(out[1 + 2 * i], out[2 + 2 * i] / 1000.0) for i in range(n)]
 
     async def admit(self, checks: Sequence[Check], token: str, now: float) -> tuple[int, list[Count]]:
-        return await self._admit_or_read(checks, token, now, False)
+        conn = self._conn
+        if conn is None or conn.lost is not None or self._watch is None:  # the general path (connects, watches)
+            return await self._admit_or_read(checks, token, now, False)
+        head, tail, n = self._encoded(0, checks, now)
+        fut = conn.send(b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n%s$%d\r\n%s\r\n$1\r\n0\r\n%s%s" % (
+            6 + 5 * n, self._admit_sha, head, len(token), token.encode(), _bulk(b"%d" % (now * 1000)), tail))
+        reply = await fut
+        if isinstance(reply, RespError):  # NOSCRIPT (a Redis that restarted): the general path sends the script
+            return await self._admit_or_read(checks, token, now, False)
+        out = [int(x) for x in reply.split()]
+        return out[0], [Count(out[1 + 2 * i], out[2 + 2 * i] / 1000.0) for i in range(n)]
 
     async def read(self, checks: Sequence[Check], now: float) -> list[Count]:
         return (await self._admit_or_read(checks, "-", now, True))[1]
