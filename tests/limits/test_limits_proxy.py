@@ -77,7 +77,7 @@ async def test_headers_refusal_and_ledger_rows(emulator: Emulator, fresh_redis: 
             await other.chat.completions.create(model="openai/gpt-4o", messages=[{"role": "user", "content": "hi"}])
         await _wait_for(lambda: len(sink.events) == 5)
         statuses = [(e.subject, e.status, e.error_type) for e in sink.events]
-        assert statuses.count(("alice", 429, "rate_limit_exceeded")) == 1
+        assert statuses.count(("alice", 429, "rate_limit_error")) == 1
         assert statuses.count(("alice", 200, None)) == 3 and ("bob", 200, None) in statuses
         refused = next(e for e in sink.events if e.status == 429)
         assert refused.cost_usd is None and refused.total_tokens is None

@@ -94,7 +94,7 @@ async def test_three_replicas_hold_20_requests_per_minute_exactly(replicas: list
     rows = await _rows(pg_db, 40)
     assert len(rows) == 40
     assert sorted(r["status"] for r in rows) == [200] * 20 + [429] * 20
-    assert {r["error_type"] for r in rows if r["status"] == 429} == {"rate_limit_exceeded"}
+    assert {r["error_type"] for r in rows if r["status"] == 429} == {"rate_limit_error"}
     # gpt-4o is in the genai-prices catalogue: every answered row has its cost; refused rows used nothing.
     assert all(r["cost_usd"] is not None and r["cost_usd"] > 0 for r in rows if r["status"] == 200)
     assert all(r["cost_usd"] is None for r in rows if r["status"] == 429)
@@ -149,6 +149,7 @@ async def test_tokens_and_dollars_are_charged_after_the_fact_across_replicas(
         assert await wait_used(cfg, "team-usd", 0.6) == pytest.approx(0.6)
         body = exc.body
         assert isinstance(body, dict) and body.get("code") == "budget_exceeded" and "team-usd" in body["message"]
+        assert body.get("type") == "insufficient_quota"
         # A user outside the group is not held by the group's budget.
         async with client(replicas[2].port, "erin") as other:
             await other.chat.completions.create(model="local/priced", messages=[{"role": "user", "content": "1"}])

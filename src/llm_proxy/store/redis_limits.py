@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from ..core.limits import CONCURRENT, SUB_BUCKETS, Check, Count, Settlement, StoreUnavailable, period
+from .limit_counters import CONCURRENT, SUB_BUCKETS, Check, Count, Settlement, StoreUnavailable, period
 
 log = logging.getLogger("llm_proxy.limits")
 
