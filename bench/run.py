@@ -542,6 +542,7 @@ class ProxyVariant:
     ledger: bool = True
     floor: bool = False  # not the proxy: bench/floor.py, a bare aiohttp pass-through (reference point)
     oidc: bool = False  # auth.mode oidc against BenchOP; wrk sends its bearer token
+    limits: bool = False  # three limit rules (requests, tokens, USD) on LIMITS_STORE, never reached
     # The variant this one is compared with: both proxies run at once and are measured interleaved, point by point.
     baseline: str | None = None
     feature: str = ""  # what differs from the baseline ("OIDC auth", "usage ledger")
@@ -596,6 +597,23 @@ class Proxy:
         jwks_uri: {self.op.jwks_uri}
         audiences: [{OIDC_AUDIENCE}]"""
 
+    def price(self) -> str:
+        return "\n    price: {input_per_million: 0.15, output_per_million: 0.6}" if self.variant.limits else ""
+
+    def limits_config(self) -> str:
+        """The limits variant: a request, a token and a dollar rule on every request (limits set so high that
+        none refuses), in the store given by --limits-store (Redis by default), with a price for the models."""
+        if not self.variant.limits:
+            return ""
+        return f"""limits:
+  store: {LIMITS_STORE[0]}
+  key_prefix: "bench:{os.getpid()}:"
+  rules:
+    - {{name: user-rpm, per: user, requests_per_minute: 100000000}}
+    - {{name: user-tokens, per: user, tokens_per_day: 1000000000000}}
+    - {{name: global-usd, per: global, usd_per_month: 1000000000}}
+"""
+
     def config(self) -> str:
         up = f"http://127.0.0.1:{self.upstream_port}"
         d = self.dir
@@ -618,12 +636,12 @@ providers:
 models:
   - id: bench-json
     provider: bench-json
-    upstream_model: gpt-4o-mini
+    upstream_model: gpt-4o-mini{self.price()}
   - id: bench-stream
     provider: bench-sse
-    upstream_model: gpt-4o-mini
+    upstream_model: gpt-4o-mini{self.price()}
 default_model: bench-json
-{"" if self.variant.ledger else "# usage ledger off: isolates the cost of recording usage"}
+{self.limits_config()}{"" if self.variant.ledger else "# usage ledger off: isolates the cost of recording usage"}
 {self.auth_config()}
 database:
   url: {self.database_url or f"sqlite+aiosqlite:///{d / 'bench.db'}"}
@@ -1457,7 +1475,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "auth.mode oidc against tests/oidc/op.mjs, one bearer token on every request; needs Node.js and "
         "`make node-deps`), noledger (log with usage.enabled false; measured interleaved with log), nolog (access "
         "log off), bare (access log and ledger off), floor (bench/floor.py: bare aiohttp pass-through, for "
-        "reference), w2 (2 workers, defaults); default log,oidc,noledger,nolog,bare,floor,w2",
+        "reference), w2 (2 workers, defaults), limits (log with three limit rules on --limits-store; measured "
+        "interleaved with log); default log,oidc,noledger,nolog,bare,floor,w2",
     )
     p.add_argument(
         "--repeat",
@@ -1504,6 +1523,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="usage ledger database (default: SQLite in the temp dir), e.g. postgresql+asyncpg://user:pw@host/db",
     )
+    p.add_argument("--limits-store", default="redis://127.0.0.1:6379/15",
+                   help="limits.store of the limits variant (default: the local Redis, database 15)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs)")
     p.add_argument("--hold", action="store_true", help=argparse.SUPPRESS)  # used by bench/profile_proxy.py
     args = p.parse_args(argv)
@@ -1538,6 +1559,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+LIMITS_STORE = ["redis://127.0.0.1:6379/15"]  # --limits-store
+
 VARIANTS = {
     "log": ProxyVariant("log", "1 worker, defaults", 1, True),
     "oidc": ProxyVariant(
@@ -1567,6 +1590,19 @@ VARIANTS = {
         section="## Metrics cost (on vs off)",
         metrics=False,
         target_ratio=0.97,  # issue 16: metrics cost <= 3% of throughput
+    ),
+    "limits": ProxyVariant(
+        "limits",
+        "1 worker, defaults + three limit rules on Redis",
+        1,
+        True,
+        limits=True,
+        baseline="log",
+        feature="limits",
+        feature_note="the same config plus `limits` with three rules (requests per minute per user, tokens per day "
+        "per user, USD per month global; never reached) on the store of --limits-store (default the local Redis), "
+        "and a `price` on the models: one Lua call to admit and one to charge per request.",
+        section="## Limits cost (on vs off)",
     ),
     "nolog": ProxyVariant("nolog", "1 worker, access log off", 1, False),
     "w2": ProxyVariant("w2", "2 workers, defaults", 2, True),
@@ -1636,6 +1672,7 @@ def _terminate(signum: int, _frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    LIMITS_STORE[0] = args.limits_store
     args.started = dt.datetime.now().astimezone()
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _terminate)

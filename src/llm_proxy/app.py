@@ -15,7 +15,9 @@ from .auth.none import NoAuth
 from .auth.policy import RulePolicy
 from .config import LoadedConfig
 from .core.gateway import Gateway
+from .core.limits import build_limiter
 from .core.metrics import Metrics, NullMetrics, auth_failures, model_labels, usage_gauges
+from .core.pricing import PriceTable
 from .core.routing import Router
 from .core.usage import UsageLedger
 from .core.usage_memory import NullUsageSink
@@ -148,16 +150,24 @@ def create_app(
     policy = RulePolicy(settings.auth.policy)
     if tracing is None and settings.tracing.enabled:
         tracing = build_tracing(loaded)
+    prices = PriceTable(settings)
+    prices.report()
+    limiter = build_limiter(settings.limits)
+    if limiter is not None and settings.limits.store == "memory" and settings.server.workers > 1:
+        log.warning("limits.store is memory with %d workers: each worker counts on its own, so every limit is "
+                    "multiplied by the number of workers; use a redis:// store", settings.server.workers)
     services = Services(
         loaded=loaded,
         router=router,
-        gateway=Gateway(router, client, policy, traced=tracing is not None),
+        gateway=Gateway(router, client, policy, limiter, traced=tracing is not None),
         authenticator=authenticator or build_authenticator(loaded),
         policy=policy,
         usage=usage or build_usage_sink(loaded),
         provider_status=status,
         metrics=build_metrics(loaded, metrics_dir),
         tracing=tracing,
+        prices=prices,
+        limiter=limiter,
     )
     app = web.Application(middlewares=[gateway_middleware], client_max_size=settings.server.max_body_bytes)
     app[SERVICES] = services
@@ -181,11 +191,15 @@ def create_app(
         await services.usage.start()
         await services.authenticator.start()
         await services.metrics.start()
+        if limiter is not None:
+            await limiter.start()
         services.started = True
         yield
         services.draining = True
         await services.authenticator.close()
         await client.close()
+        if limiter is not None:
+            await limiter.close()  # its last charges first
         await services.usage.close()  # last: flushes every event recorded by in-flight requests
         await services.metrics.close()
         if dashboard is not None:

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from . import __version__
 from .config import LoadedConfig, load_config, load_config_text
@@ -384,6 +385,48 @@ def cmd_keys(args: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_limits_show(args: argparse.Namespace) -> int:
+    """`limits show`: every counter in the limits store against its rule (the store the proxies share)."""
+    from .core.limits import build_store, snapshot
+
+    settings = _load(args.config).settings.limits
+    if not settings.rules:
+        print("llm-proxy limits show: the config has no limits.rules", file=sys.stderr)
+        return 1
+    if settings.store == "memory":
+        print("llm-proxy limits show: limits.store is memory: the counters live in the serving process only; "
+              "use a redis:// store to see them from here", file=sys.stderr)
+        return 1
+
+    async def run() -> list[dict[str, Any]]:
+        store = build_store(settings)
+        try:
+            return await snapshot(settings, store, user=args.user)
+        finally:
+            await store.close()
+
+    try:
+        rows = asyncio.run(run())
+    except Exception as exc:
+        print(f"llm-proxy limits show: cannot read the limits store: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    cols = ("rule", "limit", "key", "used", "max", "remaining", "reset")
+    cells = [[c.upper() for c in cols], *[[_limit_cell(r[c]) for c in cols] for r in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    if not rows:
+        print("(no counters: nothing counted yet" + (f" for {args.user})" if args.user else ")"))
+    return 0
+
+
+def _limit_cell(value: Any) -> str:
+    return f"{value:.6f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
+
+
 def cmd_client_config(args: argparse.Namespace) -> int:
     from .web.state import client_config_for
 
@@ -482,6 +525,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--config", required=True)
     q.add_argument("key_id", help="the key's id (from keys list), or the key itself")
     q.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("limits", help="request, token and dollar limits")
+    limits_sub = p.add_subparsers(dest="limits_command", required=True)
+    q = limits_sub.add_parser("show", help="current usage against every rule (from the limits store)")
+    q.add_argument("--config", required=True, help="config whose limits.store and rules to read")
+    q.add_argument("--user", default=None, help="only the counters of this principal subject (or API key)")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_limits_show)
 
     p = sub.add_parser("client-config", help="print the client config JSON (model, enabled) for the default model")
     p.add_argument("--config", required=True)

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
+from .types import Principal
 
 # --------------------------------------------------------------------------------------------------
 # Provider types. The registry in providers/ must implement every canonical type listed here.
@@ -215,6 +216,14 @@ class DeploymentSettings(_Model):
     timeouts: TimeoutSettings | None = None  # per field, over the model's and the provider's
 
 
+class PriceSettings(_Model):
+    """USD per million tokens, for a model the price catalogue does not know (or to override it)."""
+
+    input_per_million: float = Field(ge=0)
+    output_per_million: float = Field(ge=0)
+    cached_input_per_million: float | None = Field(default=None, ge=0)  # unset: cached tokens cost as input
+
+
 class ModelSettings(_Model):
     id: str
     # Single-deployment form. With `deployments`, leave these out; after loading they name the first
@@ -229,6 +238,7 @@ class ModelSettings(_Model):
     aliases: list[str] = Field(default_factory=list)
     type: Literal["llm", "embedding"] = "llm"
     timeouts: TimeoutSettings | None = None  # per field, over the provider's
+    price: PriceSettings | None = None  # unset: the genai-prices catalogue (core/pricing.py), else no cost
 
 
 DEFAULT_ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"]
@@ -270,6 +280,17 @@ class PolicyMatch(_Model):
     groups: list[str] = Field(default_factory=list)
     scopes: list[str] = Field(default_factory=list)
     subjects: list[str] = Field(default_factory=list)
+
+    def matches(self, p: Principal) -> bool:
+        """Any listed role, group, scope or subject of the principal; no conditions at all match everyone."""
+        if not (self.roles or self.groups or self.scopes or self.subjects):
+            return True
+        return (
+            any(r in p.roles for r in self.roles)
+            or any(g in p.groups for g in self.groups)
+            or any(s in p.scopes for s in self.scopes)
+            or p.subject in self.subjects
+        )
 
 
 class PolicyRule(_Model):
@@ -401,6 +422,59 @@ class UiSettings(_Model):
     session_hours: float = Field(8.0, gt=0, le=24 * 30)
 
 
+LimitDimension = Literal["user", "group", "model", "api_key", "global"]
+
+# Limit kinds: the config key -> (kind, window). Request windows slide (an exact log); tokens per minute / hour
+# slide over 60 sub-buckets; per day / month are calendar windows in UTC (what a budget means to its owner).
+LIMIT_KINDS: dict[str, tuple[str, str]] = {
+    "requests_per_second": ("requests", "second"),
+    "requests_per_minute": ("requests", "minute"),
+    "requests_per_hour": ("requests", "hour"),
+    "concurrent_requests": ("concurrent", "lease"),
+    "tokens_per_minute": ("tokens", "minute"),
+    "tokens_per_hour": ("tokens", "hour"),
+    "tokens_per_day": ("tokens", "day"),
+    "tokens_per_month": ("tokens", "month"),
+    "usd_per_day": ("usd", "day"),
+    "usd_per_month": ("usd", "month"),
+}
+
+
+class LimitRule(_Model):
+    """One rule: a counter per `per` key (its values combined) for each principal it matches."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    per: LimitDimension | list[LimitDimension] = "user"
+    match: PolicyMatch | None = None  # as auth.policy's rules; unset: every principal
+    models: list[str] = Field(default_factory=list)  # globs over the model id; empty: every model
+    requests_per_second: int | None = Field(default=None, ge=1)
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    requests_per_hour: int | None = Field(default=None, ge=1)
+    concurrent_requests: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_hour: int | None = Field(default=None, ge=1)
+    tokens_per_day: int | None = Field(default=None, ge=1)
+    tokens_per_month: int | None = Field(default=None, ge=1)
+    usd_per_day: float | None = Field(default=None, gt=0)
+    usd_per_month: float | None = Field(default=None, gt=0)
+
+    @property
+    def dimensions(self) -> tuple[str, ...]:
+        return tuple(self.per) if isinstance(self.per, list) else (self.per,)
+
+
+class LimitsSettings(_Model):
+    """Request, token and dollar limits (core/limits.py). No rules: nothing is checked or counted."""
+
+    store: str = "memory"  # memory (this process only) or redis://host:port/db (exact across replicas)
+    on_store_error: Literal["deny", "allow"] = "deny"  # the store unreachable: 503, or serve and log loudly
+    key_prefix: str = Field("llm-proxy:limits:", max_length=64)
+    # A concurrent request's slot expires after this even if its replica never gives it back (crashed).
+    concurrency_lease_seconds: float = Field(900.0, gt=0)
+    timeout_seconds: float = Field(0.5, gt=0)  # per store call; past it the store counts as unreachable
+    rules: list[LimitRule] = Field(default_factory=list)
+
+
 class Settings(_Model):
     server: ServerSettings = Field(default_factory=ServerSettings)
     providers: list[ProviderSettings] = Field(default_factory=list)
@@ -411,6 +485,7 @@ class Settings(_Model):
     usage: UsageSettings = Field(default_factory=UsageSettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
     ui: UiSettings = Field(default_factory=UiSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
     redis_url: str | None = None
 
 
@@ -946,8 +1021,36 @@ def _validate(settings: Settings, problems: list[str], disabled: dict[str, str],
 
     auth = settings.auth
     _validate_auth(auth, problems)
+    _validate_limits(settings.limits, problems)
     if settings.database.url and "://" not in settings.database.url:
         problems.append(f"database.url: '{settings.database.url}' is not a database URL")
+
+
+def _validate_limits(limits: LimitsSettings, problems: list[str]) -> None:
+    store = limits.store
+    if store != "memory" and not store.startswith(("redis://", "rediss://", "unix://")):
+        problems.append("limits.store: neither memory nor a redis:// / rediss:// / unix:// URL")
+    elif store != "memory":
+        try:
+            u = urlsplit(store)
+            u.port  # noqa: B018 (raises on a bad port)
+            db = u.path.strip("/")
+            if u.scheme != "unix" and db and not db.isdigit():
+                raise ValueError("the database must be a number")
+        except ValueError as exc:
+            problems.append(f"limits.store: not a usable Redis URL ({exc})")
+    names: set[str] = set()
+    for i, rule in enumerate(limits.rules):
+        if rule.name in names:
+            problems.append(f"limits.rules[{i}]: duplicate rule name '{rule.name}'")
+        names.add(rule.name)
+        if not any(getattr(rule, k) is not None for k in LIMIT_KINDS):
+            problems.append(f"limits.rules[{i}] ('{rule.name}'): no limit set; use one or more of "
+                            + ", ".join(LIMIT_KINDS))
+        dims = rule.dimensions
+        if not dims or len(set(dims)) != len(dims):
+            problems.append(f"limits.rules[{i}] ('{rule.name}'): per must name each of "
+                            "user, group, model, api_key, global at most once")
 
 
 def _validate_auth(auth: AuthSettings, problems: list[str]) -> None:

@@ -141,7 +141,8 @@ ERROR_CODES: frozenset[str] = frozenset({
     "upstream_auth_failed", "upstream_unreachable", "upstream_timeout", "bad_upstream_response", "bad_upstream_url",
     "bad_upstream_header", "upstream_response_too_large", "upstream_stream_truncated", "upstream_stream_empty",
     "service_unavailable", "overloaded", "model_error", "model_not_ready",
-    "model_not_found", "rate_limit_exceeded", "insufficient_quota", "request_too_large", "provider_disabled",
+    "model_not_found", "rate_limit_exceeded", "budget_exceeded", "limits_unavailable", "insufficient_quota",
+    "request_too_large", "provider_disabled",
     "auth_unavailable", "context_length_exceeded", "content_filter", "invalid_api_key", "server_error",
     "client_disconnected",
 })

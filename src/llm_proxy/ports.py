@@ -1,11 +1,11 @@
-"""Protocols for the pluggable services the gateway talks to (auth, usage ledger, metrics)."""
+"""Protocols for the pluggable services the gateway talks to (auth, usage ledger, metrics, limits)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
-from .types import ApiKeyRecord, Principal, UsageEvent
+from .types import ApiKeyRecord, Principal, Usage, UsageEvent
 
 
 class Authenticator(Protocol):
@@ -76,3 +76,25 @@ class MetricsSink(Protocol):
     def render(self) -> bytes:
         """The Prometheus text exposition of every worker's totals."""
         ...
+
+
+class Limiter(Protocol):
+    """Request, token and dollar limits (core/limits.py). Not configured (no rules): there is no limiter and
+    the request path calls nothing.
+
+    admit() runs once per request before the upstream call: it raises a 429 ProxyError (a limit reached) or a
+    503 (the store unreachable, on_store_error: deny), or returns a ticket (None: nothing to track) whose
+    `headers` go on the answer. settle() runs once when the request ends, whatever the outcome: it charges the
+    usage and cost and gives back concurrency slots, without blocking the request (`estimate`: what to charge
+    for a stream cut short before its usage came)."""
+
+    async def admit(self, principal: Principal, model: str, endpoint: str, request_id: str) -> Any: ...
+
+    def settle(self, ticket: Any, usage: Usage | None, cost_usd: float | None,
+               estimate: Callable[[], Awaitable[tuple[Usage, float | None]]] | None = None) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def health(self) -> dict[str, Any]: ...

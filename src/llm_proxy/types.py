@@ -87,6 +87,7 @@ class UsageEvent:
     extra: dict[str, Any] = field(default_factory=dict)
     # New fields go at the end only (the journal's lines are positional: store/ledger_db.py:JOURNAL_FIELDS).
     usage_estimated: bool = False  # the token counts are estimates (the upstream reported none)
+    cost_usd: float | None = None  # what the answer cost (core/pricing.py); None: the model has no price
 
 
 # Service API keys (`llm-proxy keys create`) start with this; auth/ recognises them by it, store/ keeps them.

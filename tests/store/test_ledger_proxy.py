@@ -195,6 +195,9 @@ async def test_usage_report_own_rows_and_admin_view(proxy: ProxyServer, repo: Us
         assert (row["user"], row["username"], row["model"]) == ("dave", "dave@example.com", "openai/gpt-4o")
         assert row["requests"] == 4 and row["total_tokens"] == dave_tokens and row["errors"] == 0
         assert len(row["day"]) == 10 and doc["totals"]["requests"] == 4
+        # Cost beside tokens (gpt-4o: the genai-prices catalogue's price), none unpriced.
+        assert row["cost_usd"] > 0 and row["requests_without_cost"] == 0
+        assert doc["totals"]["cost_usd"] == row["cost_usd"]
 
         status, doc = await get("root", "?group_by=user")
         assert status == 200 and doc["scope"] == "all"
@@ -269,7 +272,8 @@ async def test_cli_usage_report(proxy: ProxyServer, emulator: Emulator, db_url: 
     lines = table.splitlines()
     assert lines[0].split() == ["USER", "USERNAME", "MODEL", "REQUESTS", "ERRORS", "PROMPT_TOKENS",
                                 "COMPLETION_TOKENS", "TOTAL_TOKENS", "CACHED_TOKENS", "ESTIMATED_REQUESTS",
-                                "REQUESTS_WITHOUT_TOKENS", "AVG_LATENCY_MS", "AVG_TTFT_MS"]
+                                "REQUESTS_WITHOUT_TOKENS", "COST_USD", "REQUESTS_WITHOUT_COST", "AVG_LATENCY_MS",
+                                "AVG_TTFT_MS"]
     (hal_line,) = [x for x in lines if x.startswith("hal ")]
     assert hal_line.split()[:4] == ["hal", "hal@example.com", "openai/gpt-4o", "2"]
     assert any(x.startswith("TOTAL") for x in lines)
@@ -278,6 +282,10 @@ async def test_cli_usage_report(proxy: ProxyServer, emulator: Emulator, db_url: 
     doc = orjson.loads(capsys.readouterr().out)
     assert doc["scope"] == "all" and {"hal", "dave", "erin"} <= {r["user"] for r in doc["data"]}
     assert doc["totals"]["requests"] == sum(r["requests"] for r in doc["data"])
+    # Cost beside tokens: gpt-4o at the genai-prices catalogue's $2.50 / $10 per million tokens.
+    (hal_row,) = [r for r in doc["data"] if r["user"] == "hal"]
+    assert hal_row["cost_usd"] == pytest.approx(
+        (hal_row["prompt_tokens"] * 2.5 + hal_row["completion_tokens"] * 10) / 1e6, rel=1e-6)
 
     assert await asyncio.to_thread(main, ["usage", "--config", str(cfg), "--by", "day,user", "--csv",
                                           "--user", "hal"]) == 0

@@ -46,6 +46,8 @@ async def _check(url: str) -> None:
         assert await db.insert_lines([OLD_LINE]) == 1
         _, totals = await db.usage_report(since=None, until=None, group_by=[])
         assert totals["requests"] == 2 and totals["estimated_requests"] == 0 and totals["total_tokens"] == 12
+        # 0004_cost: rows and lines from before it have no cost (NULL, unknown), never $0.
+        assert totals["cost_usd"] is None and totals["requests_without_cost"] == 2
     finally:
         await db.close()
 

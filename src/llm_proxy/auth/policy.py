@@ -9,15 +9,7 @@ from ..types import Principal
 
 
 def _matches(rule: PolicyRule, p: Principal) -> bool:
-    m = rule.match
-    if not (m.roles or m.groups or m.scopes or m.subjects):
-        return True  # a rule without conditions applies to every authenticated principal
-    return (
-        any(r in p.roles for r in m.roles)
-        or any(g in p.groups for g in m.groups)
-        or any(s in p.scopes for s in m.scopes)
-        or p.subject in m.subjects
-    )
+    return rule.match.matches(p)  # a rule without conditions applies to every authenticated principal
 
 
 class RulePolicy:

@@ -8,7 +8,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,12 +24,12 @@ from ..errors import (
     ledger_error_type,
 )
 from ..ingress.schema import VALIDATORS
-from ..ports import Policy
+from ..ports import Limiter, Policy
 from ..providers.base import Endpoint, Provider, StreamDecoder, Target
 from ..providers.http import UpstreamClient, UpstreamResponse
 from ..providers.sse import frame
 from ..providers.upstream_errors import scrub_error
-from ..types import Principal, Usage, UsageEvent
+from ..types import ANONYMOUS, Principal, Usage, UsageEvent
 from .resilience import ELSEWHERE, NEVER, Deployment, retry_after_seconds, retry_scope
 from .routing import Route, Router
 
@@ -85,8 +85,11 @@ class RequestContext:
     trace: Any = None  # core/tracing.py's RequestTrace when tracing is on
     traceparent: str | None = None  # sent upstream with the current attempt (tracing on)
     extra: dict[str, Any] = field(default_factory=dict)
+    limit: Any = None  # the Limiter's ticket (headers for the answer; settled when the request ends)
+    # A stream cut short without usage, while token or dollar limits apply: its estimate, for those limits.
+    partial_usage: Callable[[], Awaitable[Usage]] | None = None
 
-    def to_event(self) -> UsageEvent:
+    def to_event(self, cost_usd: float | None = None) -> UsageEvent:
         now = time.perf_counter()
         u = self.usage
         p = self.principal
@@ -116,6 +119,7 @@ class RequestContext:
             attempts=self.attempts,
             extra=self.extra,
             usage_estimated=u.estimated if u else False,
+            cost_usd=cost_usd,
         )
 
 
@@ -324,6 +328,16 @@ class StreamSession:
         ctx = self._ctx
         ctx.upstream_ended = time.perf_counter()
         ctx.usage = self._decoder.usage or self._estimated
+        if ctx.usage is None and not clean and self._seen and ctx.limit is not None:
+            # Cut short (client gone, upstream broke) before any usage came: the limits charge an estimate of
+            # what was relayed (the row keeps no counts: it records what the upstream reported).
+            est, seen, relayed, kept = self._estimate, self._seen, self._relayed, self._kept
+            assert est is not None
+
+            async def partial() -> Usage:
+                return (await est.stream_usage(seen, relayed, kept))[0]
+
+            ctx.partial_usage = partial
         self._seen = []
         err = self._decoder.error  # the upstream's own error event, relayed (rebuilt) as the last frame
         if err is not None:
@@ -392,10 +406,12 @@ def _attempt_entry(ctx: RequestContext, target: Target, status: int, error: str 
 
 
 class Gateway:
-    def __init__(self, router: Router, client: UpstreamClient, policy: Policy, *, traced: bool = False) -> None:
+    def __init__(self, router: Router, client: UpstreamClient, policy: Policy, limiter: Limiter | None = None,
+                 *, traced: bool = False) -> None:
         self.router = router
         self.client = client
         self.policy = policy
+        self.limiter = limiter
         self._reports_usage: dict[tuple[str, str], bool] = {}  # see UsageEstimate
         if traced:  # a span per attempt; untraced, the attempt path is left exactly as it is
             self._attempt = self._traced_attempt  # type: ignore[method-assign,assignment]
@@ -422,6 +438,9 @@ class Gateway:
         principal = ctx.principal
         if principal is not None and not self.policy.may_use(principal, route.canonical):
             raise Forbidden(f"You are not allowed to use the model '{model}'", param="model")
+        limiter = self.limiter
+        if limiter is not None:  # no rules configured: no limiter, nothing called
+            ctx.limit = await limiter.admit(principal or ANONYMOUS, route.canonical, endpoint, ctx.request_id)
 
         want_usage = False
         if stream:
@@ -650,4 +669,6 @@ class Gateway:
             resp.close()  # drops the connection: this is also how an upstream request is cancelled
             raise
         estimate = UsageEstimate(endpoint, body, target, want_usage, self._reports_usage)
+        if ctx.limit is not None and ctx.limit.charges:
+            estimate.keep = True  # token or dollar limits: a stream cut short is charged an estimate of its part
         return StreamSession(resp, decoder, ctx, chunks, pending, track, done, estimate)

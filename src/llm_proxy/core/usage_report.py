@@ -25,6 +25,10 @@ METRICS: tuple[str, ...] = (
     # all (their tokens are missing from the sums, not zero).
     "estimated_requests",
     "requests_without_tokens",
+    # USD (core/pricing.py): the sum over the rows that have a cost; rows with tokens but no price (a model
+    # missing from the catalogue and the config) are counted beside it, their cost unknown, not zero.
+    "cost_usd",
+    "requests_without_cost",
     "avg_latency_ms",
     "avg_ttft_ms",
 )
@@ -76,7 +80,9 @@ def columns(group_by: Sequence[str]) -> list[str]:
 def _clean(row: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in row.items():
-        if isinstance(v, float):
+        if k == "cost_usd":
+            v = None if v is None else round(float(v), 6)
+        elif isinstance(v, float):
             v = round(v, 3)
         elif v is not None and not isinstance(v, str | int | bool):
             v = float(v) if k.startswith("avg_") else int(v)  # Decimal from some drivers
@@ -120,14 +126,18 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _cells(row: Mapping[str, Any], cols: Sequence[str]) -> list[str]:
+    return [f"{row[c]:.6f}" if c == "cost_usd" and row.get(c) is not None else _cell(row.get(c)) for c in cols]
+
+
 def format_table(doc: Mapping[str, Any]) -> str:
     """A fixed-width text table with a TOTAL line, for operators."""
     group_by = list(doc["group_by"])
     cols = columns(group_by)
-    body = [[_cell(r.get(c)) for c in cols] for r in doc["data"]]
+    body = [_cells(r, cols) for r in doc["data"]]
     totals = doc["totals"]
     total_line = ["TOTAL" if i == 0 else "" for i in range(len(cols) - len(METRICS))]
-    total_line += [_cell(totals.get(c)) for c in METRICS]
+    total_line += _cells(totals, METRICS)
     header = [c.upper() for c in cols]
     widths = [max(len(x[i]) for x in [header, total_line, *body]) for i in range(len(cols))]
     numeric = set(METRICS)
@@ -148,6 +158,9 @@ def format_table(doc: Mapping[str, Any]) -> str:
         out.append(f"{estimated} request(s) have estimated token counts: the upstream reported none")
     if missing:
         out.append(f"{missing} successful request(s) have no token counts: their tokens are not in the sums")
+    unpriced = totals.get("requests_without_cost") or 0
+    if unpriced:
+        out.append(f"{unpriced} request(s) used tokens of a model with no price: their cost is not in the sums")
     return "\n".join(out) + "\n"
 
 

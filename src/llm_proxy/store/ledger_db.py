@@ -28,7 +28,7 @@ from ..types import UsageEvent
 T = TypeVar("T")
 
 # The newest migration shipped; when the database is already there, neither Alembic nor SQLAlchemy is loaded.
-HEAD_REVISION = "0003_api_keys"
+HEAD_REVISION = "0004_cost"
 
 # Lengths of the text columns (store/tables.py); longer values are cut before insert.
 ID_LEN = 128
@@ -291,7 +291,7 @@ _PG_TYPES = {
     "started_at": "float8", "ended_at": "float8", "latency_ms": "float8", "ttft_ms": "float8",
     "upstream_latency_ms": "float8", "status": "int4", "attempts": "int4", "streamed": "bool",
     "prompt_tokens": "int8", "completion_tokens": "int8", "total_tokens": "int8", "cached_tokens": "int8",
-    "usage_estimated": "bool",
+    "usage_estimated": "bool", "cost_usd": "float8",
 }  # fmt: skip
 _PG_BATCH = "(SELECT {} FROM jsonb_array_elements($1::jsonb) AS e) AS t".format(  # noqa: S608 (constants)
     ", ".join(
@@ -303,12 +303,12 @@ _PG_USAGE_ROWS = """
 INSERT INTO usage_events (request_id, started_at, ended_at, subject, username, endpoint, model, provider_id,
                           upstream_model, streamed, status, error_type, prompt_tokens, completion_tokens,
                           total_tokens, cached_tokens, latency_ms, ttft_ms, upstream_latency_ms, attempts, extra,
-                          usage_estimated)
+                          usage_estimated, cost_usd)
 SELECT request_id, to_timestamp(started_at), to_timestamp(ended_at), left(subject, 255), left(username, 255),
        coalesce(left(endpoint, 64), ''), left(model, 255), left(provider_id, 255), left(upstream_model, 255),
        coalesce(streamed, false), status, left(error_type, 64), prompt_tokens, completion_tokens, total_tokens,
        cached_tokens, latency_ms, ttft_ms, upstream_latency_ms, coalesce(attempts, 1),
-       nullif(extra - 'completion', '{}'::jsonb), coalesce(usage_estimated, false)"""
+       nullif(extra - 'completion', '{}'::jsonb), coalesce(usage_estimated, false), cost_usd"""
 
 # The usual batch (no stored completions): no CTE, so nothing is materialised.
 _PG_INSERT_USAGE = f"{_PG_USAGE_ROWS}\nFROM {_PG_BATCH}\nON CONFLICT (request_id) DO NOTHING\n"
@@ -342,7 +342,7 @@ _SQLITE_USAGE_INSERT = """
 INSERT INTO usage_events (request_id, started_at, ended_at, subject, username, endpoint, model, provider_id,
                           upstream_model, streamed, status, error_type, prompt_tokens, completion_tokens,
                           total_tokens, cached_tokens, latency_ms, ttft_ms, upstream_latency_ms, attempts, extra,
-                          usage_estimated)
+                          usage_estimated, cost_usd)
 VALUES (:request_id,
         strftime('%Y-%m-%d %H:%M:%S', CAST(round(:started_at * 1000000) AS INTEGER) / 1000000, 'unixepoch')
            || printf('.%06d', CAST(round(:started_at * 1000000) AS INTEGER) % 1000000),
@@ -356,7 +356,8 @@ VALUES (:request_id,
         substr(:upstream_model, 1, 255),
         coalesce(:streamed, 0), :status, substr(:error_type, 1, 64),
         :prompt_tokens, :completion_tokens, :total_tokens, :cached_tokens,
-        :latency_ms, :ttft_ms, :upstream_latency_ms, coalesce(:attempts, 1), :extra, coalesce(:usage_estimated, 0))
+        :latency_ms, :ttft_ms, :upstream_latency_ms, coalesce(:attempts, 1), :extra, coalesce(:usage_estimated, 0),
+        :cost_usd)
 ON CONFLICT (request_id) DO NOTHING
 """
 
@@ -475,6 +476,9 @@ _AGGREGATES = """count(*) AS requests,
   CAST(coalesce(sum(CASE WHEN usage_estimated THEN 1 ELSE 0 END), 0) AS BIGINT) AS estimated_requests,
   CAST(coalesce(sum(CASE WHEN total_tokens IS NULL AND status < 400 THEN 1 ELSE 0 END), 0) AS BIGINT)
     AS requests_without_tokens,
+  sum(cost_usd) AS cost_usd,
+  CAST(coalesce(sum(CASE WHEN cost_usd IS NULL AND total_tokens IS NOT NULL THEN 1 ELSE 0 END), 0) AS BIGINT)
+    AS requests_without_cost,
   avg(latency_ms) AS avg_latency_ms,
   avg(ttft_ms) AS avg_ttft_ms"""
 _COMPLETION_COLUMNS = "request_id, completion_id, created_at, subject, username, model, input_messages, response"

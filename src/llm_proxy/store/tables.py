@@ -98,6 +98,7 @@ def ledger_tables(prefix: str = "") -> LedgerTables:
         Column("attempts", Integer(), nullable=False, server_default=text("1")),
         Column("extra", JsonType),
         Column("usage_estimated", Boolean(), nullable=False, server_default=false()),  # counts are estimates
+        Column("cost_usd", Double()),  # USD (core/pricing.py); NULL: the model has no price, or nothing was used
     )
     # BRIN on PostgreSQL: rows arrive in (nearly) time order, so a block-range index serves time-range reports
     # at a fraction of a B-tree's insert cost. SQLite ignores the option and builds a B-tree.

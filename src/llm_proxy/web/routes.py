@@ -20,6 +20,7 @@ from ..errors import BadRequest, ModelNotFound, PayloadTooLarge, ProxyError, int
 from ..ingress.openapi import document
 from ..providers.base import Endpoint
 from ..providers.sse import DONE, frame
+from ..types import Usage
 from .errors import error_response, from_http_exception
 from .json_depth import deeper_than
 from .protocol import BodyTimeout
@@ -53,12 +54,26 @@ def _json(data: Any, status: int = 200, request_id: str | None = None) -> web.Re
 
 
 def _record(svc: Services, ctx: RequestContext) -> None:
-    """The request's usage event goes to the ledger and to the metrics (once per request)."""
-    event = ctx.to_event()
+    """The request's usage event (with its cost) goes to the ledger and to the metrics, once per request; its
+    usage and cost are charged to its limits."""
+    ctx.recorded = True
+    cost = svc.prices.cost(ctx.provider_id, ctx.upstream_model, ctx.usage)
+    event = ctx.to_event(cost)
     svc.usage.record(event)
     svc.metrics.observe(event)
     if ctx.trace is not None:
         ctx.trace.finish(event)
+    ticket = ctx.limit
+    if ticket is not None:
+        ctx.limit = None
+        partial = ctx.partial_usage
+        estimate = None
+        if partial is not None:
+            async def estimate() -> tuple[Usage, float | None]:
+                usage = await partial()
+                return usage, svc.prices.cost(ctx.provider_id, ctx.upstream_model, usage)
+
+        svc.limiter.settle(ticket, ctx.usage, cost, estimate)  # type: ignore[union-attr]  # a ticket comes from it
 
 
 @web.middleware
@@ -198,8 +213,12 @@ def _proxy(endpoint: Endpoint) -> Handler:
             if endpoint == "chat.completions" and svc.store_completions and body.get("store") is not False:
                 # Picked up by the usage ledger (usage.store_completions); the reply is kept as raw JSON.
                 ctx.extra["completion"] = {"input_messages": body.get("messages"), "response": orjson.Fragment(result)}
-            return web.Response(body=result, content_type="application/json")
-        resp = web.StreamResponse(status=200, headers={**_SSE_HEADERS, "x-request-id": ctx.request_id})
+            return web.Response(body=result, content_type="application/json",
+                                headers=ctx.limit.headers if ctx.limit is not None else None)
+        headers = {**_SSE_HEADERS, "x-request-id": ctx.request_id}
+        if ctx.limit is not None:
+            headers.update(ctx.limit.headers)
+        resp = web.StreamResponse(status=200, headers=headers)
         try:
             await resp.prepare(request)
         except ConnectionError:  # the client left before the headers went out (incl. "closing transport")
@@ -216,7 +235,6 @@ def _proxy(endpoint: Endpoint) -> Handler:
                 async for f in frames:
                     await resp.write(f)
             # Record before the last write: once the client has [DONE], a kill -9 must not lose the row.
-            ctx.recorded = True
             _record(svc, ctx)
             await resp.write(DONE)
         except ProxyError as exc:

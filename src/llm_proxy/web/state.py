@@ -12,9 +12,10 @@ from aiohttp import web
 from ..config import LoadedConfig, Settings
 from ..core.gateway import Gateway, RequestContext
 from ..core.metrics import NullMetrics
+from ..core.pricing import PriceTable
 from ..core.routing import Router
 from ..logs import AccessLog
-from ..ports import Authenticator, MetricsSink, Policy, UsageSink
+from ..ports import Authenticator, Limiter, MetricsSink, Policy, UsageSink
 from .hosts import HostCheck, allowed_hosts_for, is_local_request
 
 if TYPE_CHECKING:
@@ -30,6 +31,8 @@ class Services:
     policy: Policy
     usage: UsageSink
     provider_status: dict[str, dict[str, Any]]
+    prices: PriceTable
+    limiter: Limiter | None = None  # None: no limit rules configured
     started_at: float = field(default_factory=time.time)
     draining: bool = False
     started: bool = False
@@ -62,6 +65,8 @@ class Services:
         auth = self.authenticator.health()
         checks["auth"] = auth
         checks["usage"] = self.usage.health()
+        if self.limiter is not None:  # reported; a store that is away follows limits.on_store_error instead
+            checks["limits"] = self.limiter.health()
         checks["providers"] = {
             "ok": any(p["ok"] for p in self.provider_status.values()) if self.provider_status else False,
             "providers": self.provider_status,
