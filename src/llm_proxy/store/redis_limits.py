@@ -141,6 +141,12 @@ def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
 
 
+def _counts(reply: bytes) -> tuple[int, list[Count]]:
+    """The admit script's "refused used_1 reset_ms_1 used_2 reset_ms_2 ..."."""
+    out = reply.split()
+    return int(out[0]), [Count(int(u), int(r) / 1000.0) for u, r in zip(out[1::2], out[2::2], strict=True)]
+
+
 class RespError(Exception):
     """An error reply (`-ERR ...`, `-NOSCRIPT ...`)."""
 
@@ -390,9 +396,7 @@ class RedisLimitStore:
                              ) -> tuple[int, list[Count]]:
         head, tail, n = self._encoded(0, checks, now)
         middle = _bulk(token.encode()) + (b"$1\r\n1\r\n" if dry else b"$1\r\n0\r\n") + _bulk(b"%d" % (now * 1000))
-        out = [int(x) for x in (await self._script(self._admit_sha, _ADMIT, head, middle, tail, 3 + n + 3 + 4 * n)
-                                ).split()]
-        return out[0], [Count(out[1 + 2 * i], out[2 + 2 * i] / 1000.0) for i in range(n)]
+        return _counts(await self._script(self._admit_sha, _ADMIT, head, middle, tail, 3 + n + 3 + 4 * n))
 
     async def admit(self, checks: Sequence[Check], token: str, now: float) -> tuple[int, list[Count]]:
         conn = self._conn
@@ -404,8 +408,7 @@ class RedisLimitStore:
         reply = await fut
         if isinstance(reply, RespError):  # NOSCRIPT (a Redis that restarted): the general path sends the script
             return await self._admit_or_read(checks, token, now, False)
-        out = [int(x) for x in reply.split()]
-        return out[0], [Count(out[1 + 2 * i], out[2 + 2 * i] / 1000.0) for i in range(n)]
+        return _counts(reply)
 
     async def read(self, checks: Sequence[Check], now: float) -> list[Count]:
         return (await self._admit_or_read(checks, "-", now, True))[1]
