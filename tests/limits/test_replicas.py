@@ -144,9 +144,11 @@ async def test_tokens_and_dollars_are_charged_after_the_fact_across_replicas(
     try:
         await x.chat.completions.create(model="local/priced", messages=[{"role": "user", "content": "1"}])
         assert await wait_used(cfg, "team-usd", 0.3) == pytest.approx(0.3)
-        answered, exc = await _until_refused(y, "local/priced")
-        assert answered == 1  # $0.30 < $0.50: one more; $0.60 >= $0.50: refused
+        # $0.30 < $0.50: one more (the charge lands after the answer, off the request path: waited for) ...
+        await y.chat.completions.create(model="local/priced", messages=[{"role": "user", "content": "2"}])
         assert await wait_used(cfg, "team-usd", 0.6) == pytest.approx(0.6)
+        answered, exc = await _until_refused(y, "local/priced")
+        assert answered == 0  # ... $0.60 >= $0.50: refused
         body = exc.body
         assert isinstance(body, dict) and body.get("code") == "budget_exceeded" and "team-usd" in body["message"]
         assert body.get("type") == "insufficient_quota"

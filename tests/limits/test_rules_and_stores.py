@@ -116,6 +116,34 @@ async def test_redis_concurrency_slots_of_a_dead_replica_expire(fresh_redis: Red
         await store.close()
 
 
+async def test_redis_settles_a_batch_in_one_call_per_rule_set_and_day(fresh_redis: RedisServer) -> None:
+    """Charges of one batch to the same counters are summed into one script call (the same day); a day's boundary
+    and a concurrency slot each keep their own; every counter ends exact."""
+    now = datetime(2026, 12, 31, 23, 59, 59, 999_000, tzinfo=UTC).timestamp()  # 1 ms before a new day and month
+    tokens = tuple(_checks(tokens_per_day=10_000, usd_per_month=100.0, tokens_per_minute=10_000))
+    slots = tuple(_checks(concurrent_requests=5))
+    store = RedisLimitStore(fresh_redis.url, "t:")
+    r = fresh_redis.client()
+    try:
+        for tok in ("s1", "s2"):
+            assert (await store.admit(slots, tok, now))[0] == 0
+        await store.settle_many([(tokens, "warm", 0, 0, now)])  # (nothing to charge: no call)
+        await store.settle_many([(slots, "warm", 0, 0, now)])  # (the script is in Redis's cache from here on)
+        r.config_resetstat()
+        await store.settle_many([(tokens, f"t{i}", 10 * i, i, now) for i in range(1, 6)]
+                                + [(slots, "s1", 0, 0, now), (slots, "s2", 0, 0, now)]
+                                + [(tokens, "t-next-day", 7, 3, now + 0.002), (tokens, "t-none", -5, 0, now)])
+        calls = int(r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+        assert calls == 4  # the five (and the zero one) at once, the next day's apart, one per slot
+        # (tokens per minute: Redis's clock, one window; tokens per day, USD per month: the caller's periods)
+        assert [c.used for c in await store.read(list(tokens), now)] == [157, 150, 15]
+        assert [c.used for c in await store.read(list(tokens), now + 0.002)] == [157, 7, 3]
+        assert [c.used for c in await store.read(list(slots), now)] == [0]  # both slots given back
+    finally:
+        await store.close()
+        r.close()
+
+
 async def test_redis_admit_is_atomic_under_concurrency(fresh_redis: RedisServer) -> None:
     """Three clients (as three replicas) racing: exactly the limit gets in."""
     checks = _checks(requests_per_minute=20, tokens_per_minute=10_000)

@@ -144,21 +144,31 @@ _HEADER_NAMES = {kind: (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{ki
                  for kind in ("requests", "tokens")}
 
 
-def _headers(checks: Sequence[Check], counts: Sequence[Count]) -> dict[str, str]:
-    """x-ratelimit-{limit,remaining,reset}-{requests,tokens} from the most constraining counter of each kind."""
-    best: dict[str, tuple[int, Check, Count]] = {}
-    for c, n in zip(checks, counts, strict=True):
+# Per kind of header, the counters that may set it: (header names, ((index, limit, str(limit)), ...)).
+_HeaderPlan = tuple[tuple[tuple[str, str, str], tuple[tuple[int, int, str], ...]], ...]
+
+
+def _header_plan(checks: Sequence[Check]) -> _HeaderPlan:
+    by_kind: dict[str, list[tuple[int, int, str]]] = {}
+    for i, c in enumerate(checks):
         kind = _HEADER_KIND.get(c.code)
-        if kind is None:
-            continue
-        remaining = c.limit - n.used
-        cur = best.get(kind)
-        if cur is None or remaining < cur[0]:
-            best[kind] = (remaining, c, n)
+        if kind is not None:
+            by_kind.setdefault(kind, []).append((i, c.limit, str(c.limit)))
+    return tuple((_HEADER_NAMES[kind], tuple(members)) for kind, members in by_kind.items())
+
+
+def _headers(plan: _HeaderPlan, counts: Sequence[Count]) -> dict[str, str]:
+    """x-ratelimit-{limit,remaining,reset}-{requests,tokens} from the most constraining counter of each kind."""
     out: dict[str, str] = {}
-    for kind, (remaining, c, n) in best.items():
-        names = _HEADER_NAMES[kind]
-        out[names[0]] = str(c.limit)
+    for names, members in plan:
+        i, limit, text = members[0]
+        n = counts[i]
+        remaining = limit - n.used
+        for j, lim, txt in members[1:]:
+            m = counts[j]
+            if lim - m.used < remaining:
+                remaining, text, n = lim - m.used, txt, m
+        out[names[0]] = text
         out[names[1]] = str(remaining) if remaining > 0 else "0"
         out[names[2]] = reset_text(n.reset)
     return out
@@ -182,6 +192,10 @@ def _refusal(c: Check, n: Count, headers: dict[str, str]) -> LimitExceeded:
     )
 
 
+# What admit() needs of one (principal, model): see RuleLimiter._checks.
+_Plan = tuple[tuple[Check, ...], tuple[Check, ...], bool, _HeaderPlan]
+
+
 class RuleLimiter:
     """The limits of `limits.rules` on one store. admit() before the upstream call, settle() after the answer."""
 
@@ -191,7 +205,8 @@ class RuleLimiter:
         self._rules = settings.rules
         self._lease = settings.concurrency_lease_seconds
         self._deny = settings.on_store_error == "deny"
-        self._cache: dict[tuple[Principal, str], tuple[tuple[Check, ...], tuple[Check, ...], bool]] = {}
+        self._cache: dict[tuple[Principal, str], _Plan] = {}
+        self._by_id: dict[tuple[int, str], tuple[Principal, _Plan]] = {}  # the same Principal object again
         self._tasks: set[asyncio.Task[None]] = set()
         self._batch: list[Settlement] = []
         self._flush_at: asyncio.TimerHandle | None = None
@@ -202,26 +217,33 @@ class RuleLimiter:
     def checks(self, p: Principal, model: str) -> tuple[Check, ...]:
         return self._checks(p, model)[0]
 
-    def _checks(self, p: Principal, model: str) -> tuple[tuple[Check, ...], tuple[Check, ...], bool]:
-        """(every counter, the ones settle() touches, whether some of those count tokens or dollars)."""
+    def _checks(self, p: Principal, model: str) -> _Plan:
+        """(every counter, the ones settle() touches, whether some of those count tokens or dollars, the header
+        plan). Looked up by the principal's identity first (an authenticator hands out the same object for the
+        same caller; hashing a Principal's every field costs more)."""
+        hit_id = self._by_id.get((id(p), model))
+        if hit_id is not None and hit_id[0] is p:
+            return hit_id[1]
         key = (p, model)
         hit = self._cache.get(key)
-        if hit is not None:
-            return hit
-        out: list[Check] = []
-        for rule in self._rules:
-            keys = rule_keys(rule, p, model)
-            if keys:
-                out.extend(rule_checks(rule, keys, self._lease))
-        every = tuple(out)
-        later = tuple(c for c in every if c.code != REQUESTS)
-        if len(self._cache) > 50_000:
-            self._cache.clear()
-        out3 = self._cache[key] = (every, later, any(c.code != CONCURRENT for c in later))
-        return out3
+        if hit is None:
+            out: list[Check] = []
+            for rule in self._rules:
+                keys = rule_keys(rule, p, model)
+                if keys:
+                    out.extend(rule_checks(rule, keys, self._lease))
+            every = tuple(out)
+            later = tuple(c for c in every if c.code != REQUESTS)
+            if len(self._cache) > 50_000:
+                self._cache.clear()
+            hit = self._cache[key] = (every, later, any(c.code != CONCURRENT for c in later), _header_plan(every))
+        if len(self._by_id) > 50_000:
+            self._by_id.clear()
+        self._by_id[(id(p), model)] = (p, hit)  # (keeps p alive: its id is not reused while the entry is here)
+        return hit
 
     async def admit(self, principal: Principal, model: str, endpoint: str, request_id: str) -> Ticket | None:
-        checks, later, charges = self._checks(principal, model)
+        checks, later, charges, plan = self._checks(principal, model)
         if not checks:
             return None
         try:
@@ -230,7 +252,7 @@ class RuleLimiter:
             self._unavailable(exc)
             return None
         self.store_ok = True
-        headers = _headers(checks, counts)
+        headers = _headers(plan, counts)
         if refused:
             raise _refusal(checks[refused - 1], counts[refused - 1], headers)
         return Ticket(later, request_id, headers, charges)

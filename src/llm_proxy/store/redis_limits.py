@@ -141,6 +141,12 @@ def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
 
 
+def _counts(reply: bytes) -> tuple[int, list[Count]]:
+    """The admit script's "refused used_1 reset_ms_1 used_2 reset_ms_2 ..."."""
+    out = reply.split()
+    return int(out[0]), [Count(int(u), int(r) / 1000.0) for u, r in zip(out[1::2], out[2::2], strict=True)]
+
+
 class RespError(Exception):
     """An error reply (`-ERR ...`, `-NOSCRIPT ...`)."""
 
@@ -262,6 +268,8 @@ class RedisLimitStore:
         self._settle_sha = hashlib.sha1(_SETTLE.encode()).hexdigest().encode()  # noqa: S324
         # (kind, id of the rule set's tuple, day, month) -> (that tuple, numkeys + keys, per-check arguments, n)
         self._parts: dict[tuple[int, int, str, str], tuple[Sequence[Check], bytes, bytes, int]] = {}
+        # (kind, id of the rule set's tuple) -> its parts as above and the day they hold for (start, end)
+        self._last: dict[tuple[int, int], tuple[Sequence[Check], bytes, bytes, int, float, float]] = {}
         self._watch: asyncio.TimerHandle | None = None
 
     @staticmethod
@@ -345,11 +353,15 @@ class RedisLimitStore:
     def _encoded(self, kind: int, checks: Sequence[Check], now: float) -> tuple[bytes, bytes, int]:
         """The parts of a script call that only change with the period: (numkeys + keys, the per-check
         arguments, the number of checks), built once per rule set and period."""
+        last = self._last.get((kind, id(checks)))
+        if last is not None and last[0] is checks and last[4] <= now < last[5]:  # the same day as last time
+            return last[1], last[2], last[3]
         day = period("day", now)
         month = period("month", now)
         key = (kind, id(checks), day[0], month[0])
         hit = self._parts.get(key)
         if hit is not None and hit[0] is checks:  # (the very tuple: an id is reused only after it is gone)
+            self._remember(kind, hit, day[1])
             return hit[1], hit[2], hit[3]
         keys: list[bytes] = []
         args: list[bytes] = []
@@ -372,15 +384,19 @@ class RedisLimitStore:
         if len(self._parts) > 10_000:
             self._parts.clear()
         self._parts[key] = (checks, head, tail, len(keys))
+        self._remember(kind, self._parts[key], day[1])
         return head, tail, len(keys)
+
+    def _remember(self, kind: int, parts: tuple[Sequence[Check], bytes, bytes, int], day_end: float) -> None:
+        if len(self._last) > 10_000:
+            self._last.clear()
+        self._last[(kind, id(parts[0]))] = (*parts, day_end - 86400.0, day_end)
 
     async def _admit_or_read(self, checks: Sequence[Check], token: str, now: float, dry: bool
                              ) -> tuple[int, list[Count]]:
         head, tail, n = self._encoded(0, checks, now)
         middle = _bulk(token.encode()) + (b"$1\r\n1\r\n" if dry else b"$1\r\n0\r\n") + _bulk(b"%d" % (now * 1000))
-        out = [int(x) for x in (await self._script(self._admit_sha, _ADMIT, head, middle, tail, 3 + n + 3 + 4 * n)
-                                ).split()]
-        return out[0], [Count(out[1 + 2 * i], out[2 + 2 * i] / 1000.0) for i in range(n)]
+        return _counts(await self._script(self._admit_sha, _ADMIT, head, middle, tail, 3 + n + 3 + 4 * n))
 
     async def admit(self, checks: Sequence[Check], token: str, now: float) -> tuple[int, list[Count]]:
         conn = self._conn
@@ -392,8 +408,7 @@ class RedisLimitStore:
         reply = await fut
         if isinstance(reply, RespError):  # NOSCRIPT (a Redis that restarted): the general path sends the script
             return await self._admit_or_read(checks, token, now, False)
-        out = [int(x) for x in reply.split()]
-        return out[0], [Count(out[1 + 2 * i], out[2 + 2 * i] / 1000.0) for i in range(n)]
+        return _counts(reply)
 
     async def read(self, checks: Sequence[Check], now: float) -> list[Count]:
         return (await self._admit_or_read(checks, "-", now, True))[1]
@@ -412,8 +427,25 @@ class RedisLimitStore:
         await self.settle_many([(tuple(checks), token, tokens, micro_usd, now)])
 
     async def settle_many(self, batch: Sequence[Settlement]) -> None:
-        """Every charge of the batch written at once (pipelined), then the replies awaited."""
-        calls = [p for b in batch if (p := self._settle_parts(*b)) is not None]
+        """Every charge of the batch written at once (pipelined), then the replies awaited. Charges to the same
+        counters (the same rule set, no concurrency slot to give back, the same day) are summed first: one
+        script call for all of them."""
+        merged: dict[tuple[int, str], list[Any]] = {}
+        single: list[Settlement] = []
+        for b in batch:
+            checks = b[0]
+            if any(c.code == CONCURRENT for c in checks):
+                single.append(b)
+                continue
+            key = (id(checks), period("day", b[4])[0])  # (the tuple is alive: the batch holds it)
+            m = merged.get(key)
+            if m is None:
+                merged[key] = [checks, b[1], max(b[2], 0), max(b[3], 0), b[4]]
+            else:
+                m[2] += max(b[2], 0)
+                m[3] += max(b[3], 0)
+        todo = single + [(m[0], m[1], m[2], m[3], m[4]) for m in merged.values()]
+        calls = [p for b in todo if (p := self._settle_parts(*b)) is not None]
         if not calls:
             return
         try:
