@@ -100,6 +100,13 @@ def alembic_config(connection: Connection | None = None, table_prefix: str = "")
     return cfg
 
 
+def migration_table(name: str) -> str:
+    """`name` after the table prefix of the migration being run (alembic_config puts it in the attributes)."""
+    from alembic import context
+
+    return str(context.config.attributes.get("table_prefix") or "") + name
+
+
 def _upgrade_sync(connection: Connection, revision: str, table_prefix: str = "") -> str | None:
     from alembic import command
     from alembic.runtime.migration import MigrationContext

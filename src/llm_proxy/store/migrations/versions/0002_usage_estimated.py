@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from alembic import context, op
+from alembic import op
+
+from llm_proxy.store.db import migration_table
 
 revision: str = "0002_usage_estimated"
 down_revision: str | None = "0001_usage_ledger"
@@ -19,8 +21,7 @@ depends_on: str | Sequence[str] | None = None
 
 
 def _table() -> str:
-    """usage_events after database.table_prefix (migrations/env.py puts it in the config's attributes)."""
-    return str(context.config.attributes.get("table_prefix") or "") + "usage_events"
+    return migration_table("usage_events")
 
 
 def upgrade() -> None:

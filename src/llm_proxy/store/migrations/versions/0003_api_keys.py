@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from alembic import context, op
+from alembic import op
 
-from llm_proxy.store.api_keys import api_keys_table
+from llm_proxy.store.db import migration_table
 
 revision: str = "0003_api_keys"
 down_revision: str | None = "0002_usage_estimated"
@@ -21,8 +21,7 @@ depends_on: str | Sequence[str] | None = None
 
 
 def _table() -> str:
-    """api_keys after database.table_prefix (migrations/env.py puts it in the config's attributes)."""
-    return api_keys_table(str(context.config.attributes.get("table_prefix") or ""))
+    return migration_table("api_keys")
 
 
 def upgrade() -> None:
