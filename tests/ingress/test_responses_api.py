@@ -168,7 +168,7 @@ def test_invalid_requests_name_the_field(body: dict[str, Any], param: str) -> No
 
 
 def test_a_stored_response_continues_the_conversation() -> None:
-    chat_body, req = ra.parse({"model": "m", "instructions": "Be brief.", "input": "What is 2+2?", "store": True})
+    _, req = ra.parse({"model": "m", "instructions": "Be brief.", "input": "What is 2+2?", "store": True})
     response = ra.render_response(req, completion_json("c1", "m", [choice_json(0, "4", [
         tool_call_json("call_9", "calc", '{"x":1}')], "tool_calls")], Usage(5, 1, 6)))
     stored = ra.capture(req, response)

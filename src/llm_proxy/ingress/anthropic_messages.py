@@ -25,7 +25,18 @@ from typing import Any
 import orjson
 
 from ..errors import BadRequest, ProxyError
-from .neutral import ChunkReader, image_part, new_id, read_reply, require_object, require_str, sse_event, token_counts
+from .neutral import (
+    ChunkReader,
+    image_part,
+    new_id,
+    obj,
+    read_reply,
+    require_object,
+    require_str,
+    sse_event,
+    string,
+    token_counts,
+)
 from .schema import MAX_TOKENS
 
 NAME = "anthropic.messages"
@@ -406,9 +417,10 @@ class MessagesFramer:
     def _start(self, out: list[bytes]) -> None:
         if not self._started:
             self._started = True
-            message = {"id": self.req.id, "type": "message", "role": "assistant", "model": self.req.model,
-                       "content": [], "stop_reason": None, "stop_sequence": None,
-                       "usage": {"input_tokens": 0, "output_tokens": 0}}
+            message: dict[str, Any] = {
+                "id": self.req.id, "type": "message", "role": "assistant", "model": self.req.model, "content": [],
+                "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0},
+            }
             out.append(sse_event("message_start", {"type": "message_start", "message": message}))
 
     def _stop_block(self, out: list[bytes]) -> None:
@@ -461,11 +473,11 @@ class MessagesFramer:
 
     def _tool(self, tc: dict[str, Any], out: list[bytes]) -> None:
         key = tc.get("index", len(self._calls))
-        fn = tc.get("function") if isinstance(tc.get("function"), dict) else {}
+        fn = obj(tc.get("function"))
         index = self._calls.get(key)
         if index is None:
-            call_id = tc.get("id") if isinstance(tc.get("id"), str) and tc["id"] else new_id("toolu_")
-            name = fn.get("name") if isinstance(fn.get("name"), str) else ""
+            call_id = string(tc.get("id")) or new_id("toolu_")
+            name = string(fn.get("name"))
             index = self._calls[key] = self._begin(
                 {"type": "tool_use", "id": call_id, "name": name, "input": {}}, out)
         args = fn.get("arguments")

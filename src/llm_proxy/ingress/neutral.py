@@ -26,6 +26,16 @@ def new_id(prefix: str) -> str:
     return prefix + secrets.token_hex(24)
 
 
+def obj(value: Any) -> dict[str, Any]:
+    """`value` if it is a JSON object, else an empty one (for reading what an upstream sent)."""
+    return value if isinstance(value, dict) else {}
+
+
+def string(value: Any, default: str = "") -> str:
+    """`value` if it is a non-empty string, else `default`."""
+    return value if isinstance(value, str) and value else default
+
+
 def sse_event(name: str, data: dict[str, Any]) -> bytes:
     """One named SSE event (`event:` line and one `data:` line of compact JSON)."""
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
@@ -92,20 +102,21 @@ def read_reply(raw: bytes) -> ChatReply:
     if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
         raise ProxyError("The upstream returned a reply that is not a chat completion", status=502,
                          type="api_error", code="bad_upstream_response")
-    choice = data["choices"][0] if data["choices"] and isinstance(data["choices"][0], dict) else {}
-    msg = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    choice = obj(data["choices"][0]) if data["choices"] else {}
+    msg = obj(choice.get("message"))
     content = msg.get("content")
     text = content if isinstance(content, str) else "".join(
         p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
     ) if isinstance(content, list) else ""
     calls: list[dict[str, str]] = []
     for tc in msg.get("tool_calls") or ():
-        fn = tc.get("function") if isinstance(tc, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        tc = obj(tc)
+        fn = obj(tc.get("function"))
+        if not isinstance(fn.get("name"), str):
             continue
         args = fn.get("arguments")
         calls.append({
-            "id": tc["id"] if isinstance(tc.get("id"), str) and tc["id"] else new_id("call_"),
+            "id": string(tc.get("id")) or new_id("call_"),
             "name": fn["name"],
             "arguments": args if isinstance(args, str) else orjson.dumps(args or {}).decode(),
         })

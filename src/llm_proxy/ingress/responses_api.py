@@ -29,10 +29,12 @@ from .neutral import (
     ChunkReader,
     image_part,
     new_id,
+    obj,
     read_reply,
     require_object,
     require_str,
     sse_event,
+    string,
     token_counts,
 )
 from .schema import MAX_TOKENS
@@ -396,7 +398,7 @@ def response_json(req: ResponsesRequest, status: str, output: list[dict[str, Any
     """A Response object: the request's echoed fields, and the given state."""
     b = req.body
     tool_choice = b.get("tool_choice")
-    text = b.get("text") if isinstance(b.get("text"), dict) else {}
+    text = obj(b.get("text"))
     return {
         "id": req.id,
         "object": "response",
@@ -567,14 +569,14 @@ class ResponsesFramer:
 
     def _tool(self, tc: dict[str, Any], out: list[bytes]) -> None:
         index = tc.get("index", len(self._calls))
-        fn = tc.get("function") if isinstance(tc.get("function"), dict) else {}
+        fn = obj(tc.get("function"))
         item = self._calls.get(index)
         if item is None:
             if self._message is not None:  # the text before a call is a message of its own, finished
                 self._close(self._message, out)
                 self._message = None
-            call_id = tc.get("id") if isinstance(tc.get("id"), str) and tc["id"] else new_id("call_")
-            name = fn.get("name") if isinstance(fn.get("name"), str) else ""
+            call_id = string(tc.get("id")) or new_id("call_")
+            name = string(fn.get("name"))
             item = _Item(len(self._items), new_id("fc_"), "function_call", call_id=call_id, name=name)
             self._items.append(item)
             self._calls[index] = item
