@@ -7,12 +7,13 @@ pydantic validates lazily and whose unknown keys it drops: the validated value i
 
 from __future__ import annotations
 
-import collections.abc as cabc
 import functools
 from typing import Any
 
 import orjson
 from pydantic import BaseModel, TypeAdapter
+
+from ..providers.schemas import _materialise
 
 
 def _no_extra(value: Any, path: str) -> None:
@@ -30,16 +31,6 @@ def strict(kind: Any, data: Any) -> Any:
     obj = _adapter(kind).validate_python(data)
     _no_extra(obj, "")
     return obj
-
-
-def _materialise(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {k: _materialise(x) for k, x in v.items()}
-    if v is None or isinstance(v, str | bytes | int | float | bool):
-        return v
-    if isinstance(v, cabc.Iterable):
-        return [_materialise(x) for x in v]
-    return v
 
 
 @functools.cache

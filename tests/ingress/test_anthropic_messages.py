@@ -268,3 +268,22 @@ def test_stream_error_is_anthropic_error_event() -> None:
     events = sdk.messages_events(out)
     assert events[-1].type == "error" and events[-1].error.type == "overloaded_error"
     assert events[-1].error.message == "busy"
+
+
+def test_a_lone_text_after_tool_results_is_plain_content() -> None:
+    out = chat({"model": "c", "max_tokens": 5, "messages": [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1"}, {"type": "text", "text": "Go"}]},
+    ]})
+    assert out["messages"][1:] == [{"role": "tool", "tool_call_id": "t1", "content": ""},
+                                   {"role": "user", "content": "Go"}]
+
+
+def test_x_api_key_is_offered_as_a_bearer_token() -> None:
+    seen = am.credentials({"x-api-key": " llmp_abc ", "anthropic-version": "2023-06-01"})
+    assert seen["Authorization"] == "Bearer llmp_abc" and seen["authorization"] == "Bearer llmp_abc"
+    assert seen["anthropic-version"] == "2023-06-01" and set(seen) == {"Authorization", "x-api-key",
+                                                                         "anthropic-version"}
+    both = {"Authorization": "Bearer tok", "x-api-key": "other"}
+    assert am.credentials(both)["Authorization"] == "Bearer tok"
+    assert "Authorization" not in am.credentials({"x-api-key": "  "})

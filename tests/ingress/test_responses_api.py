@@ -142,7 +142,8 @@ def test_builtin_tools_are_refused_by_name(tool: dict[str, Any]) -> None:
 def test_previous_response_id_without_stored_responses_is_a_clear_400() -> None:
     with pytest.raises(BadRequest) as e:
         ra.to_chat({"model": "m", "input": "more", "previous_response_id": "resp_123"})
-    assert e.value.param == "previous_response_id" and "store" in e.value.message
+    assert e.value.param == "previous_response_id" and e.value.type == "invalid_request_error"
+    assert "input" in e.value.message
 
 
 @pytest.mark.parametrize(("body", "param"), [

@@ -26,7 +26,7 @@ import orjson
 
 from ..errors import BadRequest, ProxyError
 from .neutral import (
-    ChunkReader,
+    ChunkFramer,
     image_part,
     new_id,
     obj,
@@ -40,8 +40,8 @@ from .neutral import (
 from .schema import MAX_TOKENS
 
 NAME = "anthropic.messages"
-PATHS = ("/v1/messages",)
-COUNT_PATHS = ("/v1/messages/count_tokens",)
+PATHS: tuple[str, ...] = ("/v1/messages",)
+COUNT_PATHS: tuple[str, ...] = ("/v1/messages/count_tokens",)
 
 STOP_REASONS: dict[str, str] = {
     "stop": "end_turn",
@@ -198,7 +198,9 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
                 part = _part(b, bat)
                 if part is not None:
                     parts.append(part)
-        if parts:
+        if len(parts) == 1 and parts[0]["type"] == "text":
+            out.append({"role": "user", "content": parts[0]["text"]})  # what every chat server takes
+        elif parts:
             out.append({"role": "user", "content": parts})
     return out
 
@@ -396,7 +398,7 @@ def error_body(exc: ProxyError) -> bytes:
 # --------------------------------------------------------------------------------------------------
 
 
-class MessagesFramer:
+class MessagesFramer(ChunkFramer):
     """Neutral chat.completion.chunk frames -> Anthropic stream events.
 
     Content blocks are sequential, as Anthropic sends them: text, then each tool call; a new block stops the
@@ -404,31 +406,25 @@ class MessagesFramer:
     (the ingress asks for it), or for `end()`."""
 
     def __init__(self, req: MessagesRequest) -> None:
+        super().__init__()
         self.req = req
-        self._reader = ChunkReader()
-        self._started = False
         self._index = -1  # the open block's index (-1: none open)
         self._open: str | None = None  # "text" | "tool_use"
         self._calls: dict[int, int] = {}  # tool-call index -> block index
-        self._finish: str | None = None
-        self._usage: dict[str, Any] | None = None
-        self._ended = False
 
-    def _start(self, out: list[bytes]) -> None:
-        if not self._started:
-            self._started = True
-            message: dict[str, Any] = {
-                "id": self.req.id, "type": "message", "role": "assistant", "model": self.req.model, "content": [],
-                "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0},
-            }
-            out.append(sse_event("message_start", {"type": "message_start", "message": message}))
+    def _begin(self, out: list[bytes]) -> None:
+        message: dict[str, Any] = {
+            "id": self.req.id, "type": "message", "role": "assistant", "model": self.req.model, "content": [],
+            "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0},
+        }
+        out.append(sse_event("message_start", {"type": "message_start", "message": message}))
 
     def _stop_block(self, out: list[bytes]) -> None:
         if self._open is not None:
             out.append(sse_event("content_block_stop", {"type": "content_block_stop", "index": self._index}))
             self._open = None
 
-    def _begin(self, block: dict[str, Any], out: list[bytes]) -> int:
+    def _block(self, block: dict[str, Any], out: list[bytes]) -> int:
         self._stop_block(out)
         self._index += 1
         self._open = block["type"]
@@ -439,37 +435,13 @@ class MessagesFramer:
     def _delta(self, index: int, delta: dict[str, Any], out: list[bytes]) -> None:
         out.append(sse_event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}))
 
-    def feed(self, blob: bytes) -> bytes:
-        out: list[bytes] = []
-        for chunk in self._reader.feed(blob):
-            self._start(out)
-            if self._ended:
-                continue
-            for choice in chunk.get("choices") or ():
-                if isinstance(choice, dict) and choice.get("index", 0) == 0:
-                    self._choice(choice, out)
-            usage = chunk.get("usage")
-            if isinstance(usage, dict):
-                self._usage = usage
-                if self._finish is not None:
-                    self._final(out)
-        return b"".join(out)
+    def _text(self, text: str, out: list[bytes]) -> None:
+        if self._open != "text":
+            self._block({"type": "text", "text": ""}, out)
+        self._delta(self._index, {"type": "text_delta", "text": text}, out)
 
-    def _choice(self, choice: dict[str, Any], out: list[bytes]) -> None:
-        delta = choice.get("delta")
-        if isinstance(delta, dict):
-            text = delta.get("content")
-            if isinstance(text, str) and text:
-                if self._open != "text":
-                    self._begin({"type": "text", "text": ""}, out)
-                self._delta(self._index, {"type": "text_delta", "text": text}, out)
-            for tc in delta.get("tool_calls") or ():
-                if isinstance(tc, dict):
-                    self._tool(tc, out)
-        finish = choice.get("finish_reason")
-        if isinstance(finish, str) and finish:
-            self._finish = finish
-            self._stop_block(out)
+    def _finished(self, out: list[bytes]) -> None:
+        self._stop_block(out)
 
     def _tool(self, tc: dict[str, Any], out: list[bytes]) -> None:
         key = tc.get("index", len(self._calls))
@@ -478,16 +450,13 @@ class MessagesFramer:
         if index is None:
             call_id = string(tc.get("id")) or new_id("toolu_")
             name = string(fn.get("name"))
-            index = self._calls[key] = self._begin(
+            index = self._calls[key] = self._block(
                 {"type": "tool_use", "id": call_id, "name": name, "input": {}}, out)
         args = fn.get("arguments")
         if isinstance(args, str) and args:
             self._delta(index, {"type": "input_json_delta", "partial_json": args}, out)
 
-    def _final(self, out: list[bytes]) -> None:
-        if self._ended:
-            return
-        self._ended = True
+    def _last(self, out: list[bytes]) -> None:
         self._stop_block(out)
         out.append(sse_event("message_delta", {
             "type": "message_delta",
@@ -496,15 +465,45 @@ class MessagesFramer:
         }))
         out.append(sse_event("message_stop", {"type": "message_stop"}))
 
-    def end(self) -> bytes:
-        out: list[bytes] = []
-        self._start(out)
-        self._final(out)
-        return b"".join(out)
-
     def error(self, exc: ProxyError) -> bytes:
         """An error after the stream began: Anthropic's `error` event (the SDK raises it)."""
         if self._ended:
             return b""
         self._ended = True
         return sse_event("error", error_json(exc))
+
+
+# --------------------------------------------------------------------------------------------------
+# Credentials
+# --------------------------------------------------------------------------------------------------
+
+
+class _WithBearer(Mapping[str, str]):
+    """Request headers with `x-api-key` offered as `Authorization: Bearer` (what the authenticator reads)."""
+
+    __slots__ = ("_auth", "_headers")
+
+    def __init__(self, headers: Mapping[str, str], key: str) -> None:
+        self._headers = headers
+        self._auth = "Bearer " + key
+
+    def __getitem__(self, name: str) -> str:
+        if name.lower() == "authorization":
+            return self._auth
+        return self._headers[name]
+
+    def __iter__(self) -> Any:
+        yield "Authorization"
+        yield from (k for k in self._headers if k.lower() != "authorization")
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))
+
+
+def credentials(headers: Mapping[str, str]) -> Mapping[str, str]:
+    """The anthropic SDK sends its key as `x-api-key`; `Authorization: Bearer` (its `auth_token`) also works.
+    Either goes through the configured authenticator; when both come, `Authorization` is the one used."""
+    if headers.get("Authorization") or headers.get("authorization"):
+        return headers
+    key = headers.get("x-api-key") or headers.get("X-Api-Key")
+    return _WithBearer(headers, key.strip()) if key and key.strip() else headers

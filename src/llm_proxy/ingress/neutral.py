@@ -79,6 +79,83 @@ class ChunkReader:
                     yield obj
 
 
+class ChunkFramer:
+    """The skeleton of a framer that translates the neutral chunk stream: the first chunk starts the stream, the
+    first choice's text and tool-call deltas go to `_text` / `_tool`, its finish reason to `_finished`, and the
+    last events (`_last`, once) wait for the usage chunk that follows the finish reason, or for `end()`."""
+
+    identity = False
+
+    def __init__(self) -> None:
+        self._reader = ChunkReader()
+        self._started = False
+        self._finish: str | None = None
+        self._usage: dict[str, Any] | None = None
+        self._ended = False
+
+    # The translation's own parts.
+    def _begin(self, out: list[bytes]) -> None:
+        raise NotImplementedError
+
+    def _text(self, text: str, out: list[bytes]) -> None:
+        raise NotImplementedError
+
+    def _tool(self, tc: dict[str, Any], out: list[bytes]) -> None:
+        raise NotImplementedError
+
+    def _finished(self, out: list[bytes]) -> None:
+        raise NotImplementedError
+
+    def _last(self, out: list[bytes]) -> None:
+        raise NotImplementedError
+
+    def _start(self, out: list[bytes]) -> None:
+        if not self._started:
+            self._started = True
+            self._begin(out)
+
+    def _final(self, out: list[bytes]) -> None:
+        if not self._ended:
+            self._ended = True
+            self._last(out)
+
+    def feed(self, blob: bytes) -> bytes:
+        out: list[bytes] = []
+        for chunk in self._reader.feed(blob):
+            self._start(out)
+            if self._ended:
+                continue
+            for choice in chunk.get("choices") or ():
+                if isinstance(choice, dict) and choice.get("index", 0) == 0:
+                    self._choice(choice, out)
+            usage = chunk.get("usage")
+            if isinstance(usage, dict):
+                self._usage = usage
+                if self._finish is not None:
+                    self._final(out)
+        return b"".join(out)
+
+    def _choice(self, choice: dict[str, Any], out: list[bytes]) -> None:
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            text = delta.get("content")
+            if isinstance(text, str) and text:
+                self._text(text, out)
+            for tc in delta.get("tool_calls") or ():
+                if isinstance(tc, dict):
+                    self._tool(tc, out)
+        finish = choice.get("finish_reason")
+        if isinstance(finish, str) and finish:
+            self._finish = finish
+            self._finished(out)
+
+    def end(self) -> bytes:
+        out: list[bytes] = []
+        self._start(out)
+        self._final(out)
+        return b"".join(out)
+
+
 @dataclass(slots=True)
 class ChatReply:
     """A non-streamed neutral reply, read: the first choice's text, tool calls and finish reason, and the usage."""

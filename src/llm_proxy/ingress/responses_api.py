@@ -8,7 +8,7 @@
   `response.in_progress`, `response.output_item.added`, `response.content_part.added`,
   `response.output_text.delta`..., the matching `.done` events, `response.function_call_arguments.delta` / `.done`
   for tool calls, and `response.completed` (or `response.incomplete`) with usage), each with its `sequence_number`.
-- `capture(req, chat_body, response)`: what the usage ledger stores (`usage.store_completions`) when the client
+- `capture(req, response)`: what the usage ledger would store (`usage.store_completions`) when the client
   said `store: true`, so that a later `previous_response_id` finds it.
 
 Pure: no I/O. Only function tools are served; OpenAI's built-in tools (web search, file search, computer use, code
@@ -26,7 +26,7 @@ import orjson
 
 from ..errors import BadRequest, ProxyError
 from .neutral import (
-    ChunkReader,
+    ChunkFramer,
     image_part,
     new_id,
     obj,
@@ -40,7 +40,7 @@ from .neutral import (
 from .schema import MAX_TOKENS
 
 NAME = "openai.responses"
-PATHS = ("/v1/responses", "/v1/openai/v1/responses")
+PATHS: tuple[str, ...] = ("/v1/responses", "/v1/openai/v1/responses")
 
 # Request fields that ask for something this proxy does not do (rather than something it may ignore).
 _UNSUPPORTED_FIELDS = {
@@ -262,8 +262,8 @@ def to_chat(body: Mapping[str, Any], history: list[dict[str, Any]] | None = None
     previous = body.get("previous_response_id")
     if previous is not None and history is None:
         raise BadRequest(
-            "'previous_response_id' needs stored responses: this proxy keeps none (usage.store_completions is off), "
-            "or the response was not stored ('store': true) or is not yours. Send the conversation in 'input' instead.",
+            "'previous_response_id' is not supported: this proxy keeps no responses to continue from. Send the "
+            "whole conversation in 'input' (the earlier output items included) instead.",
             param="previous_response_id", code="previous_response_not_found",
         )
     messages: list[dict[str, Any]] = []
@@ -493,7 +493,7 @@ class _Item:
         return _call_item(self.id, self.call_id, self.name, self.text, status)
 
 
-class ResponsesFramer:
+class ResponsesFramer(ChunkFramer):
     """Neutral chat.completion.chunk frames -> Responses stream events.
 
     The final event (`response.completed`, or `response.incomplete` after a `length` / `content_filter` finish)
@@ -501,58 +501,25 @@ class ResponsesFramer:
     asks for it), or for `end()`. No `[DONE]`: a Responses stream ends with its final event."""
 
     def __init__(self, req: ResponsesRequest) -> None:
+        super().__init__()
         self.req = req
-        self._reader = ChunkReader()
         self._seq = 0
-        self._started = False
         self._items: list[_Item] = []
         self._message: _Item | None = None  # the message item text goes to, while open
         self._calls: dict[int, _Item] = {}  # tool-call index -> its item
-        self._finish: str | None = None
-        self._usage: dict[str, Any] | None = None
-        self._ended = False
-        self.response: dict[str, Any] | None = None  # the final Response object, once sent (for capture)
+        self.response: dict[str, Any] | None = None  # the final Response object, once sent
 
     def _event(self, out: list[bytes], kind: str, **fields: Any) -> None:
         out.append(sse_event(kind, {"type": kind, "sequence_number": self._seq, **fields}))
         self._seq += 1
 
-    def _start(self, out: list[bytes]) -> None:
-        if not self._started:
-            self._started = True
-            snapshot = response_json(self.req, "in_progress", [])
-            self._event(out, "response.created", response=snapshot)
-            self._event(out, "response.in_progress", response=snapshot)
+    def _begin(self, out: list[bytes]) -> None:
+        snapshot = response_json(self.req, "in_progress", [])
+        self._event(out, "response.created", response=snapshot)
+        self._event(out, "response.in_progress", response=snapshot)
 
-    def feed(self, blob: bytes) -> bytes:
-        out: list[bytes] = []
-        for chunk in self._reader.feed(blob):
-            self._start(out)
-            for choice in chunk.get("choices") or ():
-                if isinstance(choice, dict) and choice.get("index", 0) == 0:
-                    self._choice(choice, out)
-            usage = chunk.get("usage")
-            if isinstance(usage, dict):
-                self._usage = usage
-                if self._finish is not None:
-                    self._final(out)
-        return b"".join(out)
-
-    def _choice(self, choice: dict[str, Any], out: list[bytes]) -> None:
-        if self._ended:
-            return
-        delta = choice.get("delta")
-        if isinstance(delta, dict):
-            text = delta.get("content")
-            if isinstance(text, str) and text:
-                self._text(text, out)
-            for tc in delta.get("tool_calls") or ():
-                if isinstance(tc, dict):
-                    self._tool(tc, out)
-        finish = choice.get("finish_reason")
-        if isinstance(finish, str) and finish:
-            self._finish = finish
-            self._close_all(out)
+    def _finished(self, out: list[bytes]) -> None:
+        self._close_all(out)
 
     def _text(self, text: str, out: list[bytes]) -> None:
         item = self._message
@@ -612,21 +579,12 @@ class ResponsesFramer:
         incomplete = _status(self._finish)[0] == "incomplete"
         return [i.json("incomplete" if incomplete and i.kind == "message" else "completed") for i in self._items]
 
-    def _final(self, out: list[bytes]) -> None:
-        if self._ended:
-            return
+    def _last(self, out: list[bytes]) -> None:
         self._close_all(out)
-        self._ended = True
         status, incomplete = _status(self._finish)
         self.response = response_json(self.req, status, self._output(), usage_json(self._usage), incomplete)
         self._event(out, "response.completed" if status == "completed" else "response.incomplete",
                     response=self.response)
-
-    def end(self) -> bytes:
-        out: list[bytes] = []
-        self._start(out)
-        self._final(out)
-        return b"".join(out)
 
     def error(self, exc: ProxyError) -> bytes:
         """An error after the stream began: an `error` event, then `response.failed` with what had come."""
