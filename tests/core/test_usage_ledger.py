@@ -323,7 +323,8 @@ def test_journal_line_round_trips_every_field() -> None:
     )  # fmt: skip
     assert len({repr(getattr(e, f)) for f in JOURNAL_FIELDS}) == len(JOURNAL_FIELDS)  # all distinct: order shows
     line = _journal_line(e)
-    assert orjson.loads(line) == [list(v) if isinstance(v, tuple) else v for v in (getattr(e, f) for f in JOURNAL_FIELDS)]
+    values = [getattr(e, f) for f in JOURNAL_FIELDS]
+    assert orjson.loads(line) == [list(v) if isinstance(v, tuple) else v for v in values]  # groups: an array
     assert event_from_line(line) == e
     assert event_from_line(orjson.dumps(e)) == e  # the object form of earlier versions
     # a newer version's longer line, an older version's shorter one
