@@ -120,6 +120,7 @@ class RequestContext:
             extra=self.extra,
             usage_estimated=u.estimated if u else False,
             cost_usd=cost_usd,
+            groups=(p.groups or None) if p else None,
         )
 
 
