@@ -18,7 +18,6 @@ _ENV_RE = re.compile(r"\$\{env\.([A-Za-z_][A-Za-z0-9_]*)(?:(:=|:\+|:)([^}]*))?\}
 class _Subst:
     env: Mapping[str, str]
     unset: list[tuple[str, str]] = field(default_factory=list)  # (path, var)
-    broken: set[str] = field(default_factory=set)
 
     def string(self, value: str, path: str) -> str | None:
         whole = _ENV_RE.fullmatch(value)
@@ -29,8 +28,6 @@ class _Subst:
             if op == ":+":
                 return (arg or "") if current else ""
             if op in (":=", ":"):
-                if op == ":":
-                    self.broken.add(name)
                 return current if current else (arg or "")
             if current is None:
                 self.unset.append((path, name))

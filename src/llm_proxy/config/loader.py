@@ -119,7 +119,7 @@ def load_config_text(text: str, env: Mapping[str, str] | None = None, path: str 
     disabled: dict[str, str] = {}
     prov_list = doc.get("providers") or []
     for upath, var in subst.unset:
-        idx = _provider_index(upath, source, doc)
+        idx = _provider_index(upath, source)
         if idx is not None and isinstance(prov_list, list) and idx < len(prov_list):
             pid = str(prov_list[idx].get("id") or f"#{idx}")
             disabled.setdefault(pid, f"environment variable {var} is not set")
@@ -167,7 +167,7 @@ def _validate_sections(doc: dict[str, Any], problems: list[str]) -> Settings:
         return Settings.model_validate({k: v for k, v in values.items() if k not in bad})
 
 
-def _provider_index(upath: str, source: str, doc: Mapping[str, Any]) -> int | None:
+def _provider_index(upath: str, source: str) -> int | None:
     m = re.match(r"^providers(?:\.inference)?\[(\d+)\]", upath)
     if not m:
         return None
