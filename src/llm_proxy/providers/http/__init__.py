@@ -11,9 +11,10 @@ deflate body is still decoded, within the same size cap as a plain one). A non-s
 provider's `max_response_bytes`. Timers are lazy: one per wait, re-armed only if data arrived meanwhile.
 
 The package, by job: this module is the connection (`_Conn`: one `asyncio.Protocol`, the response parser and
-the waits); `pool` the connections per provider and origin; `proxy_env` the proxy environment; `client` the
-request encoding, `UpstreamResponse` and `UpstreamClient`; `exceptions` the client's own exceptions and the
-one mapping of them to ProxyErrors. The names callers use are re-exported here.
+the waits; here, so that the tunables below are the package's own and the connection reads them); `pool` the
+connections per provider and origin; `proxy_env` the proxy environment; `client` the request encoding,
+`UpstreamResponse` and `UpstreamClient`; `exceptions` the client's own exceptions and the one mapping of them
+to ProxyErrors. The names callers use are re-exported here.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import re
 import ssl
 
 from .exceptions import BadResponse, ProxyRefused, TooLarge, _Closed
+from .proxy_env import HttpProxy, ProxyEnv
 
 KEEPALIVE_SECONDS = 30.0  # an idle pooled connection older than this is closed instead of reused
 MAX_HEAD_BYTES = 64 * 1024  # status line + headers of one response
@@ -415,11 +417,10 @@ class _Conn(asyncio.Protocol):
         return data
 
 
-# The parts that build on the connection above: imported after it (each imports `_Conn` or these constants
-# from this package), then re-exported, so `from llm_proxy.providers.http import UpstreamClient` keeps working.
+# The parts that build on the connection: imported after it (they import `_Conn` and the constants from this
+# package), then re-exported, so `from llm_proxy.providers.http import UpstreamClient` keeps working.
 from .client import UpstreamClient, UpstreamResponse  # noqa: E402
 from .pool import _Pool  # noqa: E402
-from .proxy_env import HttpProxy, ProxyEnv  # noqa: E402
 
 __all__ = [
     "DEFAULT_MAX_BODY",
