@@ -12,12 +12,12 @@ import openai
 import orjson
 import pytest
 
-from llm_proxy.core.usage_memory import MemoryUsageSink
-from llm_proxy.errors import BadRequest, ProxyError
+from llm_proxy.errors import BadRequest, ProxyError, Unauthorized
 from llm_proxy.ingress.base import Call
 from llm_proxy.types import Principal, UsageEvent
 
 from ..conftest import Emulator, basic_config
+from ..core.test_resilience_e2e import RecordingSink
 from ..helpers import ProxyServer, native_config
 from .test_protocol import RecordingAuth
 
@@ -101,30 +101,28 @@ class KeyAuth(RecordingAuth):
     async def authenticate(self, headers: Mapping[str, str], peer: str | None) -> Principal:
         await super().authenticate(headers, peer)
         if headers.get("Authorization") != f"Bearer {ECHO_KEY}":
-            from llm_proxy.errors import Unauthorized
-
             raise Unauthorized("Unknown key")
         return self.principal
 
 
 @pytest.fixture()
-def echo(emulator: Emulator) -> Iterator[tuple[ProxyServer, MemoryUsageSink]]:
-    sink = MemoryUsageSink()
+def echo(emulator: Emulator) -> Iterator[tuple[ProxyServer, RecordingSink]]:
+    sink = RecordingSink()
     auth = KeyAuth(Principal(subject="echo-user", auth_method="test"))
     with ProxyServer(native_config(basic_config(emulator.base_url)), usage=sink, authenticator=auth,
                      ingresses=(EchoIngress(),)) as px:
         yield px, sink
 
 
-def _row(sink: MemoryUsageSink) -> UsageEvent:
-    ev: UsageEvent = sink.events[-1]
-    return ev
+def _row(sink: RecordingSink, rid: str) -> UsageEvent:
+    """The request's usage row (a stream's may come just after its last byte reached the client)."""
+    return sink.wait(lambda e: e.request_id == rid)
 
 
-async def _post(px: ProxyServer, body: Any, key: str | None = ECHO_KEY) -> tuple[int, str, bytes]:
+async def _post(px: ProxyServer, body: Any, key: str | None = ECHO_KEY) -> tuple[int, str, bytes, str]:
     headers = {"x-echo-key": key} if key else {}
     async with aiohttp.ClientSession() as s, s.post(px.url + "/v1/echo-chat", json=body, headers=headers) as r:
-        return r.status, r.headers.get("content-type", ""), await r.read()
+        return r.status, r.headers.get("content-type", ""), await r.read(), r.headers["x-request-id"]
 
 
 def _events(raw: bytes) -> list[tuple[str, Any]]:
@@ -136,29 +134,29 @@ def _events(raw: bytes) -> list[tuple[str, Any]]:
     return out
 
 
-async def test_a_made_up_api_answers_in_its_own_shape(echo: tuple[ProxyServer, MemoryUsageSink],
+async def test_a_made_up_api_answers_in_its_own_shape(echo: tuple[ProxyServer, RecordingSink],
                                                       emulator: Emulator) -> None:
     px, sink = echo
     emulator.script({"responses": [{"content": "one two three", "usage": {"prompt_tokens": 4,
                                                                           "completion_tokens": 3}}]})
-    status, ctype, raw = await _post(px, {"model": "openai/gpt-4o", "prompt": "count"})
+    status, ctype, raw, rid = await _post(px, {"model": "openai/gpt-4o", "prompt": "count"})
     assert status == 200 and ctype.startswith("application/json")
     assert orjson.loads(raw) == {"text": "one two three", "tokens": 7, "prompt": "count"}
     # The upstream got the neutral (OpenAI chat) body the ingress built.
     assert emulator.requests()[-1]["json"]["messages"] == [{"role": "user", "content": "count"}]
-    row = _row(sink)
+    row = _row(sink, rid)
     assert (row.status, row.endpoint, row.model, row.subject, row.total_tokens) == \
         (200, "chat.completions", "openai/gpt-4o", "echo-user", 7)
     # UsageEvent.client_api comes with migration 0005 (another branch): once there, the row names this API.
     assert getattr(row, "client_api", EchoIngress.name) == EchoIngress.name
 
 
-async def test_a_made_up_api_streams_in_its_own_framing(echo: tuple[ProxyServer, MemoryUsageSink],
+async def test_a_made_up_api_streams_in_its_own_framing(echo: tuple[ProxyServer, RecordingSink],
                                                         emulator: Emulator) -> None:
     px, sink = echo
     emulator.script({"responses": [{"content": "alpha beta gamma delta", "chunks": 4,
                                     "usage": {"prompt_tokens": 5, "completion_tokens": 4}}]})
-    status, ctype, raw = await _post(px, {"model": "openai/gpt-4o", "prompt": "go", "stream": True})
+    status, ctype, raw, rid = await _post(px, {"model": "openai/gpt-4o", "prompt": "go", "stream": True})
     assert status == 200 and ctype.startswith("text/event-stream")
     events = _events(raw)
     assert b"[DONE]" not in raw and b"chat.completion.chunk" not in raw  # nothing of OpenAI's framing
@@ -166,21 +164,21 @@ async def test_a_made_up_api_streams_in_its_own_framing(echo: tuple[ProxyServer,
     assert events[-2] == ("tokens", {"total": 9})
     deltas = [d["text"] for name, d in events if name == "delta"]
     assert len(deltas) > 1 and "".join(deltas) == "alpha beta gamma delta"
-    row = _row(sink)
+    row = _row(sink, rid)
     assert (row.status, row.streamed, row.total_tokens, row.error_type) == (200, True, 9, None)
 
 
-async def test_errors_come_in_the_apis_envelope(echo: tuple[ProxyServer, MemoryUsageSink],
+async def test_errors_come_in_the_apis_envelope(echo: tuple[ProxyServer, RecordingSink],
                                                emulator: Emulator) -> None:
     px, sink = echo
     # Refused by the ingress's own validation.
-    status, _, raw = await _post(px, {"model": "openai/gpt-4o"})
+    status, _, raw, rid = await _post(px, {"model": "openai/gpt-4o"})
     assert status == 400 and orjson.loads(raw) == {"failure": {"reason": "'model' and 'prompt' must be strings",
                                                                "kind": "bad_echo"}}
-    assert (_row(sink).status, _row(sink).error_type, _row(sink).model) == (400, "invalid_request_error",
-                                                                            "openai/gpt-4o")
+    row = _row(sink, rid)
+    assert (row.status, row.error_type, row.model) == (400, "invalid_request_error", "openai/gpt-4o")
     # Refused by the core (no such model) and by the exchange (not JSON): same envelope, same statuses.
-    status, _, raw = await _post(px, {"model": "nope", "prompt": "x"})
+    status, _, raw, rid = await _post(px, {"model": "nope", "prompt": "x"})
     assert status == 404 and orjson.loads(raw)["failure"]["kind"] == "model_not_found"
     async with aiohttp.ClientSession() as s, s.post(px.url + "/v1/echo-chat", data=b"{nope",
                                                     headers={"x-echo-key": ECHO_KEY,
@@ -188,35 +186,38 @@ async def test_errors_come_in_the_apis_envelope(echo: tuple[ProxyServer, MemoryU
         assert r.status == 400 and orjson.loads(await r.read())["failure"]["kind"] == "invalid_json"
     # An upstream error, before anything was sent.
     emulator.script({"responses": [{"error": {"status": 429, "message": "slow down"}}]})
-    status, _, raw = await _post(px, {"model": "openai/gpt-4o", "prompt": "x"})
+    status, _, raw, rid = await _post(px, {"model": "openai/gpt-4o", "prompt": "x"})
     assert status == 429 and "failure" in orjson.loads(raw) and b'"error"' not in raw
     # Its credentials header is what reaches the authenticator; without it, a 401 in its envelope.
-    status, _, raw = await _post(px, {"model": "openai/gpt-4o", "prompt": "x"}, key=None)
+    status, _, raw, rid = await _post(px, {"model": "openai/gpt-4o", "prompt": "x"}, key=None)
     assert status == 401 and orjson.loads(raw)["failure"]["kind"] == "invalid_token"
-    assert (_row(sink).status, _row(sink).endpoint) == (401, "chat.completions")
+    row = _row(sink, rid)
+    assert (row.status, row.endpoint) == (401, "chat.completions")
 
 
 async def test_a_stream_cut_by_the_upstream_ends_with_the_apis_failure_event(
-        echo: tuple[ProxyServer, MemoryUsageSink], emulator: Emulator) -> None:
+        echo: tuple[ProxyServer, RecordingSink], emulator: Emulator) -> None:
     px, sink = echo
     emulator.script({"responses": [{"content": "a b c d e f", "chunks": 6, "disconnect_after_chunks": 3}]})
-    status, _, raw = await _post(px, {"model": "openai/gpt-4o", "prompt": "go", "stream": True})
+    status, _, raw, rid = await _post(px, {"model": "openai/gpt-4o", "prompt": "go", "stream": True})
     assert status == 200
     events = _events(raw)
     assert events[0][0] == "delta" and events[-1][0] == "failure"
     assert events[-1][1]["failure"]["kind"] == "upstream_unreachable"  # (the core's error, in this API's shape)
     assert all(name != "end" for name, _ in events)
-    assert (_row(sink).status, _row(sink).error_type) == (502, "api_error")
+    row = _row(sink, rid)
+    assert (row.status, row.error_type) == (502, "api_error")
 
 
-def test_the_openai_apis_are_served_beside_it(echo: tuple[ProxyServer, MemoryUsageSink]) -> None:
+def test_the_openai_apis_are_served_beside_it(echo: tuple[ProxyServer, RecordingSink]) -> None:
     px, sink = echo
     sdk = openai.OpenAI(base_url=px.base_url, api_key=ECHO_KEY, max_retries=0)
     reply = sdk.chat.completions.create(model="openai/gpt-4o", messages=[{"role": "user", "content": "hi"}])
     assert reply.choices[0].message.content
     assert [c for c in sdk.chat.completions.create(model="openai/gpt-4o", stream=True,
                                                    messages=[{"role": "user", "content": "hi"}])]
-    assert [e.status for e in list(sink.events)[-2:]] == [200, 200]
+    sink.wait(lambda e: e.streamed and e.status == 200)
+    assert [e.status for e in sink.events] == [200, 200]
     with pytest.raises(openai.AuthenticationError) as info:  # OpenAI's envelope there, as always
         openai.OpenAI(base_url=px.base_url, api_key="wrong", max_retries=0).models.list()
     assert info.value.body is not None and "message" in info.value.body  # type: ignore[operator]

@@ -158,10 +158,11 @@ def exchange_handler(ingress: Ingress) -> Handler:
                 ctx.limit = await limiter.admit(principal, route.canonical, call.endpoint, ctx.request_id)
             result = await gateway.handle(ctx, call, route)
             if isinstance(result, bytes):
+                reply = ingress.render(call, result)
                 ctx.status = 200
                 if svc.store_completions:
                     ctx.completion = ingress.capture(call, result)  # picked up by the ledger (its `extra`)
-                return web.Response(body=ingress.render(call, result), content_type=_JSON,
+                return web.Response(body=reply, content_type=_JSON,
                                     headers=ctx.limit.headers if ctx.limit is not None else None)
 
             # A stream: its first frame is in hand (StreamSession); the upstream is open until it ends.
@@ -197,16 +198,17 @@ def exchange_handler(ingress: Ingress) -> Handler:
                 recorded = True
                 record(svc, ctx)
                 await resp.write(framer.end())
-            except ProxyError as exc:
-                # Headers are gone: the status cannot change. Tell the client in-band and end the stream.
-                ctx.status, ctx.error_type = exc.status, ledger_error_type(exc)
-                try:
-                    await resp.write(framer.error(exc))
-                except ConnectionError:
-                    pass
             except ConnectionError:
                 ctx.status, ctx.error_type = 499, "client_disconnected"
                 return resp
+            except Exception as exc:  # the upstream's (a ProxyError), or a framer's fault (logged: a 500)
+                # Headers are gone: the status cannot change. Tell the client in-band and end the stream.
+                err = as_proxy_error(exc, ctx.request_id, request.path)
+                ctx.status, ctx.error_type = err.status, ledger_error_type(err)
+                try:
+                    await resp.write(framer.error(err))
+                except ConnectionError:
+                    pass
             try:
                 await resp.write_eof()
             except ConnectionError:
