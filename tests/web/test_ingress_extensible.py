@@ -147,8 +147,7 @@ async def test_a_made_up_api_answers_in_its_own_shape(echo: tuple[ProxyServer, R
     row = _row(sink, rid)
     assert (row.status, row.endpoint, row.model, row.subject, row.total_tokens) == \
         (200, "chat.completions", "openai/gpt-4o", "echo-user", 7)
-    # UsageEvent.client_api comes with migration 0005 (another branch): once there, the row names this API.
-    assert getattr(row, "client_api", EchoIngress.name) == EchoIngress.name
+    assert row.client_api == EchoIngress.name == "test.echo"  # the row names the client API
 
 
 async def test_a_made_up_api_streams_in_its_own_framing(echo: tuple[ProxyServer, RecordingSink],
@@ -217,7 +216,12 @@ def test_the_openai_apis_are_served_beside_it(echo: tuple[ProxyServer, Recording
     assert [c for c in sdk.chat.completions.create(model="openai/gpt-4o", stream=True,
                                                    messages=[{"role": "user", "content": "hi"}])]
     sink.wait(lambda e: e.streamed and e.status == 200)
-    assert [e.status for e in sink.events] == [200, 200]
+    assert [(e.status, e.client_api) for e in sink.events] == [(200, "openai.chat"), (200, "openai.chat")]
+    sdk.embeddings.create(model="openai/text-embedding-3-small", input="hi")
+    sdk.completions.create(model="openai/gpt-4o", prompt="hi")
+    sink.wait(lambda e: e.endpoint == "completions")
+    assert [(e.endpoint, e.client_api) for e in list(sink.events)[2:]] == [
+        ("embeddings", "openai.embeddings"), ("completions", "openai.completions")]
     with pytest.raises(openai.AuthenticationError) as info:  # OpenAI's envelope there, as always
         openai.OpenAI(base_url=px.base_url, api_key="wrong", max_retries=0).models.list()
     assert info.value.body is not None and "message" in info.value.body  # type: ignore[operator]
