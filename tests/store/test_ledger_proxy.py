@@ -234,7 +234,7 @@ async def test_usage_report_by_group(proxy: ProxyServer, repo: UsageRepo, emulat
     tokens = {u: sum(s.usage[2] for _, s in done if s.user == u and s.usage) for u in ("ivy", "jack", "kim")}
     await wait_rows(repo, [rid for rid, _ in done])
     row = await repo.get_event(done[0][0])
-    assert row is not None and row["groups"] == ["grp-red", "grp-blue"] and row["client_api"] is None
+    assert row is not None and row["groups"] == ["grp-red", "grp-blue"] and row["client_api"] == "openai.chat"
     kim_row = await repo.get_event(done[3][0])
     assert kim_row is not None and kim_row["groups"] is None  # no groups: stored as none
 
@@ -251,7 +251,7 @@ async def test_usage_report_by_group(proxy: ProxyServer, repo: UsageRepo, emulat
 
         status, doc = await get("kim", "?group_by=group,client_api")
         assert status == 200 and [(r["group"], r["client_api"], r["requests"]) for r in doc["data"]] == [
-            (None, None, 1)]
+            (None, "openai.chat", 1)]
 
         status, doc = await get("root", "?group_by=group")
         assert status == 200 and doc["scope"] == "all"
