@@ -15,10 +15,11 @@ import pytest
 import pytest_asyncio
 from sqlalchemy import text
 
-from llm_proxy.core.usage import UsageLedger, _journal_line
+from llm_proxy.core.usage import UsageLedger
 from llm_proxy.store.connect import open_ledger_db
 from llm_proxy.store.db import create_engine, upgrade_url
-from llm_proxy.store.ledger_db import HEAD_REVISION, JOURNAL_FIELDS, LedgerDB, event_from_line
+from llm_proxy.store.journal_format import JOURNAL_FIELDS, _journal_line, event_from_line
+from llm_proxy.store.ledger_db import HEAD_REVISION, LedgerDB
 from llm_proxy.store.repos import UsageRepo
 from llm_proxy.types import UsageEvent
 

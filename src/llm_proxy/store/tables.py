@@ -26,7 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.types import DateTime, TypeDecorator
 
-from .ledger_db import ID_LEN, NAME_LEN, SHORT_LEN, check_table_prefix
+from .inserts import ID_LEN, NAME_LEN, SHORT_LEN, check_table_prefix
 
 
 class UtcDateTime(TypeDecorator[datetime]):
