@@ -27,8 +27,9 @@ from pathlib import Path
 
 import asyncpg
 
-from llm_proxy.core.usage import UsageLedger, _journal_line
+from llm_proxy.core.usage import UsageLedger
 from llm_proxy.store.db import create_engine, upgrade
+from llm_proxy.store.journal_format import _journal_line
 from llm_proxy.store.repos import UsageRepo
 from llm_proxy.types import UsageEvent
 

@@ -14,10 +14,11 @@ import pytest
 import pytest_asyncio
 from sqlalchemy import text
 
-from llm_proxy.core import usage as usage_mod
-from llm_proxy.core.usage import UsageLedger, _journal_line, iter_journal
+from llm_proxy.core.usage import UsageLedger
+from llm_proxy.store import journal as journal_mod
 from llm_proxy.store.db import create_engine, upgrade
-from llm_proxy.store.ledger_db import JOURNAL_FIELDS, event_from_line
+from llm_proxy.store.journal import iter_journal
+from llm_proxy.store.journal_format import JOURNAL_FIELDS, _journal_line, event_from_line
 from llm_proxy.store.repos import UsageRepo
 from llm_proxy.types import UsageEvent
 
@@ -318,11 +319,13 @@ def test_journal_line_round_trips_every_field() -> None:
         request_id="req_rt", started_at=1.5, ended_at=2.5, endpoint="embeddings", status=429, subject="s",
         username="u", model="m", provider_id="p", upstream_model="um", streamed=True, error_type="rate_limit",
         prompt_tokens=11, completion_tokens=12, total_tokens=23, cached_tokens=5, latency_ms=3.25, ttft_ms=1.75,
-        upstream_latency_ms=2.125, attempts=3, extra={"k": [1, "v"]},
+        upstream_latency_ms=2.125, attempts=3, extra={"k": [1, "v"]}, groups=("team-a", "team-b"),
+        client_api="openai.embeddings",
     )  # fmt: skip
     assert len({repr(getattr(e, f)) for f in JOURNAL_FIELDS}) == len(JOURNAL_FIELDS)  # all distinct: order shows
     line = _journal_line(e)
-    assert orjson.loads(line) == [getattr(e, f) for f in JOURNAL_FIELDS]
+    values = [getattr(e, f) for f in JOURNAL_FIELDS]
+    assert orjson.loads(line) == [list(v) if isinstance(v, tuple) else v for v in values]  # groups: an array
     assert event_from_line(line) == e
     assert event_from_line(orjson.dumps(e)) == e  # the object form of earlier versions
     # a newer version's longer line, an older version's shorter one
@@ -338,7 +341,7 @@ async def test_journal_with_and_without_a_mapping(
     """Where space cannot be reserved (no posix_fallocate, a file system without it, a full disk) the journal is
     written with pwrite: same file contents, same rotation."""
     if not mapped:
-        monkeypatch.setattr(usage_mod, "_CAN_MAP", False)
+        monkeypatch.setattr(journal_mod, "_CAN_MAP", False)
     url = f"sqlite+aiosqlite:///{tmp_path / 'm.db'}"
     spool = tmp_path / "spool"
     ledger = UsageLedger(url, spool, flush_interval=60, batch_size=10**6, segment_bytes=8192)
@@ -373,7 +376,7 @@ async def test_journal_with_and_without_a_mapping(
 async def test_large_caught_up_segment_is_kept_not_zeroed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Emptying a caught-up mapped segment in place is bounded (zeroing holds the event loop): above that the
     segment keeps its committed lines until it is full, and they no longer count as spooled."""
-    monkeypatch.setattr(usage_mod, "_TRIM_BYTES", 4096)
+    monkeypatch.setattr(journal_mod, "_TRIM_BYTES", 4096)
     url = f"sqlite+aiosqlite:///{tmp_path / 'k.db'}"
     spool = tmp_path / "spool"
     ledger = UsageLedger(url, spool, flush_interval=60, segment_bytes=1 << 20)

@@ -21,14 +21,8 @@ from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from llm_proxy.core.usage import UsageLedger
 from llm_proxy.store.connect import open_ledger_db
 from llm_proxy.store.db import _sqlite_path, create_engine, normalize_url
-from llm_proxy.store.ledger_db import (
-    HEAD_REVISION,
-    MigrationFailed,
-    PgLedgerDB,
-    SqliteLedgerDB,
-    migrate_in_child,
-    parse_db_url,
-)
+from llm_proxy.store.db_url import parse_db_url
+from llm_proxy.store.ledger_db import HEAD_REVISION, MigrationFailed, PgLedgerDB, SqliteLedgerDB, migrate_in_child
 from llm_proxy.store.repos import UsageRepo
 from llm_proxy.types import UsageEvent
 

@@ -135,4 +135,7 @@ async def test_kill9_under_load_then_restart(emulator: Emulator, db_url: str, tm
     assert await restarted.stop(signal.SIGTERM) == 0
     await client.close()
     assert [p for p in spool.rglob("*") if p.is_file()] == []  # replayed, committed, journal removed
-    assert any('"usage journal replayed"' in line for line in restarted.lines)
+    if in_db_at_kill < len(killed_with):
+        # Rows were missing at the kill: they came from the journal (when the writer had committed everything
+        # before the kill, the journal holds no line to replay and the restart says nothing about it).
+        assert any('"usage journal replayed"' in line for line in restarted.lines)

@@ -10,7 +10,8 @@ import pytest
 
 from llm_proxy.store.connect import open_ledger_db
 from llm_proxy.store.db import upgrade_url
-from llm_proxy.store.ledger_db import HEAD_REVISION, JOURNAL_FIELDS
+from llm_proxy.store.journal_format import JOURNAL_FIELDS
+from llm_proxy.store.ledger_db import HEAD_REVISION
 
 from .dbutil import create_pg_database, drop_pg_database, pg_available, pg_url
 

@@ -5,15 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import errno
-import fcntl
 import logging
-import mmap
 import os
-import secrets
 import time
 from collections import deque
-from collections.abc import Iterable
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -22,118 +17,27 @@ import orjson
 
 from ..config import LoadedConfig
 from ..store.connect import open_ledger_db
-from ..store.ledger_db import JOURNAL_FIELDS, LedgerDB, event_from_line, line_fields, parse_db_url
+from ..store.db_url import parse_db_url
+from ..store.journal import (
+    _BATCH_BYTES,
+    Journal,
+    _Cursor,
+    _list_segments,
+    _orphan_lock,
+    _read_lines,
+    _read_tail,
+    _remove_dir,
+)
+from ..store.journal_format import _OPTS, _default, _journal_line, _readable, _sanitized
+from ..store.ledger_db import LedgerDB
 from ..types import UsageEvent
 
 log = logging.getLogger("llm_proxy.usage")
 
-_OPTS = orjson.OPT_APPEND_NEWLINE  # (OPT_NON_STR_KEYS halves the speed; _sanitized() covers such keys)
-_INT_FIELDS = ("status", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "attempts")
-_INT8_MAX = 2**63 - 1
-_DIR_PREFIX = "ledger-"
-_LOCK = ".lock"
-_SEG_PREFIX = "seg-"
-_SEG_SUFFIX = ".jsonl"
 _REJECTED = "rejected.jsonl"
-_READ_CHUNK = 1 << 20
-_BATCH_BYTES = 32 << 20  # a batch also stops here (stored completions can make lines large)
 _BACKOFF_MIN = 0.05
 _BACKOFF_MAX = 5.0
 _BACKLOG_WARN = 1000
-_TRIM_BYTES = 1 << 20  # a journal mapping keeps at most about this much of it resident
-_ZEROS = bytes(_TRIM_BYTES)
-_CAN_MAP = hasattr(os, "posix_fallocate")  # Linux: the journal is written through a mapping
-
-
-def _default(value: Any) -> Any:
-    return str(value)
-
-
-def _journal_line(e: UsageEvent) -> bytes:
-    """One journal line: the event's fields as a JSON array, in the order of JOURNAL_FIELDS."""
-    return orjson.dumps(
-        (e.request_id, e.started_at, e.ended_at, e.endpoint, e.status, e.subject, e.username, e.model, e.provider_id,
-         e.upstream_model, e.streamed, e.error_type, e.prompt_tokens, e.completion_tokens, e.total_tokens,
-         e.cached_tokens, e.latency_ms, e.ttft_ms, e.upstream_latency_ms, e.attempts, e.extra, e.usage_estimated,
-         e.cost_usd),
-        default=_default,
-        option=_OPTS,
-    )  # fmt: skip
-
-
-if len(JOURNAL_FIELDS) != 23:  # _journal_line() lists them by hand (a tuple: faster than a loop)
-    raise RuntimeError("UsageEvent changed: update _journal_line() and append the new fields at the end")
-
-
-def _readable(line: bytes) -> Any:
-    """A journal line as a JSON object keyed by field name (for logs and rejected.jsonl), else None."""
-    try:
-        return line_fields(orjson.loads(line))
-    except (orjson.JSONDecodeError, ValueError):
-        return None
-
-
-def _clamp(value: Any) -> Any:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return max(-_INT8_MAX, min(value, _INT8_MAX))
-    return value
-
-
-def _sanitized(event: UsageEvent) -> UsageEvent:
-    """A JSON-safe copy of an event orjson refused (an integer beyond 64 bits, an odd `extra`)."""
-    changes: dict[str, Any] = {f: _clamp(getattr(event, f)) for f in _INT_FIELDS}
-    try:
-        extra = orjson.loads(orjson.dumps(event.extra, default=repr, option=orjson.OPT_NON_STR_KEYS))
-    except (TypeError, orjson.JSONEncodeError):
-        extra = {"unserializable": repr(event.extra)[:2000]}
-    changes["extra"] = extra
-    return dataclasses.replace(event, **changes)
-
-
-def _read_lines(path: str, offset: int, limit: int, max_lines: int) -> tuple[list[bytes], int]:
-    """Complete lines of `path` from `offset`, never past byte `limit`; returns (lines, bytes consumed).
-
-    Stops after `max_lines` lines or about _BATCH_BYTES bytes, whichever comes first."""
-    lines: list[bytes] = []
-    consumed = 0
-    buf = b""
-    with open(path, "rb") as f:
-        f.seek(offset)
-        pos = offset
-        while len(lines) < max_lines and pos < limit and consumed < _BATCH_BYTES:
-            chunk = f.read(min(_READ_CHUNK, limit - pos))
-            if not chunk:
-                break
-            pos += len(chunk)
-            buf += chunk
-            start = 0
-            while len(lines) < max_lines:
-                nl = buf.find(b"\n", start)
-                if nl < 0:
-                    break
-                lines.append(buf[start:nl])
-                consumed += nl + 1 - start
-                start = nl + 1
-            buf = buf[start:]
-    return lines, consumed
-
-
-@dataclasses.dataclass(slots=True, eq=False)
-class _Segment:
-    path: str
-    first_seq: int
-    end_seq: int
-    size: int = 0
-    closed: bool = False
-
-
-@dataclasses.dataclass(slots=True)
-class _Cursor:
-    """A position in this process's journal: a segment, a byte offset in it, and the row number there."""
-
-    seg: _Segment
-    offset: int
-    seq: int
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -146,7 +50,7 @@ class _Batch:
     task: asyncio.Task[None]
 
 
-class UsageLedger:
+class UsageLedger(Journal):
     """UsageSink that never blocks and never drops.
 
     record() serialises the event as one JSON array line and copies it into the current journal segment
@@ -179,33 +83,21 @@ class UsageLedger:
         table_prefix: str = "",
     ) -> None:
         url = parse_db_url(database_url)  # fail early on an unsupported URL
+        super().__init__(spool_dir, segment_bytes)
         self._table_prefix = table_prefix
         # Batches in flight at once. PostgreSQL: two, so one backend works while the next batch travels (and
         # a second core helps); SQLite serialises writers anyway.
         self._concurrency = concurrency or (1 if url.backend == "sqlite" else 2)
         self.database_url = database_url
-        self.spool_dir = Path(spool_dir)
         self._batch_size = batch_size
         self._interval = flush_interval
         self._queue_size = queue_size
         self._auto_migrate = auto_migrate
-        self._segment_bytes = segment_bytes
         self._close_timeout = close_timeout
         self._migrate_timeout = migrate_timeout
         self._scan_interval = orphan_scan_interval
         self._db: LedgerDB | None = None  # asyncpg / aiosqlite directly: no SQLAlchemy on the write path
 
-        self._dir: Path | None = None
-        self._lock_fd = -1
-        self._fd = -1
-        self._mm: mmap.mmap | None = None  # the active segment's reserved space, mapped
-        self._cap = 0  # bytes of it
-        self._limit = 0  # record() copies lines ending at or below this offset straight into the mapping
-        self._active_done = 0  # bytes at the start of the active segment known to be committed
-        self._trimmed = 0  # mapped pages below this offset were let go (_trim)
-        self._segments: deque[_Segment] = deque()
-        self._active: _Segment | None = None
-        self._seq = 0  # rows journaled by this process
         self._committed = 0  # rows [0, _committed) are in the database
         # Journal lines of rows [_committed, cursor.seq or _seq): the in-memory queue.
         self._mem: deque[bytes] = deque()
@@ -223,13 +115,9 @@ class UsageLedger:
         self._started = False
         self._stopping = False
         self._closed = False
-        self._late_fd = -1
-        self._late_lock_fd = -1
 
         self._db_ok: bool | None = None
         self._schema_ok = not auto_migrate
-        self._last_error: str | None = None
-        self._journal_error: str | None = None
         self._written = 0
         self._duplicates = 0
         self._rejected = 0
@@ -312,141 +200,9 @@ class UsageLedger:
         self._loose.append(line[:-1])  # right-sized, as in record()
         self._wake.set()
 
-    def _write_slow(self, line: bytes) -> int:
-        """record()'s write when the line does not fit below the mapping's fast-path limit: past a trim point,
-        into a new segment, or with pwrite. Returns the line's offset in the (then) active segment, -1 when
-        the journal failed (the line is then kept in memory)."""
-        rotated = False
-        while True:
-            seg = self._active
-            assert seg is not None
-            offset = seg.size
-            end = offset + len(line)
-            mm = self._mm
-            if mm is not None and end <= self._cap:
-                self._trim(offset)
-                mm[offset:end] = line
-                return offset
-            if rotated or not offset or end <= self._segment_bytes:
-                break
-            self._rotate()
-            rotated = True
-        return offset if self._pwrite(seg, line) else -1
-
-    def _trim(self, offset: int) -> None:
-        """Let go of the mapped pages behind `offset` (they stay in the page cache, dirty until written back:
-        the journal's contents are unaffected), so that a worker's resident memory does not grow by a whole
-        segment; the next call is due _TRIM_BYTES further on."""
-        page = offset - offset % mmap.PAGESIZE
-        if page > self._trimmed and self._mm is not None:
-            try:
-                self._mm.madvise(mmap.MADV_DONTNEED, self._trimmed, page - self._trimmed)
-            except (OSError, ValueError):  # only memory accounting is at stake
-                pass
-            self._trimmed = page
-        self._limit = min(self._cap, (offset // _TRIM_BYTES + 1) * _TRIM_BYTES)
-
-    def _pwrite(self, seg: _Segment, line: bytes) -> bool:
-        """The journal write without a mapping (none could be set up, or a line larger than a segment)."""
-        offset = seg.size
-        try:
-            n = os.pwrite(self._fd, line, offset)
-        except OSError as exc:
-            self._journal_failed(line, exc)
-            return False
-        if n != len(line):  # a short write (disk full): cut the partial line off again
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, offset)
-            self._journal_failed(line, OSError(f"short write to {seg.path}"))
-            return False
-        return True
-
-    def _journal_failed(self, line: bytes, exc: OSError) -> None:
-        msg = f"journal write failed: {exc}"
-        if self._journal_error != msg:
-            log.error("usage journal write failed; keeping events in memory", extra={"error": str(exc)})
-        self._journal_error = self._last_error = msg
-        self._loose.append(line[:-1])
+    def _unjournaled(self, line: bytes) -> None:
+        self._loose.append(line[:-1])  # right-sized, as in record()
         self._wake.set()
-
-    def _record_late(self, line: bytes) -> None:
-        """An event after close(): journal it in a new directory that the next start replays."""
-        try:
-            if self._late_fd < 0:
-                # Locked until this process exits (the lock is never released explicitly), so that no
-                # other process replays and deletes it while lines may still be appended.
-                late, self._late_lock_fd = self._new_locked_dir("late-")
-                self._late_fd = os.open(
-                    late / f"{_SEG_PREFIX}{0:012d}{_SEG_SUFFIX}",
-                    os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                    0o600,
-                )
-            os.write(self._late_fd, line)
-        except OSError as exc:
-            log.error("usage event after shutdown could not be journaled", extra={"error": str(exc),
-                                                                                  "event": line.decode()})
-
-    def _open_segment(self, first_seq: int) -> None:
-        assert self._dir is not None
-        path = str(self._dir / f"{_SEG_PREFIX}{first_seq:012d}{_SEG_SUFFIX}")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        seg = _Segment(path, first_seq, first_seq, os.fstat(fd).st_size)
-        self._close_active()
-        self._fd = fd
-        self._active = seg
-        self._active_done = 0
-        self._segments.append(seg)
-        self._map()
-
-    def _map(self) -> None:
-        """Map the active segment's reserved space: record() then copies each line into it.
-
-        The space is allocated first (posix_fallocate), so a write into the mapping can never meet a full
-        disk (which would kill the process with SIGBUS). The tail past the last line reads as NUL bytes,
-        which no journal line contains: readers stop there. Where space cannot be reserved (a full disk, a
-        file system without fallocate) record() writes with pwrite instead."""
-        seg = self._active
-        if seg is None or not _CAN_MAP or self._segment_bytes <= seg.size:
-            return
-        cap = self._segment_bytes
-        try:
-            os.posix_fallocate(self._fd, 0, cap)
-            self._mm = mmap.mmap(self._fd, cap, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except OSError as exc:
-            self._mm, self._cap, self._limit = None, 0, 0
-            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
-                log.warning("usage journal: cannot reserve segment space; writing without a mapping",
-                            extra={"path": seg.path, "error": str(exc)})
-            return
-        self._cap = cap
-        self._trimmed = 0
-        self._trim(seg.size)
-
-    def _unmap(self) -> None:
-        mm, self._mm, self._cap, self._limit = self._mm, None, 0, 0
-        if mm is not None:
-            mm.close()
-
-    def _close_active(self) -> None:
-        """Close the active segment: unmapped and cut to its lines (no reserved NUL tail left behind)."""
-        seg, fd = self._active, self._fd
-        self._unmap()
-        if fd >= 0:
-            if seg is not None:
-                with contextlib.suppress(OSError):
-                    os.ftruncate(fd, seg.size)
-            os.close(fd)
-        self._fd = -1
-        if seg is not None:
-            seg.closed = True
-        self._active = None
-
-    def _rotate(self) -> None:
-        try:
-            self._open_segment(self._seq)
-        except OSError as exc:  # keep appending to the current segment (with pwrite past its mapping)
-            self._journal_error = self._last_error = f"journal rotation failed: {exc}"
-            log.error("usage journal rotation failed", extra={"error": str(exc)})
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -475,21 +231,6 @@ class UsageLedger:
             await self._ping()
         self._task = asyncio.create_task(self._run(), name="usage-ledger-writer")
 
-    def _new_locked_dir(self, tag: str = "") -> tuple[Path, int]:
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
-        name = f"{_DIR_PREFIX}{tag}{os.getpid()}-{secrets.token_hex(4)}"
-        tmp = self.spool_dir / f".{name}"
-        tmp.mkdir()
-        fd = os.open(tmp / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        final = self.spool_dir / name
-        os.rename(tmp, final)  # only now visible to other processes' orphan scans, already locked
-        return final, fd
-
-    def _open_own_dir(self) -> None:
-        self._dir, self._lock_fd = self._new_locked_dir()
-        self._open_segment(0)
-
     async def close(self) -> None:
         if self._stopping:
             return
@@ -510,14 +251,7 @@ class UsageLedger:
         self._close_active()
         self._closed = True
         if backlog == 0 and self._dir is not None:
-            for seg in self._segments:
-                with contextlib.suppress(OSError):
-                    os.unlink(seg.path)
-            self._segments.clear()
-            with contextlib.suppress(OSError):
-                os.unlink(self._dir / _LOCK)
-            with contextlib.suppress(OSError):
-                self._dir.rmdir()
+            self._remove_own_dir()
         elif backlog:
             log.warning(
                 "database unreachable at shutdown: events stay in the journal and are written at next start",
@@ -529,9 +263,7 @@ class UsageLedger:
                 log.error("usage event could not be stored",
                           extra={"event": _readable(line) or line.decode("utf-8", "replace")})
             self._loose.clear()
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        self._unlock()
         for _, fut in self._waiters:
             if not fut.done():
                 fut.set_result(None)
@@ -669,13 +401,6 @@ class UsageLedger:
         self._taken += len(lines)
         return _Batch(lines, end, asyncio.create_task(self._write(lines)))
 
-    def _next_segment(self, seg: _Segment) -> _Segment:
-        it = iter(self._segments)
-        for s in it:
-            if s is seg:
-                return next(it)
-        raise RuntimeError("journal segment list lost its order")
-
     def _complete(self, batch: _Batch) -> None:
         """A batch is committed (batches complete in the order they were taken)."""
         n = len(batch.lines)
@@ -690,50 +415,10 @@ class UsageLedger:
         if cur is not None and cur.seq >= self._seq:
             self._cursor = self._read_at = None
             log.info("usage writer caught up with the journal; back to the in-memory queue")
-        self._collect_segments()
-        self._notify()
-
-    def _collect_segments(self) -> None:
-        """Delete closed segments whose rows are all committed; empty the active one when caught up."""
-        segs = self._segments
         reading = self._cursor.seg if self._cursor is not None else None
-        while segs and segs[0].closed and segs[0].end_seq <= self._committed and segs[0] is not reading:
-            seg = segs.popleft()
-            try:
-                os.unlink(seg.path)
-            except OSError as exc:
-                log.warning("cannot delete journal segment", extra={"path": seg.path, "error": str(exc)})
-        active = self._active
-        if active is not None and active.size and self._taken == self._committed == self._seq and self._cursor is None:
-            if self._mm is not None:
-                if active.size > _TRIM_BYTES:
-                    # Zeroing more would hold the event loop for over ~0.1 ms: the segment goes on filling up
-                    # and is deleted once full and committed (a replay after kill -9 re-inserts its committed
-                    # rows, which the database ignores).
-                    self._active_done = active.size
-                    return
-                self._clear_mapped(active.size)
-            else:
-                try:
-                    os.ftruncate(self._fd, 0)
-                except OSError as exc:
-                    log.warning("cannot truncate journal segment", extra={"path": active.path, "error": str(exc)})
-                    return
-            active.size = 0
-            active.first_seq = self._seq
-            self._active_done = 0
-
-    def _clear_mapped(self, size: int) -> None:
-        """Empty the mapped active segment in place: its first byte becomes NUL (from then on it reads as empty),
-        then the rest of its lines are zeroed, so the invariant "NUL right after the last line" holds for what is
-        written next. Not truncated and reserved again: that changes file system metadata, and the first write
-        into the new space then waited 1-3 ms (the file system's journal) inside record()."""
-        mm = self._mm
-        assert mm is not None
-        mm[0] = 0
-        mm[1:size] = memoryview(_ZEROS)[: size - 1]  # size <= _TRIM_BYTES (_collect_segments)
-        self._trimmed = 0
-        self._trim(0)
+        caught_up = reading is None and self._taken == self._committed == self._seq
+        self._collect_segments(self._committed, reading, caught_up)
+        self._notify()
 
     def _notify(self) -> None:
         if not self._waiters:
@@ -875,27 +560,11 @@ class UsageLedger:
 
     # -- journals left behind by other processes ---------------------------------------------------
 
-    def _orphan_dirs(self) -> list[Path]:
-        try:
-            entries = sorted(self.spool_dir.iterdir())
-        except OSError:
-            return []
-        return [p for p in entries if p.name.startswith(_DIR_PREFIX) and p != self._dir and p.is_dir()]
-
     async def _scan_orphans(self) -> None:
         for d in self._orphan_dirs():
-            try:
-                fd = os.open(d / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            except OSError:
-                continue  # removed meanwhile
-            try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # a live process owns it
-                await self._replay_dir(d)
-            finally:
-                os.close(fd)
+            with _orphan_lock(d) as locked:
+                if locked:  # else removed meanwhile, or a live process owns it
+                    await self._replay_dir(d)
 
     async def _replay_dir(self, d: Path) -> None:
         segs = await asyncio.to_thread(_list_segments, d)
@@ -923,47 +592,3 @@ class UsageLedger:
         await asyncio.to_thread(_remove_dir, d)
         if rows:
             log.info("usage journal replayed", extra={"journal": str(d), "rows": rows})
-
-
-def _list_segments(d: Path) -> list[tuple[str, int]]:
-    out: list[tuple[str, int]] = []
-    for p in sorted(d.iterdir()):
-        if p.name.startswith(_SEG_PREFIX):
-            with contextlib.suppress(OSError):
-                out.append((str(p), _journal_size(str(p))))
-    return out
-
-
-def _journal_size(path: str) -> int:
-    """Bytes of journal in a segment file: up to its first NUL byte (a segment of a process that died keeps its
-    reserved tail of NULs, which no journal line contains), else the whole file."""
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_READ_CHUNK):
-            nul = chunk.find(0)
-            if nul >= 0:
-                return size + nul
-            size += len(chunk)
-    return size
-
-
-def _read_tail(path: str, offset: int, limit: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(max(0, limit - offset))
-
-
-def _remove_dir(d: Path) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(d / _LOCK)
-    with contextlib.suppress(OSError):
-        d.rmdir()
-
-
-def iter_journal(path: str | os.PathLike[str]) -> Iterable[UsageEvent]:
-    """Events of one journal segment file (for tools and tests)."""
-    with open(path, "rb") as f:
-        data = f.read(_journal_size(str(path)))
-    for line in data.splitlines():
-        if line.strip():
-            yield event_from_line(line)

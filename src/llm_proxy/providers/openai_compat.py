@@ -8,13 +8,25 @@ from typing import Any
 
 import orjson
 
-from ..config import ProviderSettings, max_tokens_field
+from ..config import ProviderSettings
 from ..errors import ProxyError, UpstreamError
 from ..types import Usage
 from .base import Endpoint, Target, UpstreamRequest
 from .credentials import KeySource, header_secrets
 from .sse import MAX_EVENT_BYTES, SSESplitter, event_too_large, frame
 from .upstream_errors import status_from, upstream_error
+
+# OpenAI-compatible servers that read only `max_tokens` (llama.cpp, Ollama, older vLLM): a client's
+# `max_completion_tokens` is renamed for them unless the provider says otherwise (max_tokens_field).
+MAX_TOKENS_RENAMED_TYPES = frozenset({"vllm", "ollama", "openai_compat"})
+
+
+def max_tokens_field(settings: ProviderSettings) -> str:
+    """The provider's max_tokens_field, or its type's default."""
+    if settings.max_tokens_field is not None:
+        return settings.max_tokens_field
+    return "max_tokens" if settings.type in MAX_TOKENS_RENAMED_TYPES else "as_sent"
+
 
 _PATHS: dict[str, str] = {
     "chat.completions": "/chat/completions",

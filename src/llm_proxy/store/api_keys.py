@@ -20,7 +20,9 @@ import orjson
 from ..types import API_KEY_PREFIX as KEY_PREFIX
 from ..types import ApiKeyRecord
 from .connect import open_ledger_db
-from .ledger_db import LedgerDB, check_table_prefix, parse_db_url
+from .db_url import parse_db_url
+from .inserts import check_table_prefix
+from .ledger_db import LedgerDB
 
 # aiosqlite logs every statement with its bound parameters at DEBUG: the key hashes must not go there.
 logging.getLogger("aiosqlite").setLevel(logging.INFO)

@@ -1,12 +1,13 @@
 """Opens the ledger's database by URL: the asyncpg / aiosqlite paths of ledger_db.py, else SQLAlchemy (repos.py).
 
 Apart from ledger_db.py so that the serving path's module never imports the SQLAlchemy one (import-linter holds
-the store's layers: repos above db above tables above ledger_db).
+the store's layers: repos above db above tables above ledger_db and the modules it builds on).
 """
 
 from __future__ import annotations
 
-from .ledger_db import LedgerDB, PgLedgerDB, SqliteLedgerDB, parse_db_url
+from .db_url import parse_db_url
+from .ledger_db import LedgerDB, PgLedgerDB, SqliteLedgerDB
 
 
 def open_ledger_db(raw_url: str, *, connections: int = 2, table_prefix: str = "") -> LedgerDB:

@@ -20,7 +20,9 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
-from .ledger_db import ASYNC_DRIVERS, HEAD_REVISION, backend_of, statements
+from .db_url import ASYNC_DRIVERS, backend_of
+from .inserts import statements
+from .ledger_db import HEAD_REVISION
 
 log = logging.getLogger("llm_proxy.store")
 logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # one INFO line per plugin per run

@@ -1,7 +1,7 @@
 """The ledger's database through an SQLAlchemy engine (tests, tools, and URLs only SQLAlchemy connects to).
 
-Every statement is in store/ledger_db.py and runs on the engine's driver connections (asyncpg, aiosqlite),
-so UsageRepo and the serving process's direct connections behave the same. The helpers at the end of
+Every statement is in store/inserts.py and store/reads.py and runs on the engine's driver connections (asyncpg,
+aiosqlite), so UsageRepo and the serving process's direct connections behave the same. The helpers at the end of
 UsageRepo (count_events, event_ids, get_event) are for tests and tools.
 """
 
@@ -17,7 +17,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ..types import UsageEvent
 from .db import create_engine, upgrade
-from .ledger_db import GROUP_KEYS, LedgerDB, event_from_line, is_driver_row_error
+from .journal_format import event_from_line
+from .ledger_db import LedgerDB, is_driver_row_error
+from .reads import GROUP_KEYS
 from .tables import ledger_tables
 
 T = TypeVar("T")

@@ -9,7 +9,7 @@ from alembic import context
 from sqlalchemy.engine import Connection
 
 from llm_proxy.store.db import create_engine
-from llm_proxy.store.ledger_db import statements
+from llm_proxy.store.inserts import statements
 from llm_proxy.store.tables import ledger_tables
 
 config = context.config
