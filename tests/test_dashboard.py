@@ -39,7 +39,7 @@ ROOT_USER = "f3b1c1a0-0000-4000-8000-0000000000ad"  # role llm-admin: a policy a
 
 
 def _events() -> list[UsageEvent]:
-    """Rows over the last three weeks: two users, two models, some errors and streams."""
+    """Rows over the last three weeks: two users, two models, groups (several, one, none), some errors and streams."""
     now = time.time()
     out = []
     for i in range(24):
@@ -47,6 +47,10 @@ def _events() -> list[UsageEvent]:
         model = "openai/gpt-4o" if i % 2 else "openai/gpt-4o-mini"
         status = 502 if i % 7 == 0 else 200
         started = now - (i % 20) * 86400 - 60
+        if who[0] == ALICE:
+            groups: tuple[str, ...] | None = None if i % 5 == 0 else ("eng", "ml") if i % 2 else ("eng",)
+        else:
+            groups = ("sales",) if i % 2 else None
         out.append(UsageEvent(
             request_id=f"req_dash_{i:04d}_{int(now)}", started_at=started, ended_at=started + 0.5,
             endpoint="chat.completions", status=status, subject=who[0], username=who[1], model=model,
@@ -54,7 +58,7 @@ def _events() -> list[UsageEvent]:
             error_type="api_error" if status != 200 else None,
             prompt_tokens=None if status != 200 else 100 + i, completion_tokens=None if status != 200 else 10 * i,
             total_tokens=None if status != 200 else 100 + 11 * i, latency_ms=200.0 + i, ttft_ms=50.0 if i % 4 == 0
-            else None,
+            else None, groups=groups,
         ))
     return out
 
@@ -68,6 +72,20 @@ def _sums(events: list[UsageEvent], subject: str | None) -> dict[str, int]:
         "completion_tokens": sum(e.completion_tokens or 0 for e in rows),
         "total_tokens": sum(e.total_tokens or 0 for e in rows),
     }
+
+
+NO_GROUP = "(no group)"  # the page's name for rows without groups (the report's null group)
+
+
+def _group_sums(events: list[UsageEvent], subject: str | None) -> dict[str, tuple[int, int]]:
+    """(requests, total tokens) per group of the seeded rows: a row counts under each of its groups."""
+    out: dict[str, tuple[int, int]] = {}
+    for e in events:
+        if subject is None or e.subject == subject:
+            for g in e.groups or (NO_GROUP,):
+                n, t = out.get(g, (0, 0))
+                out[g] = (n + 1, t + (e.total_tokens or 0))
+    return out
 
 
 def _config(emulator: Emulator, op: OpenIDProvider, db_url: str, spool: Path) -> str:
@@ -119,6 +137,16 @@ def _ledger_totals(px: ProxyServer, subject: str | None) -> dict[str, Any]:
     since = datetime.now(UTC) - timedelta(days=30)
     _, totals = px.lt.run(ledger.db.usage_report(since=since, until=None, group_by=[], subject=subject))
     return dict(totals)
+
+
+def _ledger_groups(px: ProxyServer, subject: str | None) -> dict[str, tuple[int, int]]:
+    ledger = px.services.usage
+    assert isinstance(ledger, UsageLedger)
+    from datetime import UTC, datetime, timedelta
+
+    since = datetime.now(UTC) - timedelta(days=30)
+    rows, _ = px.lt.run(ledger.db.usage_report(since=since, until=None, group_by=["group"], subject=subject))
+    return {r["group"] or NO_GROUP: (int(r["requests"]), int(r["total_tokens"])) for r in rows}
 
 
 # ---- without a browser ------------------------------------------------------------------------------
@@ -224,6 +252,25 @@ def _percentiles(events: list[UsageEvent], subject: str | None) -> str:
     return " / ".join(f"{round(lat[max(1, math.ceil(q * len(lat))) - 1]):,}" for q in (0.5, 0.95, 0.99)) + " ms"
 
 
+def _page_groups(page: Any) -> dict[str, tuple[int, int]]:
+    """The page's per-group table: group -> (requests, tokens)."""
+    out: dict[str, tuple[int, int]] = {}
+    for tr in page.query_selector_all("#groups tbody tr"):
+        cells = [td.inner_text() for td in tr.query_selector_all("td")]
+        out[cells[0]] = (int(cells[1].replace(",", "")), int(cells[3].replace(",", "")))
+    return out
+
+
+def _csv_groups(page: Any, px: ProxyServer) -> dict[str, tuple[int, int]]:
+    """Per-group sums of the CSV the page's export link gives."""
+    text = page.context.request.get(px.url + page.get_attribute("#csv", "href")).text()
+    out: dict[str, tuple[int, int]] = {}
+    for r in csv.DictReader(io.StringIO(text)):
+        n, t = out.get(r["group"] or NO_GROUP, (0, 0))
+        out[r["group"] or NO_GROUP] = (n + int(r["requests"]), t + int(r["total_tokens"] or 0))
+    return out
+
+
 def _page_totals(page: Any) -> dict[str, int]:
     return {
         "requests": _number(page, "#total-requests"),
@@ -244,6 +291,10 @@ def test_a_user_sees_their_own_totals(browser: Any, seeded: tuple[ProxyServer, l
     assert page.inner_text("#scope") == "Your usage"
     assert page.inner_text("#latency-pct") == _percentiles(events, ALICE)
     assert page.is_hidden("#users-chart")  # per-user series: admins only
+    groups = _page_groups(page)
+    assert groups == _ledger_groups(px, ALICE) == _group_sums(events, ALICE)  # per group: the ledger's numbers
+    assert set(groups) == {"eng", "ml", NO_GROUP} and "sales" not in page.inner_text("#groups")
+    assert _csv_groups(page, px) == groups  # the export has the groups
     assert "bob" not in page.inner_text("#users")
     cookie = next(c for c in page.context.cookies() if c["name"] == "llmp_session")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/ui/"
@@ -271,6 +322,10 @@ def test_an_admin_sees_everyone(browser: Any, seeded: tuple[ProxyServer, list[Us
     assert page.is_visible("#users-chart")
     users = page.inner_text("#users")
     assert "alice" in users and "bob" in users
+    groups = _page_groups(page)
+    assert groups == _ledger_groups(px, None) == _group_sums(events, None)
+    assert set(groups) == {"eng", "ml", "sales", NO_GROUP}
+    assert _csv_groups(page, px) == groups
     from playwright.sync_api import expect  # waits by polling the DOM (the page's CSP forbids eval)
 
     page.select_option("#preset", "1d")  # the range picker: only the rows of the last day

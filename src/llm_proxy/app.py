@@ -21,6 +21,7 @@ from .core.pricing import PriceTable
 from .core.routing import Router
 from .core.usage import UsageLedger
 from .core.usage_memory import NullUsageSink
+from .ingress.base import Ingress
 from .ports import Authenticator, MetricsSink, UsageSink
 from .providers.base import Provider
 from .providers.http import UpstreamClient
@@ -128,8 +129,10 @@ def create_app(
     usage: UsageSink | None = None,
     metrics_dir: str | None = None,
     tracing: Tracing | None = None,
+    ingresses: tuple[Ingress, ...] = (),
 ) -> web.Application:
-    """`metrics_dir`: where `serve --workers N` workers share their metrics totals (None: one process)."""
+    """`metrics_dir`: where `serve --workers N` workers share their metrics totals (None: one process);
+    `ingresses`: client APIs served besides the registered ones (ingress/registry.py), say a test's."""
     settings = loaded.settings
     providers: dict[str, Provider] = {}
     status: dict[str, dict[str, object]] = {}
@@ -159,7 +162,7 @@ def create_app(
     services = Services(
         loaded=loaded,
         router=router,
-        gateway=Gateway(router, client, policy, limiter, traced=tracing is not None),
+        gateway=Gateway(router, client, policy, traced=tracing is not None),
         authenticator=authenticator or build_authenticator(loaded),
         policy=policy,
         usage=usage or build_usage_sink(loaded),
@@ -171,7 +174,7 @@ def create_app(
     )
     app = web.Application(middlewares=[gateway_middleware], client_max_size=settings.server.max_body_bytes)
     app[SERVICES] = services
-    add_routes(app, services)
+    add_routes(app, services, ingresses)
     if settings.server.metrics.enabled:
         from .web.metrics_routes import add_metrics_route
 

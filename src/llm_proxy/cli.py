@@ -503,7 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="config whose database.url to read")
     p.add_argument("--since", default="7d", help="start: 7d, 12h, 2024-05-01, ISO datetime or unix seconds")
     p.add_argument("--until", default=None, help="end (exclusive), same forms as --since (default: now)")
-    p.add_argument("--by", default="user,model", help="group keys: user, model, day, provider, endpoint, status")
+    p.add_argument("--by", "--group-by", dest="by", default="user,model",
+                   help="group keys: user, model, day, provider, endpoint, status, group (a request under each of "
+                        "its caller's groups; none: empty), client_api")
     p.add_argument("--user", default=None, help="only this principal subject")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="JSON output")

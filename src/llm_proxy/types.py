@@ -88,6 +88,9 @@ class UsageEvent:
     # New fields go at the end only (the journal's lines are positional: store/ledger_db.py:JOURNAL_FIELDS).
     usage_estimated: bool = False  # the token counts are estimates (the upstream reported none)
     cost_usd: float | None = None  # what the answer cost (core/pricing.py); None: the model has no price
+    # The caller's groups (Principal.groups; a list once read back from a journal line); None or empty: none.
+    groups: tuple[str, ...] | list[str] | None = None
+    client_api: str | None = None  # the ingress's name (ingress/: "openai.chat", ...); None: not recorded
 
 
 # Service API keys (`llm-proxy keys create`) start with this; auth/ recognises them by it, store/ keeps them.

@@ -318,11 +318,13 @@ def test_journal_line_round_trips_every_field() -> None:
         request_id="req_rt", started_at=1.5, ended_at=2.5, endpoint="embeddings", status=429, subject="s",
         username="u", model="m", provider_id="p", upstream_model="um", streamed=True, error_type="rate_limit",
         prompt_tokens=11, completion_tokens=12, total_tokens=23, cached_tokens=5, latency_ms=3.25, ttft_ms=1.75,
-        upstream_latency_ms=2.125, attempts=3, extra={"k": [1, "v"]},
+        upstream_latency_ms=2.125, attempts=3, extra={"k": [1, "v"]}, groups=("team-a", "team-b"),
+        client_api="openai.embeddings",
     )  # fmt: skip
     assert len({repr(getattr(e, f)) for f in JOURNAL_FIELDS}) == len(JOURNAL_FIELDS)  # all distinct: order shows
     line = _journal_line(e)
-    assert orjson.loads(line) == [getattr(e, f) for f in JOURNAL_FIELDS]
+    values = [getattr(e, f) for f in JOURNAL_FIELDS]
+    assert orjson.loads(line) == [list(v) if isinstance(v, tuple) else v for v in values]  # groups: an array
     assert event_from_line(line) == e
     assert event_from_line(orjson.dumps(e)) == e  # the object form of earlier versions
     # a newer version's longer line, an older version's shorter one

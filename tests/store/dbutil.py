@@ -152,7 +152,8 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20.0
 
 
 class HeaderAuth:
-    """Test authenticator: `x-test-user: alice` is principal alice; `root` is an administrator."""
+    """Test authenticator: `x-test-user: alice` is principal alice; `root` is an administrator; `x-test-groups: a,b`
+    are the principal's groups."""
 
     async def start(self) -> None:
         return None
@@ -162,7 +163,9 @@ class HeaderAuth:
 
     async def authenticate(self, headers: Mapping[str, str], peer: str | None) -> Principal:
         user = headers.get("x-test-user", "anonymous")
-        return Principal(subject=user, username=f"{user}@example.com", auth_method="test", is_admin=user == "root")
+        groups = tuple(g for g in headers.get("x-test-groups", "").split(",") if g)
+        return Principal(subject=user, username=f"{user}@example.com", groups=groups, auth_method="test",
+                         is_admin=user == "root")
 
     def health(self) -> dict[str, Any]:
         return {"ok": True, "mode": "test"}

@@ -218,6 +218,68 @@ async def test_usage_report_own_rows_and_admin_view(proxy: ProxyServer, repo: Us
         assert status == 200 and doc["data"] == [] and doc["totals"]["requests"] == 0
 
 
+async def test_usage_report_by_group(proxy: ProxyServer, repo: UsageRepo, emulator: Emulator, db_url: str,
+                                     tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The row takes the principal's groups; /v1/usage and `llm-proxy usage --group-by` report by group (a request
+    under each of its caller's groups), a non-admin still sees only their own rows."""
+    def client(user: str, groups: str) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=proxy.base_url, api_key="k", max_retries=0, timeout=20,
+                                  default_headers={"x-test-user": user, "x-test-groups": groups})
+
+    ivy, jack, kim = client("ivy", "grp-red,grp-blue"), client("jack", "grp-blue"), client("kim", "")
+    done = await asyncio.gather(call(ivy, "ivy", "openai/gpt-4o"), call(ivy, "ivy", "openai/gpt-4o", stream=True),
+                                call(jack, "jack", "openai/gpt-4o"), call(kim, "kim", "openai/gpt-4o"))
+    for c in (ivy, jack, kim):
+        await c.close()
+    tokens = {u: sum(s.usage[2] for _, s in done if s.user == u and s.usage) for u in ("ivy", "jack", "kim")}
+    await wait_rows(repo, [rid for rid, _ in done])
+    row = await repo.get_event(done[0][0])
+    assert row is not None and row["groups"] == ["grp-red", "grp-blue"] and row["client_api"] == "openai.chat"
+    kim_row = await repo.get_event(done[3][0])
+    assert kim_row is not None and kim_row["groups"] is None  # no groups: stored as none
+
+    async with aiohttp.ClientSession(proxy.url) as http:
+        async def get(user: str, query: str) -> tuple[int, Any]:
+            async with http.get("/v1/usage" + query, headers={"x-test-user": user}) as r:
+                return r.status, orjson.loads(await r.read())
+
+        status, doc = await get("ivy", "?group_by=group")
+        assert status == 200 and doc["scope"] == "user" and doc["group_by"] == ["group"]
+        assert {r["group"]: r["requests"] for r in doc["data"]} == {"grp-red": 2, "grp-blue": 2}
+        assert all(r["total_tokens"] == tokens["ivy"] for r in doc["data"])
+        assert doc["totals"]["requests"] == 2  # each row once
+
+        status, doc = await get("kim", "?group_by=group,client_api")
+        assert status == 200 and [(r["group"], r["client_api"], r["requests"]) for r in doc["data"]] == [
+            (None, "openai.chat", 1)]
+
+        status, doc = await get("root", "?group_by=group")
+        assert status == 200 and doc["scope"] == "all"
+        by_group = {r["group"]: r for r in doc["data"]}
+        assert by_group["grp-blue"]["requests"] == 3 and by_group["grp-red"]["requests"] == 2
+        assert by_group["grp-blue"]["total_tokens"] == tokens["ivy"] + tokens["jack"]
+        assert by_group[None]["requests"] == doc["totals"]["requests"] - 3  # every row without groups
+
+        status, doc = await get("jack", "?group_by=group&user=ivy")
+        assert status == 403  # visibility unchanged
+
+    cfg = tmp_path / "ops.yaml"
+    cfg.write_text(config_text(emulator.base_url, db_url, tmp_path / "unused-spool"))
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, ["usage", "--config", str(cfg), "--group-by", "group", "--json"]) == 0
+    cli_doc = orjson.loads(capsys.readouterr().out)
+    assert {r["group"]: r["requests"] for r in cli_doc["data"] if r["group"]} == {"grp-blue": 3, "grp-red": 2}
+    assert await asyncio.to_thread(main, ["usage", "--config", str(cfg), "--group-by", "user,group", "--csv",
+                                          "--user", "ivy"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert sorted((r["user"], r["group"], r["requests"]) for r in rows) == [
+        ("ivy", "grp-blue", "2"), ("ivy", "grp-red", "2")]
+    assert await asyncio.to_thread(main, ["usage", "--config", str(cfg), "--group-by", "group", "--user",
+                                          "kim"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:2] == ["GROUP", "REQUESTS"] and table[2].split()[:2] == ["-", "1"]
+
+
 async def test_stored_completions_list_and_get(proxy: ProxyServer) -> None:
     frank = sdk(proxy, "frank")
     stored = [await frank.chat.completions.create(model="openai/gpt-4o", messages=MSG) for _ in range(3)]

@@ -15,7 +15,6 @@ from typing import Any
 import orjson
 
 from ..errors import (
-    BadRequest,
     Forbidden,
     ProxyError,
     UpstreamTimeout,
@@ -23,13 +22,13 @@ from ..errors import (
     ledger_error_code,
     ledger_error_type,
 )
-from ..ingress.schema import VALIDATORS
-from ..ports import Limiter, Policy
+from ..ingress.base import Call
+from ..ports import Policy
 from ..providers.base import Endpoint, Provider, StreamDecoder, Target
 from ..providers.http import UpstreamClient, UpstreamResponse
 from ..providers.sse import frame
 from ..providers.upstream_errors import scrub_error
-from ..types import ANONYMOUS, Principal, Usage, UsageEvent
+from ..types import Principal, Usage, UsageEvent
 from .resilience import ELSEWHERE, NEVER, Deployment, retry_after_seconds, retry_scope
 from .routing import Route, Router
 
@@ -80,10 +79,14 @@ class RequestContext:
     upstream_started: float | None = None
     upstream_ended: float | None = None
     attempts: int = 0
-    recorded: bool = False  # the usage event was already handed to the ledger
     client_request_id: str | None = None  # the caller's own id (x-client-request-id / x-request-id), checked
+    client_api: str | None = None  # the ingress's name ("openai.chat"): the usage row's client API
+    draining: bool = False  # it came while the server was shutting down
+    attempt_log: list[dict[str, Any]] | None = None  # one entry per upstream attempt (retries, or a failure)
+    completion: dict[str, Any] | None = None  # the stored completion (Ingress.capture, usage.store_completions)
     trace: Any = None  # core/tracing.py's RequestTrace when tracing is on
     traceparent: str | None = None  # sent upstream with the current attempt (tracing on)
+    # More for the row's `extra` (JSON); the typed fields above go there under their ledger names (to_event).
     extra: dict[str, Any] = field(default_factory=dict)
     limit: Any = None  # the Limiter's ticket (headers for the answer; settled when the request ends)
     # A stream cut short without usage, while token or dollar limits apply: its estimate, for those limits.
@@ -96,6 +99,19 @@ class RequestContext:
         up_ms = None
         if self.upstream_started is not None:
             up_ms = ((self.upstream_ended or now) - self.upstream_started) * 1000.0
+        extra = self.extra
+        if self.client_request_id is not None or self.draining or self.attempt_log is not None \
+                or self.completion is not None:
+            # The ledger's (and the journal's) names for them, in the order they always had.
+            extra = dict(extra)
+            if self.client_request_id is not None:
+                extra["client_request_id"] = self.client_request_id
+            if self.draining:
+                extra["draining"] = True
+            if self.attempt_log is not None:
+                extra["attempts"] = self.attempt_log
+            if self.completion is not None:
+                extra["completion"] = self.completion
         return UsageEvent(
             request_id=self.request_id,
             started_at=self.started_wall,
@@ -117,9 +133,11 @@ class RequestContext:
             ttft_ms=(self.first_token_at - self.started) * 1000.0 if self.first_token_at else None,
             upstream_latency_ms=up_ms,
             attempts=self.attempts,
-            extra=self.extra,
+            extra=extra,
             usage_estimated=u.estimated if u else False,
             cost_usd=cost_usd,
+            groups=(p.groups or None) if p else None,
+            client_api=self.client_api,
         )
 
 
@@ -357,8 +375,6 @@ class StreamSession:
                     pass
 
 
-_STREAMABLE: frozenset[str] = frozenset({"chat.completions", "completions"})
-
 # What a stream's body must be, by UpstreamRequest.framing (no Content-Type at all is let through).
 _STREAM_TYPES: dict[str, str] = {"sse": "text/event-stream", "aws-eventstream": "application/vnd.amazon.eventstream"}
 
@@ -406,12 +422,14 @@ def _attempt_entry(ctx: RequestContext, target: Target, status: int, error: str 
 
 
 class Gateway:
-    def __init__(self, router: Router, client: UpstreamClient, policy: Policy, limiter: Limiter | None = None,
-                 *, traced: bool = False) -> None:
+    """The core of one request: resolve its model, check policy (resolve), then call the route's deployments with
+    retries and translate the answer back to the neutral form (handle). The exchange (web/exchange.py) runs
+    both, with the limiter's admit between them."""
+
+    def __init__(self, router: Router, client: UpstreamClient, policy: Policy, *, traced: bool = False) -> None:
         self.router = router
         self.client = client
         self.policy = policy
-        self.limiter = limiter
         self._reports_usage: dict[tuple[str, str], bool] = {}  # see UsageEstimate
         if traced:  # a span per attempt; untraced, the attempt path is left exactly as it is
             self._attempt = self._traced_attempt  # type: ignore[method-assign,assignment]
@@ -422,30 +440,20 @@ class Gateway:
         scrub_error(exc, [s for p in self.router.providers.values() for s in p.secrets()])
         log_withheld(ctx, exc)
 
-    async def handle(self, ctx: RequestContext, endpoint: Endpoint, body: dict[str, Any]) -> bytes | StreamSession:
-        ctx.endpoint = endpoint
-        model = body.get("model")
-        if isinstance(model, str):
-            ctx.model = model
-        VALIDATORS[endpoint](body)  # the schemas GET /openapi.json publishes
-        assert isinstance(model, str)
-        stream = body.get("stream") is True
-        if stream and endpoint not in _STREAMABLE:
-            raise BadRequest(f"streaming is not supported for {endpoint}", param="stream")
-        ctx.streamed = stream
-
-        route = self.router.resolve(model)
+    def resolve(self, ctx: RequestContext, call: Call) -> Route:
+        """The call's route, if its principal may use the model (ModelNotFound / Forbidden otherwise)."""
+        route = self.router.resolve(call.model)
         principal = ctx.principal
         if principal is not None and not self.policy.may_use(principal, route.canonical):
-            raise Forbidden(f"You are not allowed to use the model '{model}'", param="model")
-        limiter = self.limiter
-        if limiter is not None:  # no rules configured: no limiter, nothing called
-            ctx.limit = await limiter.admit(principal or ANONYMOUS, route.canonical, endpoint, ctx.request_id)
+            raise Forbidden(f"You are not allowed to use the model '{call.model}'", param="model")
+        return route
 
-        want_usage = False
-        if stream:
-            opts = body.get("stream_options")
-            want_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
+    async def handle(self, ctx: RequestContext, call: Call, route: Route) -> bytes | StreamSession:
+        """The neutral answer (JSON bytes), or the stream with its first frame in hand (StreamSession)."""
+        endpoint: Endpoint = call.endpoint  # type: ignore[assignment]  # an ingress names a backend operation
+        body = call.body
+        stream = call.stream
+        want_usage = call.want_usage
         if route.pool.single_shot:
             # One deployment, one attempt: no health bookkeeping, no clock, nothing allocated for retries.
             target = route.target
@@ -458,7 +466,7 @@ class Gateway:
                 )
             except ProxyError as exc:
                 self._sanitize(ctx, exc)
-                ctx.extra["attempts"] = [_attempt_entry(ctx, target, exc.status, ledger_error_code(exc))]
+                ctx.attempt_log = [_attempt_entry(ctx, target, exc.status, ledger_error_code(exc))]
                 raise
         return await self._with_retries(ctx, endpoint, body, route, stream, want_usage)
 
@@ -522,14 +530,14 @@ class Gateway:
                     if deadline is not None and now + delay >= deadline:
                         nxt = None
                 if nxt is None:
-                    ctx.extra["attempts"] = log
+                    ctx.attempt_log = log
                     raise
                 if delay > 0:
                     try:
                         await asyncio.sleep(delay)
                     except asyncio.CancelledError:
                         log.append({"provider": None, "status": 499, "error": "client_disconnected", "ms": 0.0})
-                        ctx.extra["attempts"] = log
+                        ctx.attempt_log = log
                         raise
                     now = loop.time()
                 dep = nxt
@@ -541,14 +549,14 @@ class Gateway:
                     gone = isinstance(exc, asyncio.CancelledError)
                     log.append(_attempt_entry(ctx, target, 499 if gone else 500,
                                               "client_disconnected" if gone else "server_error"))
-                    ctx.extra["attempts"] = log
+                    ctx.attempt_log = log
                 raise
             if not multi or not isinstance(result, StreamSession):
                 dep.in_flight -= 1  # a stream leaves the count when it ends (StreamSession)
             dep.succeeded()
             if log is not None:
                 log.append(_attempt_entry(ctx, target, 200, None))
-                ctx.extra["attempts"] = log
+                ctx.attempt_log = log
             return result
 
     async def _traced_attempt(self, ctx: RequestContext, endpoint: Endpoint, body: dict[str, Any], stream: bool,

@@ -55,13 +55,13 @@ def _journal_line(e: UsageEvent) -> bytes:
         (e.request_id, e.started_at, e.ended_at, e.endpoint, e.status, e.subject, e.username, e.model, e.provider_id,
          e.upstream_model, e.streamed, e.error_type, e.prompt_tokens, e.completion_tokens, e.total_tokens,
          e.cached_tokens, e.latency_ms, e.ttft_ms, e.upstream_latency_ms, e.attempts, e.extra, e.usage_estimated,
-         e.cost_usd),
+         e.cost_usd, e.groups, e.client_api),
         default=_default,
         option=_OPTS,
     )  # fmt: skip
 
 
-if len(JOURNAL_FIELDS) != 23:  # _journal_line() lists them by hand (a tuple: faster than a loop)
+if len(JOURNAL_FIELDS) != 25:  # _journal_line() lists them by hand (a tuple: faster than a loop)
     raise RuntimeError("UsageEvent changed: update _journal_line() and append the new fields at the end")
 
 

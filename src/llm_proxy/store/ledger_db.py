@@ -28,15 +28,16 @@ from ..types import UsageEvent
 T = TypeVar("T")
 
 # The newest migration shipped; when the database is already there, neither Alembic nor SQLAlchemy is loaded.
-HEAD_REVISION = "0004_cost"
+HEAD_REVISION = "0005_groups_client_api"
 
 # Lengths of the text columns (store/tables.py); longer values are cut before insert.
 ID_LEN = 128
 NAME_LEN = 255
 SHORT_LEN = 64
 
-# Keys of usage reports (LedgerDB.usage_report).
-GROUP_KEYS: tuple[str, ...] = ("user", "model", "day", "provider", "endpoint", "status")
+# Keys of usage reports (LedgerDB.usage_report). "group" counts a row under each of its caller's groups (and a row
+# without groups under null), so per-group sums can exceed the totals.
+GROUP_KEYS: tuple[str, ...] = ("user", "model", "day", "provider", "endpoint", "status", "group", "client_api")
 
 # --------------------------------------------------------------------------------------------------
 # URLs
@@ -164,7 +165,10 @@ def event_from_line(line: bytes) -> UsageEvent:
     """The UsageEvent of one journal line; raises ValueError or TypeError when it is not one."""
     if b"\x00" in line:
         line = line.replace(b"\x00", b"")
-    return UsageEvent(**line_fields(orjson.loads(line)))
+    fields = line_fields(orjson.loads(line))
+    if isinstance(fields.get("groups"), list):  # as the event had them (a tuple, from Principal.groups)
+        fields["groups"] = tuple(fields["groups"])
+    return UsageEvent(**fields)
 
 
 def _as_array_line(line: bytes) -> bytes:
@@ -227,6 +231,8 @@ def _sqlite_rows(lines: Sequence[bytes]) -> tuple[list[dict[str, Any]], list[tup
             d["extra"] = _json_text(extra) if extra else None
         else:
             d["extra"] = None
+        groups = d["groups"]
+        d["groups"] = _json_text(groups) if isinstance(groups, list) and groups else None  # as on PostgreSQL
         usage.append(d)
     return usage, completions
 
@@ -295,7 +301,7 @@ _PG_TYPES = {
 }  # fmt: skip
 _PG_BATCH = "(SELECT {} FROM jsonb_array_elements($1::jsonb) AS e) AS t".format(  # noqa: S608 (constants)
     ", ".join(
-        f"e->{i} AS {name}" if name == "extra" else f"(e->>{i})::{_PG_TYPES.get(name, 'text')} AS {name}"
+        f"e->{i} AS {name}" if name in ("extra", "groups") else f"(e->>{i})::{_PG_TYPES.get(name, 'text')} AS {name}"
         for i, name in enumerate(JOURNAL_FIELDS)
     )
 )
@@ -303,12 +309,13 @@ _PG_USAGE_ROWS = """
 INSERT INTO usage_events (request_id, started_at, ended_at, subject, username, endpoint, model, provider_id,
                           upstream_model, streamed, status, error_type, prompt_tokens, completion_tokens,
                           total_tokens, cached_tokens, latency_ms, ttft_ms, upstream_latency_ms, attempts, extra,
-                          usage_estimated, cost_usd)
+                          usage_estimated, cost_usd, groups, client_api)
 SELECT request_id, to_timestamp(started_at), to_timestamp(ended_at), left(subject, 255), left(username, 255),
        coalesce(left(endpoint, 64), ''), left(model, 255), left(provider_id, 255), left(upstream_model, 255),
        coalesce(streamed, false), status, left(error_type, 64), prompt_tokens, completion_tokens, total_tokens,
        cached_tokens, latency_ms, ttft_ms, upstream_latency_ms, coalesce(attempts, 1),
-       nullif(extra - 'completion', '{}'::jsonb), coalesce(usage_estimated, false), cost_usd"""
+       nullif(extra - 'completion', '{}'::jsonb), coalesce(usage_estimated, false), cost_usd,
+       CASE WHEN jsonb_typeof(groups) = 'array' AND groups <> '[]'::jsonb THEN groups END, left(client_api, 64)"""
 
 # The usual batch (no stored completions): no CTE, so nothing is materialised.
 _PG_INSERT_USAGE = f"{_PG_USAGE_ROWS}\nFROM {_PG_BATCH}\nON CONFLICT (request_id) DO NOTHING\n"
@@ -342,7 +349,7 @@ _SQLITE_USAGE_INSERT = """
 INSERT INTO usage_events (request_id, started_at, ended_at, subject, username, endpoint, model, provider_id,
                           upstream_model, streamed, status, error_type, prompt_tokens, completion_tokens,
                           total_tokens, cached_tokens, latency_ms, ttft_ms, upstream_latency_ms, attempts, extra,
-                          usage_estimated, cost_usd)
+                          usage_estimated, cost_usd, groups, client_api)
 VALUES (:request_id,
         strftime('%Y-%m-%d %H:%M:%S', CAST(round(:started_at * 1000000) AS INTEGER) / 1000000, 'unixepoch')
            || printf('.%06d', CAST(round(:started_at * 1000000) AS INTEGER) % 1000000),
@@ -357,7 +364,7 @@ VALUES (:request_id,
         coalesce(:streamed, 0), :status, substr(:error_type, 1, 64),
         :prompt_tokens, :completion_tokens, :total_tokens, :cached_tokens,
         :latency_ms, :ttft_ms, :upstream_latency_ms, coalesce(:attempts, 1), :extra, coalesce(:usage_estimated, 0),
-        :cost_usd)
+        :cost_usd, :groups, substr(:client_api, 1, 64))
 ON CONFLICT (request_id) DO NOTHING
 """
 
@@ -465,7 +472,17 @@ _GROUP_SQL = {
     "provider": "provider_id",
     "endpoint": "endpoint",
     "status": "status",
+    "client_api": "client_api",
 }
+# "group": one output row per element of a row's groups, and one (NULL) for a row without any (LEFT JOIN). The
+# CASE guards the set-returning functions against anything but an array (inserts store an array or NULL).
+_GROUP_JOIN = {
+    "postgresql": " LEFT JOIN LATERAL jsonb_array_elements_text(CASE WHEN jsonb_typeof(groups) = 'array' "
+                  "THEN groups END) AS g(name) ON true",
+    "sqlite": " LEFT JOIN json_each(CASE WHEN json_valid(groups) THEN CASE json_type(groups) WHEN 'array' "
+              "THEN groups END END) AS g",
+}
+_GROUP_NAME = {"postgresql": "g.name", "sqlite": "g.value"}
 _DAY_SQL = {"postgresql": "to_char(timezone('UTC', started_at), 'YYYY-MM-DD')", "sqlite": "substr(started_at, 1, 10)"}
 _AGGREGATES = """count(*) AS requests,
   CAST(coalesce(sum(CASE WHEN status >= 400 THEN 1 ELSE 0 END), 0) AS BIGINT) AS errors,
@@ -637,18 +654,23 @@ class LedgerDB:
         group_by: Sequence[str],
         subject: str | None = None,
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """Aggregate usage_events by the keys of GROUP_KEYS; returns (rows, totals)."""
+        """Aggregate usage_events by the keys of GROUP_KEYS; returns (rows, totals). By "group" a row counts once
+        under each of its groups and a row without groups under None; the totals count every row once."""
         keys: list[tuple[str, str]] = []  # (expression, output column)
+        join = ""
         for key in group_by:
             if key == "day":
                 keys.append((_DAY_SQL[self.dialect], key))
+            elif key == "group":
+                keys.append((_GROUP_NAME[self.dialect], key))
+                join = _GROUP_JOIN[self.dialect]
             elif key in _GROUP_SQL:
                 keys.append((_GROUP_SQL[key], key))
             else:
                 raise ValueError(f"unknown group key '{key}'")
 
-        def select(q: _Sql, columns: str) -> str:
-            return self._select(q, columns, since, until, subject)
+        def select(q: _Sql, columns: str, join: str = "") -> str:
+            return self._select(q, columns, since, until, subject, join=join)
 
         async def run(conn: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             rows: list[dict[str, Any]] = []
@@ -658,17 +680,18 @@ class LedgerDB:
                 if "user" in group_by:
                     cols.append("max(username) AS username")
                 exprs = ", ".join(expr for expr, _ in keys)
-                sql = select(q, ", ".join([*cols, _AGGREGATES]))
+                sql = select(q, ", ".join([*cols, _AGGREGATES]), join)
                 rows = await q.fetch(conn, f"{sql} GROUP BY {exprs} ORDER BY {exprs}")
             q = _Sql(self.dialect)
-            (totals,) = await q.fetch(conn, select(q, _AGGREGATES))
+            (totals,) = await q.fetch(conn, select(q, _AGGREGATES))  # each row once, whatever its groups
             return rows, totals
 
         return await self._run(run)
 
     def _select(self, q: _Sql, columns: str, since: datetime | None, until: datetime | None, subject: str | None,
-                extra: Sequence[str] = ()) -> str:
-        """SELECT `columns` FROM usage_events for a time range and (optionally) one subject."""
+                extra: Sequence[str] = (), join: str = "") -> str:
+        """SELECT `columns` FROM usage_events (`join`ed to a constant fragment) for a time range and (optionally)
+        one subject."""
         conds = []
         if since is not None:
             conds.append(f"started_at >= {q.p(since)}")
@@ -677,7 +700,7 @@ class LedgerDB:
         if subject is not None:
             conds.append(f"subject = {q.p(subject)}")
         conds.extend(extra)
-        return f"SELECT {columns} FROM {self.sql.usage_events}{q.where(conds)}"  # noqa: S608
+        return f"SELECT {columns} FROM {self.sql.usage_events}{join}{q.where(conds)}"  # noqa: S608
 
     async def latency_percentiles(
         self,

@@ -99,6 +99,8 @@ def ledger_tables(prefix: str = "") -> LedgerTables:
         Column("extra", JsonType),
         Column("usage_estimated", Boolean(), nullable=False, server_default=false()),  # counts are estimates
         Column("cost_usd", Double()),  # USD (core/pricing.py); NULL: the model has no price, or nothing was used
+        Column("groups", JsonType),  # the caller's groups, a JSON array; NULL: none (or a row from before 0005)
+        Column("client_api", String(SHORT_LEN)),  # the ingress's name ("openai.chat", ...); NULL: not recorded
     )
     # BRIN on PostgreSQL: rows arrive in (nearly) time order, so a block-range index serves time-range reports
     # at a fraction of a B-tree's insert cost. SQLite ignores the option and builds a B-tree.

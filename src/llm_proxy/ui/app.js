@@ -53,17 +53,22 @@ function draw(id, config) {
   charts[id] = new Chart($(id), config);
 }
 
-function byUser(rows) {
+// A report's rows without a group (the caller had none) are the report's null group.
+const NO_GROUP = '(no group)';
+const groupName = (r) => r.group ?? NO_GROUP;
+
+// Tokens per day of the 8 largest series of a `day,<key>` report; key(r) names a row's series, name(r) labels it.
+function topPerDay(id, rows, key, name) {
   const tokens = {};
-  for (const r of rows) tokens[r.user] = (tokens[r.user] || 0) + (r.total_tokens || 0);
+  for (const r of rows) tokens[key(r)] = (tokens[key(r)] || 0) + (r.total_tokens || 0);
   const top = Object.keys(tokens).sort((a, b) => tokens[b] - tokens[a]).slice(0, 8);
   const days = [...new Set(rows.map((r) => r.day))].sort();
-  const names = Object.fromEntries(rows.map((r) => [r.user, r.username || r.user]));
-  const cell = (day, user) => rows.filter((r) => r.day === day && r.user === user)
+  const names = Object.fromEntries(rows.map((r) => [key(r), name(r)]));
+  const cell = (day, k) => rows.filter((r) => r.day === day && key(r) === k)
     .reduce((n, r) => n + (r.total_tokens || 0), 0);
-  draw('by-user', {
+  draw(id, {
     type: 'line',
-    data: { labels: days, datasets: top.map((u) => ({ label: names[u], data: days.map((d) => cell(d, u)) })) },
+    data: { labels: days, datasets: top.map((k) => ({ label: names[k], data: days.map((d) => cell(d, k)) })) },
     options: { animation: false, responsive: true },
   });
 }
@@ -105,14 +110,16 @@ function table(id, rows, cols) {
 
 async function refresh() {
   $('status').textContent = '';
-  const q = new URLSearchParams({ ...range(), group_by: 'day,user,model' });
+  const q = new URLSearchParams({ ...range(), group_by: 'day,user,model,group' });
   $('csv').href = '/ui/api/usage.csv?' + q;
   try {
-    const [days, users, models, perUser] = await Promise.all([
-      report('day,model', { percentiles: '1' }), report('user'), report('model'), report('day,user')]);
+    const [days, users, models, perUser, groups, perGroup] = await Promise.all([
+      report('day,model', { percentiles: '1' }), report('user'), report('model'), report('day,user'),
+      report('group'), report('day,group')]);
     cards(days.totals, days.latency_ms);
     show('users-chart', days.scope === 'all');
-    if (days.scope === 'all') byUser(perUser.data);
+    if (days.scope === 'all') topPerDay('by-user', perUser.data, (r) => r.user, (r) => r.username || r.user);
+    topPerDay('by-group', perGroup.data, groupName, groupName);
     $('scope').textContent = days.scope === 'all' ? 'Everyone\u2019s usage (administrator)' : 'Your usage';
     byDay(days.data);
     const top = [...users.data].sort((a, b) => (b.total_tokens || 0) - (a.total_tokens || 0)).slice(0, 20);
@@ -120,6 +127,9 @@ async function refresh() {
       (r) => fmt.format(r.errors), (r) => fmt.format(r.total_tokens || 0)]);
     table('models', models.data, [(r) => r.model || '(none)', (r) => fmt.format(r.requests),
       (r) => fmt.format(r.errors), (r) => fmt.format(r.total_tokens || 0), (r) => ms(r.avg_latency_ms)]);
+    const byTokens = [...groups.data].sort((a, b) => (b.total_tokens || 0) - (a.total_tokens || 0));
+    table('groups', byTokens, [groupName, (r) => fmt.format(r.requests), (r) => fmt.format(r.errors),
+      (r) => fmt.format(r.total_tokens || 0), (r) => (r.cost_usd == null ? '-' : '$' + Number(r.cost_usd).toFixed(2))]);
     document.body.dataset.loaded = 'true';
   } catch (e) {
     $('status').textContent = String(e.message || e);

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
 
-from ..errors import ProxyError
+from ..errors import ProxyError, internal_error
+
+log = logging.getLogger("llm_proxy.web")
 
 _JSON = "application/json"
 
@@ -28,3 +32,14 @@ def from_http_exception(exc: web.HTTPException) -> ProxyError:
             status=413, type="invalid_request_error", code="request_too_large",
         )
     return ProxyError(exc.reason or "Request failed", status=status, type="invalid_request_error")
+
+
+def as_proxy_error(exc: Exception, request_id: str, path: str) -> ProxyError:
+    """What a client is told of an exception a handler raised (call it in the `except` block: an unexpected one
+    is logged with its traceback, which the client never sees)."""
+    if isinstance(exc, ProxyError):
+        return exc
+    if isinstance(exc, web.HTTPException):
+        return from_http_exception(exc)
+    log.exception("unhandled error", extra={"request_id": request_id, "path": path})
+    return internal_error(request_id)

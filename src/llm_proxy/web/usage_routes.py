@@ -13,7 +13,9 @@ from aiohttp import web
 from ..core.usage import UsageLedger
 from ..core.usage_report import parse_group_by, parse_time, report_document
 from ..errors import BadRequest, Forbidden, NotFound, ServiceUnavailable
+from ..ingress.openai import PREFIXES
 from ..types import Principal
+from .guard import protected
 from .state import CTX, SERVICES, Services
 
 log = logging.getLogger("llm_proxy.web")
@@ -28,10 +30,11 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
-async def _caller(request: web.Request) -> tuple[Services, Principal, UsageLedger]:
+def _caller(request: web.Request) -> tuple[Services, Principal, UsageLedger]:
+    """The services, the caller (authenticated: every route here is `protected`) and the ledger."""
     svc = request.app[SERVICES]
-    ctx = request[CTX]
-    principal = ctx.principal = await svc.authenticator.authenticate(request.headers, request.remote)
+    principal = request[CTX].principal
+    assert principal is not None
     ledger = svc.usage
     if not isinstance(ledger, UsageLedger):
         raise NotFound("The usage ledger is disabled on this server (usage.enabled: false)", code="usage_disabled")
@@ -44,7 +47,7 @@ def _unavailable(exc: Exception) -> ServiceUnavailable:
 
 
 async def usage_report(request: web.Request) -> web.StreamResponse:
-    svc, principal, ledger = await _caller(request)
+    svc, principal, ledger = _caller(request)
     return _json(await report_for(ledger, principal, svc.policy.is_admin(principal), request.query))
 
 
@@ -91,7 +94,7 @@ def _completion_object(row: dict[str, Any]) -> dict[str, Any]:
 
 
 async def list_chat_completions(request: web.Request) -> web.StreamResponse:
-    svc, principal, ledger = await _caller(request)
+    svc, principal, ledger = _caller(request)
     q = request.query
     try:
         limit = int(q.get("limit", "20"))
@@ -123,7 +126,7 @@ async def list_chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def get_chat_completion(request: web.Request) -> web.StreamResponse:
-    svc, principal, ledger = await _caller(request)
+    svc, principal, ledger = _caller(request)
     completion_id = request.match_info["completion_id"]
     subject = None if svc.policy.is_admin(principal) else principal.subject
     try:
@@ -138,7 +141,7 @@ async def get_chat_completion(request: web.Request) -> web.StreamResponse:
 
 
 def add_usage_routes(app: web.Application) -> None:
-    app.router.add_get("/v1/usage", usage_report)
-    for prefix in ("/v1", "/v1/openai/v1"):
-        app.router.add_get(prefix + "/chat/completions", list_chat_completions)
-        app.router.add_get(prefix + "/chat/completions/{completion_id}", get_chat_completion)
+    app.router.add_get("/v1/usage", protected(usage_report))
+    for prefix in PREFIXES:
+        app.router.add_get(prefix + "/chat/completions", protected(list_chat_completions))
+        app.router.add_get(prefix + "/chat/completions/{completion_id}", protected(get_chat_completion))
