@@ -98,6 +98,11 @@ def sse(blob: bytes) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def sse_bytes(data: dict[str, Any]) -> bytes:
+    """One named event, as the framers write it (to check events a client parsed)."""
+    return b"event: " + data["type"].encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
 def responses_events(blob: bytes) -> list[Any]:
     """The events of a Responses stream, each validated as the SDK's ResponseStreamEvent; the SSE event name is
     the data's type and sequence numbers count from 0 without a gap."""
