@@ -4,10 +4,12 @@ An ingress not in this table (a test's, a plug-in's) is handed to app.create_app
 
 from __future__ import annotations
 
-from . import openai
+from . import openai, translated
 from .base import Ingress
 
-REGISTRY: dict[str, Ingress] = {i.name: i for i in (openai.CHAT, openai.COMPLETIONS, openai.EMBEDDINGS)}
+REGISTRY: dict[str, Ingress] = {i.name: i for i in (
+    openai.CHAT, openai.COMPLETIONS, openai.EMBEDDINGS, translated.RESPONSES, translated.MESSAGES,
+)}
 
 
 def ingresses(extra: tuple[Ingress, ...] = ()) -> list[Ingress]:

@@ -173,3 +173,6 @@ def add_routes(app: web.Application, services: Services, ingresses: tuple[Ingres
     from .usage_routes import add_usage_routes
 
     add_usage_routes(app)
+    from .token_count import add_token_count_routes
+
+    add_token_count_routes(app)
