@@ -89,12 +89,6 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
-class MethodNotAllowed(ProxyError):
-    status = 405
-    type = "invalid_request_error"
-    code = "method_not_allowed"
-
-
 class RateLimited(ProxyError):
     status = 429
     type = "rate_limit_error"

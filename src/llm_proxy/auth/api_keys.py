@@ -41,12 +41,10 @@ class ApiKeyAuthenticator:
     ) -> None:
         self._s = settings
         self._store = store
-        self._migrate = migrate
         self._clock = clock
         self._by_hash: dict[bytes, tuple[ApiKeyRecord, Principal]] = {}
         self._loaded_at: float | None = None
         self.error: str | None = None
-        self.reloads = 0
         self.failures = 0  # failed reloads (llm_proxy_auth_refresh_failures_total)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -87,7 +85,6 @@ class ApiKeyAuthenticator:
         self._by_hash = fresh
         self._loaded_at = self._clock()
         self.error = None
-        self.reloads += 1
 
     async def _run(self) -> None:
         """Reload every refresh_seconds, and at once when PostgreSQL says a key changed."""

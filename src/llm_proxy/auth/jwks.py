@@ -236,7 +236,6 @@ class KeySource:
     last_attempt: float | None = None
     last_ok: bool = False
     error: str | None = None
-    refreshes: int = 0
     failures: int = 0  # failed refreshes (llm_proxy_auth_refresh_failures_total)
     _inflight: asyncio.Task[bool] | None = None
     _background: asyncio.Task[None] | None = None
@@ -284,7 +283,6 @@ class KeySource:
 
     async def _fetch(self) -> bool:
         self.last_attempt = self.clock()
-        self.refreshes += 1
         try:
             if self.jwks_uri is None:
                 await self._discover()

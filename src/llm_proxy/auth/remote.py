@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -41,7 +40,6 @@ class RemoteTokenChecker:
         )
         self.last_error: str | None = None
         self.failures = 0  # calls that got no usable answer (llm_proxy_auth_refresh_failures_total)
-        self.last_ok_at: float | None = None
 
     async def start(self) -> None:
         await self._fetcher.start()
@@ -84,7 +82,6 @@ class RemoteTokenChecker:
             log.warning("%s answered HTTP %d", what, status, extra={"mode": self.mode})
             raise AuthUnavailable(f"Authentication is temporarily unavailable: {what} answered HTTP {status}")
         self.last_error = None
-        self.last_ok_at = datetime.now(UTC).timestamp()
         return status, body
 
     def _finish(self, principal: Principal) -> Principal:

@@ -35,7 +35,6 @@ def token_digest(token: str) -> bytes:
 @dataclass(slots=True)
 class _Entry(Generic[V]):
     value: V
-    checked_at: float
     expires: float
     refresh_at: float  # a hit from then on re-checks in the background (moved on at each attempt)
 
@@ -87,11 +86,6 @@ class TokenCache(Generic[V]):
             del self._bad[digest]
         return (await self._checked(digest, token, check)).value
 
-    def forget(self, token: str) -> None:
-        digest = token_digest(token)
-        self._good.pop(digest, None)
-        self._bad.pop(digest, None)
-
     async def _checked(self, digest: bytes, token: str, check: Callable[[str], Awaitable[Checked[V]]]) -> _Entry[V]:
         fut = self._inflight.get(digest)
         if fut is None:
@@ -115,7 +109,7 @@ class TokenCache(Generic[V]):
             raise
         now = self._clock()
         expires = now + self.ttl if until is None else min(now + self.ttl, until)
-        entry = _Entry(value, now, expires, now + (expires - now) / 2)
+        entry = _Entry(value, expires, now + (expires - now) / 2)
         if expires > now:
             self._good[digest] = entry
             self._good.move_to_end(digest)

@@ -31,7 +31,6 @@ class Route:
     target: Target  # the primary deployment's (also `targets[0]`)
     provider: Provider
     timeouts: TimeoutSettings
-    model_type: str
     canonical: str  # the configured model id (policy is checked against it, not the alias)
     pool: Pool
     targets: tuple[Target, ...]
@@ -100,7 +99,7 @@ class Router:
         primary = deps[0]
         for name in names:
             targets = tuple(Target(d.provider_id, d.upstream_model, name) for d in deps)
-            self._routes[name] = Route(targets[0], primary.provider, primary.timeouts, m.type, m.id, pool, targets)
+            self._routes[name] = Route(targets[0], primary.provider, primary.timeouts, m.id, pool, targets)
 
     def resolve(self, model: str) -> Route:
         route = self._routes.get(model)
@@ -112,7 +111,7 @@ class Router:
             if pool is not None:
                 dep = pool.deployments[0]
                 target = Target(pid, upstream, model)
-                return Route(target, dep.provider, dep.timeouts, "llm", model, pool, (target,))
+                return Route(target, dep.provider, dep.timeouts, model, pool, (target,))
         why = self._unavailable.get(model)
         if why is None and pid in self._disabled:
             why = f"provider '{pid}' is disabled ({self._disabled[pid]})"
