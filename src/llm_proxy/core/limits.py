@@ -2,8 +2,9 @@
 that keep them (this process's memory, or Redis for limits exact across replicas: store/redis_limits.py).
 
 Windows:
-- requests per second / minute / hour: a sliding log (each admitted request's time): never more than the limit in
-  any window of that length, so no burst at a boundary. Check and count are one step (one Lua script on Redis).
+- requests per second / minute / hour: GCRA (one theoretical arrival time per counter): up to the limit at once,
+  then one every window / limit; no window boundary, so no 2x burst at one. Check and count are one step (one Lua
+  script on Redis).
 - concurrent requests: a set of the requests in flight, each with a lease (`concurrency_lease_seconds`), so the
   slots of a replica that died come back by themselves.
 - tokens per minute / hour: a sliding window over 60 sub-buckets (1 s / 1 min).
