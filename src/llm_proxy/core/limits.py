@@ -116,8 +116,21 @@ def rule_checks(rule: LimitRule, keys: Sequence[str], lease: float) -> list[Chec
 # --------------------------------------------------------------------------------------------------
 
 
+_RESET_TEXTS: dict[float, str] = {}  # every answer's headers: the same few values again and again
+
+
 def reset_text(seconds: float) -> str:
     """A duration as OpenAI writes x-ratelimit-reset-*: 20ms, 1.5s, 6m0s, 1h2m3s."""
+    key = math.ceil(seconds) if seconds >= 60.0 else seconds  # (from a minute on only whole seconds show)
+    text = _RESET_TEXTS.get(key)
+    if text is None:
+        if len(_RESET_TEXTS) >= 4096:
+            _RESET_TEXTS.clear()
+        text = _RESET_TEXTS[key] = _reset_text(seconds)
+    return text
+
+
+def _reset_text(seconds: float) -> str:
     if seconds < 1.0:
         return f"{max(int(seconds * 1000), 0)}ms"
     if seconds < 60.0:
