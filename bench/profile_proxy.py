@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--native", action="store_true", help="also sample C frames (py-spy --native)")
     p.add_argument("--database-url", default=None, help="usage database, as for bench/run.py (default SQLite)")
     p.add_argument("--src", default=None, help="run the proxy from this source directory, as for bench/run.py")
+    p.add_argument("--limits-store", default="private",
+                   help="the limits variant's store, as for bench/run.py (default: a private redis-server)")
     p.add_argument(
         "--blocking",
         action="store_true",
@@ -160,11 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         print("bench/profile_proxy.py: py-spy is missing: .venv/bin/pip install py-spy", file=sys.stderr)
         return 2
     nginx_bin = run.find_tools()
-    args = run.parse_args(["--quick"])
+    args = run.parse_args(["--quick", "--limits-store", a.limits_store])
     variant = run.VARIANTS[a.variant]
     run.OUT.mkdir(exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     with run.workdir(False) as tmp:
+        redis = run.start_limits_store(args, tmp) if variant.limits else None  # before the proxy reads its config
         upstream = run.Nginx(nginx_bin, tmp)
         upstream.start()
         upstream.pin(args.load_cpus)
@@ -211,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             proxy.stop()
             upstream.stop()
+            if redis is not None:
+                redis.stop()
             if db is not None:
                 db.restore()
                 print(f"restored the CPU affinity of {db.restored} PostgreSQL processes")

@@ -189,6 +189,17 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def stop_process(proc: subprocess.Popen[bytes] | None, grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds."""
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -335,13 +346,7 @@ http {{
         set_affinity(self.pids(), cpus)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.proc = None
 
 
@@ -531,6 +536,104 @@ class DatabasePinning:
             f"measuring: {len(self.pinned)} processes in all (postmaster, background "
             f"processes and backends, re-pinned after every warm-up to catch new backends; their CPUs before: {was})"
         )
+
+
+class PrivateRedis:
+    """The limits variant's Redis (`--limits-store private`, the default): a `redis-server` of the bench's own, like
+    nginx, so neither other tenants' keys nor a shared server's CPU placement decide the figures.
+
+    No persistence (`--save ""`, `--appendonly no`), no TCP (`--port 0`): a Unix socket in the work dir, which the
+    proxy uses as `unix://...`. Pinned (taskset, all its threads) to the load CPUs at normal priority: unlike the
+    usage database, Redis is on the request path (every admit waits for its answer), so SCHED_IDLE behind wrk would
+    show up as proxy latency. Its CPU time is read from /proc around each point (Redis CPU µs/request)."""
+
+    def __init__(self, workdir: Path, cpus: set[int] | None, wrapper: Sequence[str] = ()) -> None:
+        self.dir = workdir / "redis"
+        self.cpus = cpus
+        self.wrapper = list(wrapper)  # e.g. valgrind (bench/limits_admit.py --redis-instructions)
+        self.socket = self.dir / "redis.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.version = ""
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def start(self, timeout: float = 10.0) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (apt-get install -y redis-server), or pass "
+                               "--limits-store redis://host:port/db")  # fmt: skip
+        self.dir.mkdir(parents=True, exist_ok=True)
+        cmd = [binary, "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
+               "--save", "", "--appendonly", "no", "--dir", str(self.dir), "--loglevel", "warning",
+               "--logfile", str(self.dir / "redis.log")]  # fmt: skip
+        cmd = [*self.wrapper, *cmd]
+        if self.cpus is not None:
+            cmd = ["taskset", "-c", cpu_list(self.cpus), *cmd]  # (taskset execs: the pid is redis-server's)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     preexec_fn=_die_with_parent)  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(OSError):
+                info = self.call(b"INFO server")
+                self.version = next((ln.split(":", 1)[1].strip() for ln in info.decode().splitlines()
+                                     if ln.startswith("redis_version:")), "?")  # fmt: skip
+                break
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis-server did not answer on {self.socket}; see {self.dir / 'redis.log'}")
+            time.sleep(0.02)
+        set_affinity([self.proc.pid], self.cpus)  # (threads it started before taskset's mask applied: none)
+
+    def call(self, command: bytes) -> bytes:
+        """One inline command over the socket; the raw reply (enough for PING/INFO)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(2.0)
+            s.connect(str(self.socket))
+            s.sendall(command + b"\r\n")
+            head = b""
+            while b"\r\n" not in head:
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise OSError("connection closed")
+                head += chunk
+            if not head.startswith(b"$"):
+                return head
+            line, _, rest = head.partition(b"\r\n")
+            n = int(line[1:])
+            while len(rest) < n:
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise OSError("connection closed")
+                rest += chunk
+            return rest[:n]
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid] if self.proc is not None and self.proc.poll() is None else []
+
+    def describe(self) -> str:
+        return (
+            f"Limits store: a private redis-server {self.version} started by the harness (no persistence, Unix "
+            f"socket, `unix://` in the proxy's config), pinned to CPU {cpu_list(self.cpus)} at normal priority and "
+            "stopped at the end; its CPU time per request is the Redis column"
+        )
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.proc = None
+
+
+def start_limits_store(args: argparse.Namespace, workdir: Path) -> PrivateRedis | None:
+    """`--limits-store private`: start the private Redis and point the limits variant at it (LIMITS_STORE)."""
+    if args.limits_store != "private":
+        LIMITS_STORE[0] = args.limits_store
+        return None
+    redis = PrivateRedis(workdir, args.load_cpus)
+    redis.start()
+    LIMITS_STORE[0] = redis.url
+    print(f"bench: {redis.describe()} ({redis.socket})", flush=True)
+    return redis
 
 
 @dataclass
@@ -938,6 +1041,7 @@ class Measurement:
     noise_pct: float = 0.0  # CPU used by other processes on the machine, % of one core
     cpu_us_per_req: float = 0.0  # proxy CPU time (all workers) per request
     db_cpu_us_per_req: float | None = None  # local PostgreSQL server CPU time per request (when pinned)
+    redis_cpu_us_per_req: float | None = None  # the private Redis's CPU time per request (--limits-store private)
     rep: int = 1  # repetition (--repeat) of an interleaved comparison
 
 
@@ -975,6 +1079,8 @@ def _print_point(m: Measurement, noisy: bool = False) -> None:
     )
     if m.db_cpu_us_per_req is not None:
         proc += f" db={m.db_cpu_us_per_req:.0f} us/req"
+    if m.redis_cpu_us_per_req is not None:
+        proc += f" redis={m.redis_cpu_us_per_req:.0f} us/req"
     print(
         f"  {m.target:<8} {m.kind:<6} c={m.connections:<3} {res.rps:>9.0f} req/s  p50={res.p50_ms:.2f}ms "
         f"p99={res.p99_ms:.2f}ms  [{cores} other={m.noise_pct:.0f}%]{proc}{flag}"
@@ -995,11 +1101,13 @@ def measure(
     quiet_pids: list[int],
     authorization: Callable[[], str] | None = None,
     db: DatabasePinning | None = None,
+    redis: PrivateRedis | None = None,
 ) -> Measurement:
     """One point; re-measured (up to --retries times) when other processes took CPU meanwhile.
 
     With `db`, the database server's processes are (re-)pinned after the warm-up, counted as ours in the noise
-    figure and their CPU time per request recorded."""
+    figure and their CPU time per request recorded; with `redis` (the private limits store), the same for its
+    CPU time (it is pinned once, at its start)."""
     url = f"http://127.0.0.1:{port}{path}"
     best: Measurement | None = None
     for attempt in range(args.retries + 1):
@@ -1009,12 +1117,15 @@ def measure(
         if args.warmup:
             run_wrk(url, body_file, connections, args.warmup, args.load_cpus, args.threads, auth)
         db_pids = db.pin() if db is not None else []
-        with Sampler(pids, quiet_pids + db_pids) as s:
+        redis_pids = redis.pids() if redis is not None else []
+        with Sampler(pids, quiet_pids + db_pids + redis_pids) as s:
             res = run_wrk(url, body_file, connections, args.duration, args.load_cpus, args.threads, auth)
         time.sleep(1.0)
         m = _measurement(target, kind, connections, res, s, pids)
         if db is not None and res.requests:
             m.db_cpu_us_per_req = round(1e6 * sum(s.quiet_cpu_s[p] for p in db_pids) / res.requests, 1)
+        if redis is not None and res.requests:
+            m.redis_cpu_us_per_req = round(1e6 * sum(s.quiet_cpu_s[p] for p in redis_pids) / res.requests, 1)
         noisy = m.noise_pct > args.max_noise
         _print_point(m, noisy)
         if best is None or m.noise_pct < best.noise_pct:
@@ -1040,6 +1151,7 @@ def measure_together(
     args: argparse.Namespace,
     quiet_pids: list[int],
     db: DatabasePinning | None = None,
+    redis: PrivateRedis | None = None,
 ) -> list[Measurement]:
     """One point for several proxies loaded at the same moment (--together): one wrk per proxy, started together,
     the proxies sharing the proxy CPU. What drifts on the machine over a run (other tenants, clock) then hits them
@@ -1062,11 +1174,15 @@ def measure_together(
         if args.warmup:
             wrk_all(args.warmup)
         db_pids = db.pin() if db is not None else []
+        redis_pids = redis.pids() if redis is not None else []
         pid_sets = [x.workers() for x in proxies]
-        with Sampler([p for ps in pid_sets for p in ps], quiet_pids + db_pids) as s:
+        with Sampler([p for ps in pid_sets for p in ps], quiet_pids + db_pids + redis_pids) as s:
             results = wrk_all(args.duration)
         time.sleep(1.0)
         db_us = sum(s.quiet_cpu_s[p] for p in db_pids) if db is not None else 0.0
+        redis_us = sum(s.quiet_cpu_s[p] for p in redis_pids)
+        # Redis serves the proxies with limits only: its CPU per request of those.
+        limited = sum(r.requests for y, r in zip(proxies, results, strict=True) if y.variant.limits)
         # The database serves every proxy with a ledger: its CPU per row, for rows of those proxies.
         rows = sum(r.requests for y, r in zip(proxies, results, strict=True) if y.variant.ledger)
         out: list[Measurement] = []
@@ -1074,6 +1190,8 @@ def measure_together(
             m = _measurement(x.variant.key, kind, connections, res, s, pids)
             if db is not None and any(r.requests for r in results):
                 m.db_cpu_us_per_req = round(1e6 * db_us / rows, 1) if x.variant.ledger and rows else 0.0
+            if redis is not None:
+                m.redis_cpu_us_per_req = round(1e6 * redis_us / limited, 1) if x.variant.limits and limited else 0.0
             _print_point(m)
             out.append(m)
         if best is None or s.noise_pct < best_noise:
@@ -1190,13 +1308,19 @@ def build_pair_section(
         return None
     feat = v.feature
     has_db = any(m.db_cpu_us_per_req is not None for pts in runs.values() for _, _, a, b in pts for m in (a, b))
+    has_redis = any(m.redis_cpu_us_per_req is not None for pts in runs.values() for _, _, a, b in pts
+                    for m in (a, b))  # fmt: skip
     head = ["workload", "conns", feat]
     for r in runs:
         head += [f"run {r} req/s", f"run {r} proxy CPU µs/req"] + ([f"run {r} PostgreSQL CPU µs/req"] if has_db else [])
+        head += [f"run {r} Redis CPU µs/req"] if has_redis else []
     rows = ["| " + " | ".join(head) + " |", "|---|--:|---|" + "--:|" * (len(head) - 3)]
 
     def db_cell(m: Measurement) -> list[str]:
-        return [f"{m.db_cpu_us_per_req:.0f}" if m.db_cpu_us_per_req is not None else "-"] if has_db else []
+        out = [f"{m.db_cpu_us_per_req:.0f}" if m.db_cpu_us_per_req is not None else "-"] if has_db else []
+        if has_redis:
+            out.append(f"{m.redis_cpu_us_per_req:.1f}" if m.redis_cpu_us_per_req is not None else "-")
+        return out
 
     first = next(iter(runs.values()))
     for i, (kind, c, _, _) in enumerate(first):
@@ -1210,7 +1334,7 @@ def build_pair_section(
             r_off += [f"{_fmt_rps(b.wrk.rps)}{err_b}", f"{b.cpu_us_per_req:.0f}", *db_cell(b)]
             cpu = a.cpu_us_per_req / b.cpu_us_per_req if b.cpu_us_per_req else float("nan")
             r_ratio += [f"**{a.wrk.rps / b.wrk.rps:.2f}**", f"{cpu:.2f} ({a.cpu_us_per_req - b.cpu_us_per_req:+.0f})"]
-            r_ratio += [""] if has_db else []
+            r_ratio += [""] * (has_db + has_redis)
         rows += ["| " + " | ".join(r) + " |" for r in (r_on, r_off, r_ratio)]
 
     all_ratios = [a.wrk.rps / b.wrk.rps for pts in runs.values() for _, _, a, b in pts]
@@ -1232,14 +1356,17 @@ def build_pair_section(
         "CPU µs/req is the figure least disturbed by other load; the ratio column is on / off, the bracket the "
         "difference).",
     ]
+    def server_cpu(name: str, attr: str, fmt: str, tail: str) -> str:
+        on_ = [getattr(a, attr) or 0.0 for pts in runs.values() for _, _, a, _ in pts]
+        off_ = [getattr(b, attr) or 0.0 for pts in runs.values() for _, _, _, b in pts]
+        return (f"- {name} CPU per request: {min(on_):{fmt}}-{max(on_):{fmt}} µs with the {feat} on, "
+                f"{min(off_):{fmt}}-{max(off_):{fmt}} µs with it off; spent on the load CPU "
+                f"({cpu_list(args.load_cpus)}){tail}.")  # fmt: skip
+
     if has_db:
-        db_on = [a.db_cpu_us_per_req or 0.0 for pts in runs.values() for _, _, a, _ in pts]
-        db_off = [b.db_cpu_us_per_req or 0.0 for pts in runs.values() for _, _, _, b in pts]
-        bullets.append(
-            f"- PostgreSQL server CPU per request: {min(db_on):.0f}-{max(db_on):.0f} µs with the {feat} on, "
-            f"{min(db_off):.0f}-{max(db_off):.0f} µs with it off; spent on the load CPU ({cpu_list(args.load_cpus)}), "
-            "not the proxy's."
-        )
+        bullets.append(server_cpu("PostgreSQL server", "db_cpu_us_per_req", ".0f", ", not the proxy's"))
+    if has_redis:
+        bullets.append(server_cpu("Redis (the limits store)", "redis_cpu_us_per_req", ".1f", ""))
     noise = [m.noise_pct for pts in runs.values() for _, _, a, b in pts for m in (a, b)]
     errors = sum(m.wrk.errors for pts in runs.values() for _, _, a, b in pts for m in (a, b))
     bullets.append(
@@ -1270,7 +1397,8 @@ def build_pair_section(
             if args.together else
             f"Both proxies run at once and are measured point by point in alternating order ({order}), so drift "
             "of the shared machine over the run does not decide their ratio."
-        ) + f"{rep_note}" + (f" {args.db_note}." if args.db_note else ""),
+        ) + f"{rep_note}" + (f" {args.db_note}." if args.db_note else "")
+        + (f" {args.redis_note}." if v.limits and args.redis_note else ""),
         "",
         *rows,
         "",
@@ -1432,11 +1560,19 @@ def build_report(
     return "\n".join(lines)
 
 
+HISTORY = "Runs of this comparison so far"  # a hand-kept paragraph that a new run of its section keeps
+
+
 def write_results(section: str, path: Path, title: str = SECTION) -> None:
-    """Replace the section `title` (up to the next `## `) of `path`, or append it."""
+    """Replace the section `title` (up to the next `## `) of `path`, or append it. A paragraph of the old section
+    that starts with HISTORY (up to the section's end) is carried over, after the new figures."""
     text = path.read_text() if path.exists() else "# Benchmark results\n\n"
     pattern = re.compile(rf"^{re.escape(title)}[ \t]*\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
+    old = pattern.search(text)
+    if old:
+        at = old.group(0).find("\n" + HISTORY)
+        if at >= 0 and HISTORY not in section:
+            section = section.rstrip("\n") + "\n\n" + old.group(0)[at + 1 :].rstrip("\n") + "\n"
         text = pattern.sub(lambda _m: section.rstrip("\n") + "\n\n", text, count=1)
     else:
         text = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
@@ -1523,8 +1659,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="usage ledger database (default: SQLite in the temp dir), e.g. postgresql+asyncpg://user:pw@host/db",
     )
-    p.add_argument("--limits-store", default="redis://127.0.0.1:6379/15",
-                   help="limits.store of the limits variant (default: the local Redis, database 15)")
+    p.add_argument("--limits-store", default="private",
+                   help="limits.store of the limits variant: `private` (default) starts a redis-server of the bench's "
+                   "own on a Unix socket, pinned to the load CPUs and stopped at the end; or a URL, e.g. "
+                   "redis://127.0.0.1:6379/15")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs)")
     p.add_argument("--hold", action="store_true", help=argparse.SUPPRESS)  # used by bench/profile_proxy.py
     args = p.parse_args(argv)
@@ -1544,6 +1682,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
     args.db_note = ""  # set by main() when it pins a local PostgreSQL
+    args.redis_note = ""  # set by main() when it starts the private Redis
     for k in args.kinds:
         if k not in KINDS:
             p.error(f"unknown kind {k!r}")
@@ -1559,7 +1698,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-LIMITS_STORE = ["redis://127.0.0.1:6379/15"]  # --limits-store
+LIMITS_STORE = ["unix:///nonexistent"]  # the limits variant's store: --limits-store, or the private Redis
 
 VARIANTS = {
     "log": ProxyVariant("log", "1 worker, defaults", 1, True),
@@ -1600,8 +1739,9 @@ VARIANTS = {
         baseline="log",
         feature="limits",
         feature_note="the same config plus `limits` with three rules (requests per minute per user, tokens per day "
-        "per user, USD per month global; never reached) on the store of --limits-store (default the local Redis), "
-        "and a `price` on the models: one Lua call to admit and one to charge per request.",
+        "per user, USD per month global; never reached) on the store of --limits-store (default a private "
+        "redis-server), and a `price` on the models: one Lua call to admit per request, the charges of the answers "
+        "of a few ms summed into one call per rule set.",
         section="## Limits cost (on vs off)",
     ),
     "nolog": ProxyVariant("nolog", "1 worker, access log off", 1, False),
@@ -1672,7 +1812,6 @@ def _terminate(signum: int, _frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    LIMITS_STORE[0] = args.limits_store
     args.started = dt.datetime.now().astimezone()
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _terminate)
@@ -1702,8 +1841,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         upstream = Nginx(nginx_bin, tmp)
         op: BenchOP | None = None
         db: DatabasePinning | None = None
+        redis: PrivateRedis | None = None
         upstream.start()
         try:
+            if any(v.limits for v in variants):
+                redis = start_limits_store(args, tmp)
             if local_postgres(args.database_url) and args.load_cpus is not None:
                 db = DatabasePinning(args.database_url, args.load_cpus)
                 try:
@@ -1754,7 +1896,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for i, (r, kind, c) in enumerate((r, k, c) for r in range(1, reps + 1) for k, c in points):
                         if args.together and len(proxies) > 1:
                             for m in measure_together(proxies, kind, bodies[(kind, True)], c, args, upstream.pids(),
-                                                      db):  # fmt: skip
+                                                      db, redis):  # fmt: skip
                                 m.rep = r
                                 ms.append(m)
                             continue
@@ -1763,7 +1905,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             pids = proxy.workers()
                             others = upstream.pids() + ([proxy.proc.pid] if proxy.proc and v.workers > 1 else [])
                             m = measure(v.key, kind, proxy.port, "/v1/chat/completions", bodies[(kind, True)], c,
-                                        args, pids, others, auths[v.key], db)  # fmt: skip
+                                        args, pids, others, auths[v.key], db, redis)  # fmt: skip
                             m.rep = r
                             ms.append(m)
                     for proxy in proxies:
@@ -1776,6 +1918,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         proxy.stop()
         finally:
             upstream.stop()
+            if redis is not None:
+                redis.stop()
+                args.redis_note = redis.describe()
+                print("bench: stopped the private Redis", flush=True)
             if op is not None:
                 print(f"  (OpenID provider: {op.tokens} access token(s) fetched)", flush=True)
                 op.close()

@@ -60,26 +60,103 @@ def store(request: pytest.FixtureRequest) -> object:
     return RedisLimitStore(server.url, "t:")
 
 
-async def test_request_window_slides(store: MemoryLimitStore | RedisLimitStore) -> None:
-    """2 a second, with no burst at a boundary: 2 in, the third refused at once and after half a second (a fixed
-    window would have reset), admitted once the first has left the window."""
-    checks = _checks(requests_per_second=2)
+async def test_request_rate_is_gcra(store: MemoryLimitStore | RedisLimitStore) -> None:
+    """4 a second (one every 0.25 s): 4 at once, the fifth refused until one interval has passed, then exactly one
+    more (not a window's worth: nothing resets at a boundary)."""
+    checks = _checks(requests_per_second=4)
     try:
-        assert (await store.admit(checks, "a", 0))[0] == 0
+        for i in range(4):
+            refused, counts = await store.admit(checks, f"a{i}", 0)
+            assert refused == 0 and counts[0].used == i + 1
         refused, counts = await store.admit(checks, "b", 0)
-        assert refused == 0 and counts[0].used == 2
-        assert (await store.admit(checks, "c", 0))[0] == 1
+        assert refused == 1 and counts[0].used == 4 and 0 < counts[0].reset <= 0.25
         if isinstance(store, MemoryLimitStore):  # explicit clocks; Redis uses its own: waited below
-            assert (await store.admit(checks, "d", 0.5))[0] == 1
-            assert (await store.admit(checks, "e", 1.01))[0] == 0
+            assert (await store.admit(checks, "c", 0.2))[0] == 1
+            assert (await store.admit(checks, "d", 0.26))[0] == 0
+            assert (await store.admit(checks, "e", 0.26))[0] == 1
             return
-        await asyncio.sleep(0.5)  # Redis's clock: the window is real time there
-        refused, counts = await store.admit(checks, "d", 0)
-        assert refused == 1 and 0 < counts[0].reset <= 0.55
-        await asyncio.sleep(counts[0].reset + 0.05)
-        assert (await store.admit(checks, "e", 0))[0] == 0
+        await asyncio.sleep(counts[0].reset + 0.02)  # Redis's clock: the interval is real time there
+        assert (await store.admit(checks, "d", 0))[0] == 0
+        refused, counts = await store.admit(checks, "e", 0)
+        assert refused == 1 and counts[0].reset > 0.15  # the next slot is a whole interval away again
     finally:
         await store.close()
+
+
+async def test_no_double_burst_at_a_window_boundary() -> None:
+    """A fixed one-second window lets 2 through just before its end and 2 more just after; GCRA does not: the
+    limit at once, then the rate."""
+    store = MemoryLimitStore()
+    checks = _checks(requests_per_second=2)
+    assert [(await store.admit(checks, t, 0.99))[0] for t in "ab"] == [0, 0]
+    assert (await store.admit(checks, "c", 1.0))[0] == 1  # a fixed window would start again here
+    assert (await store.admit(checks, "d", 1.48))[0] == 1
+    assert [(await store.admit(checks, t, 1.5))[0] for t in "ef"] == [0, 1]  # one interval on: one more
+    # Asked every 10 ms from then on: one every 0.5 s (at 1.99, 2.49, 2.99), so 6 in [0.99, 3.0): in any stretch
+    # of t seconds at most limit + t * rate (2 + 2.01 * 2) get in.
+    got = [i for i in range(1, 150) if (await store.admit(checks, f"x{i}", 1.5 + i / 100))[0] == 0]
+    assert got == [49, 99, 149]
+
+
+async def test_an_odd_limit_is_exact(store: MemoryLimitStore | RedisLimitStore) -> None:
+    """7 a minute (an interval of 8571428.57 µs, rounded up): exactly 7 at once, in both stores."""
+    checks = _checks(requests_per_minute=7)
+    try:
+        results = [(await store.admit(checks, f"r{i}", 0))[0] for i in range(9)]
+        assert results == [0] * 7 + [1, 1]
+        assert [c.used for c in await store.read(checks, 0)] == [7]
+    finally:
+        await store.close()
+
+
+async def test_redis_request_rate_exact_across_clients_over_time(fresh_redis: RedisServer) -> None:
+    """Three clients (as three replicas) hammering a 10-a-second rate for about half a second: never more than
+    10 + the intervals that passed on Redis's clock (and the freed slots are taken)."""
+    checks = _checks(requests_per_second=10)
+    stores = [RedisLimitStore(fresh_redis.url, "t:") for _ in range(3)]
+    r = fresh_redis.client()
+    admitted = 0
+    try:
+        await asyncio.gather(*[s.read(checks, 0) for s in stores])  # connected
+        sec, us = r.time()
+        t0 = sec + us / 1e6
+
+        async def hammer(s: RedisLimitStore, who: int) -> None:
+            nonlocal admitted
+            for i in range(400):
+                refused, _ = await s.admit(checks, f"{who}-{i}", 0)
+                admitted += refused == 0
+                if i % 8 == 7:
+                    await asyncio.sleep(0.005)
+
+        await asyncio.gather(*[hammer(s, i) for i, s in enumerate(stores)])
+        sec, us = r.time()
+        elapsed = sec + us / 1e6 - t0
+        assert elapsed > 0.3
+        assert admitted <= 10 + int(elapsed / 0.1) + 1
+        assert admitted >= 10 + int(elapsed / 0.1) - 2
+    finally:
+        for s in stores:
+            await s.close()
+        r.close()
+
+
+async def test_redis_takes_over_an_older_versions_request_log(fresh_redis: RedisServer) -> None:
+    """A request log (sorted set) left by a version before GCRA: its requests in the window still count."""
+    checks = _checks(requests_per_minute=3)
+    r = fresh_redis.client()
+    sec, _ = r.time()
+    r.zadd("t:" + checks[0].key, {"old1": sec * 1000 - 1000, "old2": sec * 1000 - 500, "gone": sec * 1000 - 61_000})
+    store = RedisLimitStore(fresh_redis.url, "t:")
+    try:
+        assert [c.used for c in await store.read(checks, 0)] == [2]
+        refused, counts = await store.admit(checks, "new", 0)
+        assert refused == 0 and counts[0].used == 3
+        assert (await store.admit(checks, "next", 0))[0] == 1
+        assert r.type("t:" + checks[0].key) == b"string"
+    finally:
+        await store.close()
+        r.close()
 
 
 async def test_tokens_and_usd_are_charged_after_and_admit_while_below(
@@ -253,3 +330,20 @@ auth: {mode: none, allow_unauthenticated: true}
     assert table.cost("local", "my-other-model", Usage(10, 10, 20)) is None  # no price: unknown, not $0
     assert table.cost("openai", "gpt-4o", None) is None
     assert catalogue_price(None, "no-such-model-anywhere") is None
+
+
+async def test_redis_script_of_a_large_rule_set(fresh_redis: RedisServer) -> None:
+    """The admit script is written per rule set: one of 120 counters (a caller in 40 groups, three kinds each)
+    still runs, in one call."""
+    many = Principal(subject="m", groups=tuple(f"g{i}" for i in range(40)))
+    rule = _rule(per="group", requests_per_minute=1, tokens_per_minute=100, concurrent_requests=5)
+    checks = rule_checks(rule, rule_keys(rule, many, "m"), 900.0)
+    assert len(checks) == 120
+    store = RedisLimitStore(fresh_redis.url, "t:")
+    try:
+        refused, counts = await store.admit(checks, "a", 0)
+        assert refused == 0 and {c.used for c in counts} == {1, 0}
+        refused, _ = await store.admit(checks, "b", 0)
+        assert refused == 1  # the first group's request rate
+    finally:
+        await store.close()

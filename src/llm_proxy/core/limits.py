@@ -2,8 +2,9 @@
 that keep them (this process's memory, or Redis for limits exact across replicas: store/redis_limits.py).
 
 Windows:
-- requests per second / minute / hour: a sliding log (each admitted request's time): never more than the limit in
-  any window of that length, so no burst at a boundary. Check and count are one step (one Lua script on Redis).
+- requests per second / minute / hour: GCRA (one theoretical arrival time per counter): up to the limit at once,
+  then one every window / limit; no window boundary, so no 2x burst at one. Check and count are one step (one Lua
+  script on Redis).
 - concurrent requests: a set of the requests in flight, each with a lease (`concurrency_lease_seconds`), so the
   slots of a replica that died come back by themselves.
 - tokens per minute / hour: a sliding window over 60 sub-buckets (1 s / 1 min).
@@ -115,8 +116,21 @@ def rule_checks(rule: LimitRule, keys: Sequence[str], lease: float) -> list[Chec
 # --------------------------------------------------------------------------------------------------
 
 
+_RESET_TEXTS: dict[float, str] = {}  # every answer's headers: the same few values again and again
+
+
 def reset_text(seconds: float) -> str:
     """A duration as OpenAI writes x-ratelimit-reset-*: 20ms, 1.5s, 6m0s, 1h2m3s."""
+    key = math.ceil(seconds) if seconds >= 60.0 else seconds  # (from a minute on only whole seconds show)
+    text = _RESET_TEXTS.get(key)
+    if text is None:
+        if len(_RESET_TEXTS) >= 4096:
+            _RESET_TEXTS.clear()
+        text = _RESET_TEXTS[key] = _reset_text(seconds)
+    return text
+
+
+def _reset_text(seconds: float) -> str:
     if seconds < 1.0:
         return f"{max(int(seconds * 1000), 0)}ms"
     if seconds < 60.0:

@@ -5,7 +5,6 @@ store's protocol, and the memory store (one process). The Redis store is store/r
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,6 +37,20 @@ class Check:
     @property
     def calendar(self) -> bool:
         return self.code in (CALENDAR_TOKENS, CALENDAR_USD)
+
+
+def emission_us(c: Check) -> int:
+    """A request rate's GCRA emission interval: window / limit, in whole µs (rounded up: never more than the
+    limit in the long run; off by under 1 µs a request)."""
+    return max(1, -(-round(c.seconds * 1_000_000) // c.limit))
+
+
+def gcra_count(tat: int, nowu: int, interval: int) -> Count:
+    """A request rate's state from its theoretical arrival time (µs): used = ceil((tat - now) / interval); reset =
+    until that goes down by one (the next request fits then, when used is the limit)."""
+    ahead = max(tat - nowu, 0)
+    used = -(-ahead // interval)
+    return Count(used, (ahead - (used - 1) * interval if used else interval) / 1_000_000)
 
 
 _PERIODS: dict[str, tuple[float, float, str]] = {}  # window -> (start, end, id) of the last one asked for
@@ -103,7 +116,7 @@ class MemoryLimitStore:
     """Counters in this process (limits.store: memory): the same windows as Redis, for a single replica."""
 
     def __init__(self) -> None:
-        self._logs: dict[str, deque[float]] = {}
+        self._tats: dict[str, int] = {}  # request rates (GCRA): theoretical arrival time, µs
         self._leases: dict[str, dict[str, float]] = {}
         self._buckets: dict[str, dict[int, int]] = {}
         self._calendar: dict[str, tuple[str, int]] = {}
@@ -116,13 +129,7 @@ class MemoryLimitStore:
 
     def _count(self, c: Check, now: float) -> Count:
         if c.code == REQUESTS:
-            q = self._logs.get(c.key)
-            if not q:
-                return Count(0, c.seconds)
-            edge = now - c.seconds
-            while q and q[0] <= edge:
-                q.popleft()
-            return Count(len(q), (q[0] + c.seconds - now) if q else c.seconds)
+            return gcra_count(self._tats.get(c.key, 0), round(now * 1_000_000), emission_us(c))
         if c.code == CONCURRENT:
             leases = self._leases.get(c.key)
             if not leases:
@@ -153,13 +160,9 @@ class MemoryLimitStore:
                 return i + 1, counts
         for c, n in zip(checks, counts, strict=True):
             if c.code == REQUESTS:
-                q = self._logs.get(c.key)
-                if q is None:
-                    q = self._logs[c.key] = deque()
-                q.append(now)
+                nowu = round(now * 1_000_000)
+                self._tats[c.key] = max(self._tats.get(c.key, 0), nowu) + emission_us(c)
                 n.used += 1
-                if n.used == 1:
-                    n.reset = c.seconds
             elif c.code == CONCURRENT:
                 self._leases.setdefault(c.key, {})[token] = now + c.seconds
                 n.used += 1
@@ -193,7 +196,8 @@ class MemoryLimitStore:
 
     async def keys(self) -> list[str]:
         now = time.time()
-        out = [*self._logs, *self._leases, *self._buckets]
+        nowu = round(now * 1_000_000)
+        out = [k for k, tat in self._tats.items() if tat > nowu] + [*self._leases, *self._buckets]
         for key in self._calendar:
             option = key.split(":", 2)[1]
             out.append(f"{key}:{period(LIMIT_KINDS[option][1], now)[0]}")

@@ -5,9 +5,9 @@ Times inside the scripts are Redis's own clock (TIME), so replicas with skewed c
 calendar windows (day, month: UTC) are named by the caller, with their end as the key's expiry.
 
 Keys (after limits.key_prefix): `<rule>:<option>:<dims>`, plus `:<period>` for calendar windows. A request
-log is a sorted set of request ids scored by time; concurrency a sorted set scored by lease end; a sliding
-token window a hash of 60 sub-buckets; a calendar counter a plain integer. Not for Redis Cluster: one script
-touches keys of several slots.
+rate is one integer (GCRA: the theoretical arrival time, Redis µs; it expires when it is in the past); concurrency
+a sorted set scored by lease end; a sliding token window a hash of 60 sub-buckets; a calendar counter a plain
+integer. Not for Redis Cluster: one script touches keys of several slots.
 
 The client is our own (RESP over one asyncio connection, commands pipelined: the replies come back in order):
 what a request costs here is building one command from parts encoded once per (rule set, period), one write
@@ -27,84 +27,127 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from .limit_counters import CONCURRENT, SUB_BUCKETS, Check, Count, Settlement, StoreUnavailable, period
+from .limit_counters import (
+    CONCURRENT,
+    REQUESTS,
+    SLIDING_TOKENS,
+    SUB_BUCKETS,
+    Check,
+    Count,
+    Settlement,
+    StoreUnavailable,
+    emission_us,
+    period,
+)
 
 log = logging.getLogger("llm_proxy.limits")
 
-# KEYS: one per check. ARGV: token, dry ("1": only read), the caller's time (unix ms: it names the calendar
-# windows, so their resets are counted from it too), then per check: code, limit, window ms, the calendar
-# window's end (unix ms). Returns "refused used_1 reset_ms_1 used_2 reset_ms_2 ..." (refused: 0 or the index of
-# the first full counter; one string: cheaper to read than an array).
-_ADMIT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local token = ARGV[1]
-local dry = ARGV[2] == '1'
-local cnow = tonumber(ARGV[3])
-local n = #KEYS
-local used, reset = {}, {}
-local refused = 0
-for i = 1, n do
-  local a = 4 + (i - 1) * 4
-  local code, limit, win, left = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-  local key = KEYS[i]
-  local u, r = 0, win
-  if code == 'r' then
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', now - win)
-    u = redis.call('ZCARD', key)
-    if u > 0 then
-      local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-      r = tonumber(oldest[2]) + win - now
-    end
-  elseif code == 'c' then
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-    u = redis.call('ZCARD', key)
-    r = 1000
-  elseif code == 'st' then
-    local width = win / %(buckets)d
-    local first = math.floor(now / width) - %(buckets)d + 1
-    local all = redis.call('HGETALL', key)
-    local low = nil
-    for j = 1, #all, 2 do
-      local b = tonumber(all[j])
-      if b < first then
-        redis.call('HDEL', key, all[j])
-      else
-        u = u + tonumber(all[j + 1])
-        if low == nil or b < low then low = b end
-      end
-    end
-    if low ~= nil then r = (low + %(buckets)d) * width - now end
+# The admit script is written for each rule set (the checks of one principal and model: store/limit_counters'
+# Check): its codes, limits and windows are constants in the text, so the call carries nothing but the keys (and
+# the request's token when a concurrency slot is taken). Redis spends about 1,500 instructions on each argument
+# of a call and 1,500 on each tonumber(); a script that reads 18 of them spent more on that than on the counters.
+# One script per rule set, loaded once (EVALSHA; EVAL after a Redis restart); a deployment has a handful.
+#
+# A request rate is GCRA (the generic cell rate algorithm): with interval T = window / limit, the key holds the
+# theoretical arrival time `tat` of the next request (µs, Redis's clock); a request is admitted while
+# tat - now <= (limit - 1) * T and moves it T on. So `limit` may come at once, then one every T: no window boundary
+# to burst at (a fixed window lets 2x through around its edge), one key of O(1) size, which expires when tat has
+# passed. "used" is ceil((tat - now) / T), reset the time until that goes down by one (for a refusal: until the
+# next request fits). Integer µs throughout (exact in Lua's doubles).
+#
+# Returns "refused used_1 [reset_ms_1] used_2 ...": refused is 0 or the index of the first full counter; a reset
+# only for request rates and sliding token windows (the caller knows a calendar window's end and a lease's 1 s).
+_PRELUDE = """local t = redis.call('TIME')
+local nowu = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = math.floor(nowu / 1000)
+local u, r, tat = {}, {}, {}
+"""
+
+_READ = {
+    REQUESTS: """do
+  local v = redis.pcall('GET', KEYS[%(i)d])
+  local x
+  if type(v) == 'table' then
+    -- WRONGTYPE: the request log (sorted set) of a version before GCRA: its requests in the window carried over
+    redis.call('ZREMRANGEBYSCORE', KEYS[%(i)d], '-inf', now - %(win)d)
+    x = nowu + redis.call('ZCARD', KEYS[%(i)d]) * %(T)d
   else
-    u = tonumber(redis.call('GET', key) or '0')
-    r = left - cnow
+    x = tonumber(v or '0')
+    if x < nowu then x = nowu end
   end
-  used[i], reset[i] = u, r
-  if refused == 0 and u >= limit then refused = i end
+  local n = math.ceil((x - nowu) / %(T)d)
+  tat[%(i)d], u[%(i)d] = x, n
+  if n > 0 then r[%(i)d] = math.ceil((x - nowu - (n - 1) * %(T)d) / 1000) else r[%(i)d] = %(T_ms)d end
 end
-if refused == 0 and not dry then
-  for i = 1, n do
-    local a = 4 + (i - 1) * 4
-    local code, win = ARGV[a], tonumber(ARGV[a + 2])
-    if code == 'r' then
-      redis.call('ZADD', KEYS[i], now, token)
-      redis.call('PEXPIRE', KEYS[i], win)
-      used[i] = used[i] + 1
-      if used[i] == 1 then reset[i] = win end
-    elseif code == 'c' then
-      redis.call('ZADD', KEYS[i], now + win, token)
-      redis.call('PEXPIRE', KEYS[i], win)
-      used[i] = used[i] + 1
+""",
+    CONCURRENT: """redis.call('ZREMRANGEBYSCORE', KEYS[%(i)d], '-inf', now)
+u[%(i)d] = redis.call('ZCARD', KEYS[%(i)d])
+""",
+    SLIDING_TOKENS: """do
+  local width = %(win)d / %(buckets)d
+  local first = math.floor(now / width) - %(buckets)d + 1
+  local all = redis.call('HGETALL', KEYS[%(i)d])
+  local low = nil
+  local n = 0
+  for j = 1, #all, 2 do
+    local b = tonumber(all[j])
+    if b < first then
+      redis.call('HDEL', KEYS[%(i)d], all[j])
+    else
+      n = n + tonumber(all[j + 1])
+      if low == nil or b < low then low = b end
     end
   end
+  u[%(i)d] = n
+  if low ~= nil then r[%(i)d] = math.ceil((low + %(buckets)d) * width - now) else r[%(i)d] = %(win)d end
 end
-local out = {refused}
-for i = 1, n do
-  out[#out + 1] = used[i]
-  out[#out + 1] = math.floor(reset[i])
+""",
+}
+_READ_CALENDAR = "u[%(i)d] = tonumber(redis.call('GET', KEYS[%(i)d]) or '0')\n"
+_COUNT = {
+    REQUESTS: """do
+  local x = tat[%(i)d] + %(T)d
+  redis.call('SET', KEYS[%(i)d], string.format('%%d', x), 'PX', string.format('%%d', math.floor((x - nowu) / 1000) + 1))
+  u[%(i)d] = u[%(i)d] + 1
 end
-return table.concat(out, ' ')
-""" % {"buckets": SUB_BUCKETS}  # noqa: UP031 (Lua braces)
+""",
+    CONCURRENT: """redis.call('ZADD', KEYS[%(i)d], now + %(win)d, ARGV[1])
+redis.call('PEXPIRE', KEYS[%(i)d], %(win)d)
+u[%(i)d] = u[%(i)d] + 1
+""",
+}
+_RESETS = (REQUESTS, SLIDING_TOKENS)  # the codes whose reset the script reports
+
+
+def admit_script(checks: Sequence[Check], dry: bool) -> str:
+    """The admit (dry: only read) script of one rule set."""
+    parts = [_PRELUDE]
+    for i, c in enumerate(checks, 1):
+        win = int(c.seconds * 1000)
+        T = emission_us(c) if c.code == REQUESTS else 0
+        v = {"i": i, "win": win, "T": T, "T_ms": -(-T // 1000), "buckets": SUB_BUCKETS}
+        parts.append(_READ.get(c.code, _READ_CALENDAR) % v)
+    tests = [f"u[{i}] >= {c.limit}" for i, c in enumerate(checks, 1)]
+    parts.append("local refused = 0\n")
+    parts += [f"{'if' if i == 1 else 'elseif'} {t} then refused = {i}\n" for i, t in enumerate(tests, 1)]
+    parts.append("end\n" if tests else "")
+    counted = [(i, c) for i, c in enumerate(checks, 1) if c.code in _COUNT]
+    if counted and not dry:
+        parts.append("if refused == 0 then\n")
+        for i, c in counted:
+            T = emission_us(c) if c.code == REQUESTS else 0
+            parts.append(_COUNT[c.code] % {"i": i, "win": int(c.seconds * 1000), "T": T})
+        parts.append("end\n")
+    fields, values = ["%d"], ["refused"]
+    for i, c in enumerate(checks, 1):
+        fields.append("%d")
+        values.append(f"u[{i}]")
+        if c.code in _RESETS:
+            fields.append("%d")
+            values.append(f"r[{i}]")
+    parts.append(f"return string.format('{' '.join(fields)}', {', '.join(values)})\n")
+    return "".join(parts)
+
 
 # KEYS: one per check. ARGV: token, tokens, micro-USD, then per check: code, window ms, the calendar window's
 # end (unix ms).
@@ -118,6 +161,8 @@ for i = 1, #KEYS do
   local key = KEYS[i]
   if code == 'c' then
     redis.call('ZREM', key, token)
+  elseif code == 'r' then
+    -- a request rate: counted when admitted
   elseif code == 'st' then
     if tokens > 0 then
       local width = win / %(buckets)d
@@ -141,10 +186,47 @@ def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
 
 
-def _counts(reply: bytes) -> tuple[int, list[Count]]:
-    """The admit script's "refused used_1 reset_ms_1 used_2 reset_ms_2 ..."."""
-    out = reply.split()
-    return int(out[0]), [Count(int(u), int(r) / 1000.0) for u, r in zip(out[1::2], out[2::2], strict=True)]
+class _AdmitPlan:
+    """What admitting (or reading) one rule set needs, built once per rule set and day: the command's parts and
+    how to read the reply (per check: whether it reports a reset, else the calendar window's end or 0 = a lease's
+    1 s)."""
+
+    __slots__ = ("checks", "day", "dry_script", "dry_sha", "head", "script", "sha", "shape", "token")
+
+    def __init__(self, checks: Sequence[Check], prefix: str, now: float) -> None:
+        day, month = period("day", now), period("month", now)
+        keys: list[bytes] = []
+        shape: list[tuple[bool, float]] = []
+        for c in checks:
+            if c.calendar:
+                pid, end = day if c.window == "day" else month
+                keys.append(f"{prefix}{c.key}:{pid}".encode())
+                shape.append((False, end))
+            else:
+                keys.append((prefix + c.key).encode())
+                shape.append((c.code in _RESETS, 0.0))
+        self.checks = checks
+        self.day = (day[1] - 86400.0, day[1])  # the day it holds for
+        self.token = any(c.code == CONCURRENT for c in checks)  # the request's token goes in ARGV[1]
+        self.head = _bulk(str(len(keys)).encode()) + b"".join(_bulk(k) for k in keys)
+        self.shape = tuple(shape)
+        self.script = admit_script(checks, dry=False)
+        self.dry_script = admit_script(checks, dry=True)
+        self.sha = hashlib.sha1(self.script.encode()).hexdigest().encode()  # noqa: S324 (Redis's script id)
+        self.dry_sha = hashlib.sha1(self.dry_script.encode()).hexdigest().encode()  # noqa: S324
+
+    def counts(self, reply: bytes, now: float) -> tuple[int, list[Count]]:
+        out = reply.split()
+        counts: list[Count] = []
+        j = 1
+        for has_reset, end in self.shape:
+            if has_reset:
+                counts.append(Count(int(out[j]), int(out[j + 1]) / 1000.0))
+                j += 2
+            else:
+                counts.append(Count(int(out[j]), end - now if end else 1.0))
+                j += 1
+        return int(out[0]), counts
 
 
 class RespError(Exception):
@@ -264,12 +346,13 @@ class RedisLimitStore:
         self._prefix = prefix
         self._conn: _Resp | None = None
         self._connecting: asyncio.Future[_Resp] | None = None
-        self._admit_sha = hashlib.sha1(_ADMIT.encode()).hexdigest().encode()  # noqa: S324 (Redis's script id)
+        self._plans: dict[int, _AdmitPlan] = {}  # id of a rule set's tuple -> its plan (the plan holds the tuple)
+        self._slots: dict[int, tuple[Sequence[Check], bool]] = {}  # id -> (the tuple, has a concurrency check)
         self._settle_sha = hashlib.sha1(_SETTLE.encode()).hexdigest().encode()  # noqa: S324
-        # (kind, id of the rule set's tuple, day, month) -> (that tuple, numkeys + keys, per-check arguments, n)
-        self._parts: dict[tuple[int, int, str, str], tuple[Sequence[Check], bytes, bytes, int]] = {}
-        # (kind, id of the rule set's tuple) -> its parts as above and the day they hold for (start, end)
-        self._last: dict[tuple[int, int], tuple[Sequence[Check], bytes, bytes, int, float, float]] = {}
+        # Settling: (id of the rule set's tuple, day, month) -> (that tuple, numkeys + keys, per-check arguments, n)
+        self._parts: dict[tuple[int, str, str], tuple[Sequence[Check], bytes, bytes, int]] = {}
+        # (id of the rule set's tuple) -> its parts as above and the day they hold for (start, end)
+        self._last: dict[int, tuple[Sequence[Check], bytes, bytes, int, float, float]] = {}
         self._watch: asyncio.TimerHandle | None = None
 
     @staticmethod
@@ -350,18 +433,18 @@ class RedisLimitStore:
 
     # -- the store -------------------------------------------------------------------------------
 
-    def _encoded(self, kind: int, checks: Sequence[Check], now: float) -> tuple[bytes, bytes, int]:
-        """The parts of a script call that only change with the period: (numkeys + keys, the per-check
+    def _encoded(self, checks: Sequence[Check], now: float) -> tuple[bytes, bytes, int]:
+        """The parts of a settle call that only change with the period: (numkeys + keys, the per-check
         arguments, the number of checks), built once per rule set and period."""
-        last = self._last.get((kind, id(checks)))
+        last = self._last.get(id(checks))
         if last is not None and last[0] is checks and last[4] <= now < last[5]:  # the same day as last time
             return last[1], last[2], last[3]
         day = period("day", now)
         month = period("month", now)
-        key = (kind, id(checks), day[0], month[0])
+        key = (id(checks), day[0], month[0])
         hit = self._parts.get(key)
         if hit is not None and hit[0] is checks:  # (the very tuple: an id is reused only after it is gone)
-            self._remember(kind, hit, day[1])
+            self._remember(hit, day[1])
             return hit[1], hit[2], hit[3]
         keys: list[bytes] = []
         args: list[bytes] = []
@@ -373,42 +456,51 @@ class RedisLimitStore:
             else:
                 end = 0.0
                 keys.append((p + c.key).encode())
-            win = str(int(c.seconds * 1000)).encode()
-            ends = str(int(end * 1000)).encode()
-            if kind == 0:
-                args += [c.code.encode(), str(c.limit).encode(), win, ends]
-            else:
-                args += [c.code.encode(), win, ends]
+            args += [c.code.encode(), str(int(c.seconds * 1000)).encode(), str(int(end * 1000)).encode()]
         head = _bulk(str(len(keys)).encode()) + b"".join(_bulk(k) for k in keys)
         tail = b"".join(_bulk(a) for a in args)
         if len(self._parts) > 10_000:
             self._parts.clear()
         self._parts[key] = (checks, head, tail, len(keys))
-        self._remember(kind, self._parts[key], day[1])
+        self._remember(self._parts[key], day[1])
         return head, tail, len(keys)
 
-    def _remember(self, kind: int, parts: tuple[Sequence[Check], bytes, bytes, int], day_end: float) -> None:
+    def _remember(self, parts: tuple[Sequence[Check], bytes, bytes, int], day_end: float) -> None:
         if len(self._last) > 10_000:
             self._last.clear()
-        self._last[(kind, id(parts[0]))] = (*parts, day_end - 86400.0, day_end)
+        self._last[id(parts[0])] = (*parts, day_end - 86400.0, day_end)
+
+    def _plan(self, checks: Sequence[Check], now: float) -> _AdmitPlan:
+        plan = self._plans.get(id(checks))
+        if plan is not None and plan.checks is checks and plan.day[0] <= now < plan.day[1]:
+            return plan
+        if len(self._plans) > 10_000:
+            self._plans.clear()
+        plan = self._plans[id(checks)] = _AdmitPlan(checks, self._prefix, now)
+        return plan
 
     async def _admit_or_read(self, checks: Sequence[Check], token: str, now: float, dry: bool
                              ) -> tuple[int, list[Count]]:
-        head, tail, n = self._encoded(0, checks, now)
-        middle = _bulk(token.encode()) + (b"$1\r\n1\r\n" if dry else b"$1\r\n0\r\n") + _bulk(b"%d" % (now * 1000))
-        return _counts(await self._script(self._admit_sha, _ADMIT, head, middle, tail, 3 + n + 3 + 4 * n))
+        plan = self._plan(checks, now)
+        tail = _bulk(token.encode()) if plan.token and not dry else b""
+        nargs = 3 + len(checks) + (1 if tail else 0)
+        sha, script = (plan.dry_sha, plan.dry_script) if dry else (plan.sha, plan.script)
+        return plan.counts(await self._script(sha, script, plan.head, b"", tail, nargs), now)
 
     async def admit(self, checks: Sequence[Check], token: str, now: float) -> tuple[int, list[Count]]:
         conn = self._conn
         if conn is None or conn.lost is not None or self._watch is None:  # the general path (connects, watches)
             return await self._admit_or_read(checks, token, now, False)
-        head, tail, n = self._encoded(0, checks, now)
-        fut = conn.send(b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n%s$%d\r\n%s\r\n$1\r\n0\r\n%s%s" % (
-            6 + 5 * n, self._admit_sha, head, len(token), token.encode(), _bulk(b"%d" % (now * 1000)), tail))
+        plan = self._plan(checks, now)
+        if plan.token:
+            fut = conn.send(b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n%s$%d\r\n%s\r\n" % (
+                4 + len(checks), plan.sha, plan.head, len(token), token.encode()))
+        else:
+            fut = conn.send(b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n%s" % (3 + len(checks), plan.sha, plan.head))
         reply = await fut
         if isinstance(reply, RespError):  # NOSCRIPT (a Redis that restarted): the general path sends the script
             return await self._admit_or_read(checks, token, now, False)
-        return _counts(reply)
+        return plan.counts(reply, now)
 
     async def read(self, checks: Sequence[Check], now: float) -> list[Count]:
         return (await self._admit_or_read(checks, "-", now, True))[1]
@@ -419,7 +511,7 @@ class RedisLimitStore:
             checks = [c for c in checks if c.code == CONCURRENT]
             if not checks:
                 return None
-        head, tail, n = self._encoded(1, checks, now)
+        head, tail, n = self._encoded(checks, now)
         middle = _bulk(token.encode()) + _bulk(b"%d" % max(tokens, 0)) + _bulk(b"%d" % max(micro_usd, 0))
         return head, middle, tail, 3 + n + 3 + 3 * n
 
@@ -432,9 +524,15 @@ class RedisLimitStore:
         script call for all of them."""
         merged: dict[tuple[int, str], list[Any]] = {}
         single: list[Settlement] = []
+        slots = self._slots
         for b in batch:
             checks = b[0]
-            if any(c.code == CONCURRENT for c in checks):
+            known = slots.get(id(checks))
+            if known is None or known[0] is not checks:
+                if len(slots) > 10_000:
+                    slots.clear()
+                known = slots[id(checks)] = (checks, any(c.code == CONCURRENT for c in checks))
+            if known[1]:  # a concurrency slot to give back: its own call
                 single.append(b)
                 continue
             key = (id(checks), period("day", b[4])[0])  # (the tuple is alive: the batch holds it)
