@@ -4,13 +4,13 @@ exchange calls them. Pure, like the translators."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ProxyError
 from . import anthropic_messages, responses_api
-from .base import Call, Framer, as_sent
+from .base import Call, Framer, Scope, as_sent
 
 
 @dataclass(slots=True)
@@ -27,6 +27,9 @@ class TranslatedIngress:
     error_envelope: Callable[[ProxyError], bytes]
     headers: Callable[[Mapping[str, str]], Mapping[str, str]] = as_sent
     endpoint: str = "chat.completions"
+    # The exchange's step before parse (Ingress.prepare), and the stored completion of a rendered reply (its state).
+    prepare: Callable[[dict[str, Any], Scope], Awaitable[dict[str, Any]]] | None = None
+    keeps: Callable[[Any], dict[str, Any] | None] | None = None
 
     def credentials(self, headers: Mapping[str, str]) -> Mapping[str, str]:
         return self.headers(headers)
@@ -45,15 +48,15 @@ class TranslatedIngress:
         return self.error_envelope(exc)
 
     def capture(self, call: Call, raw: bytes) -> dict[str, Any] | None:
-        # Nothing is kept: what the stored completions table holds is what GET /v1/chat/completions lists.
-        return None
+        # After render(): the reply as the client got it is in the state.
+        return self.keeps(call.state) if self.keeps is not None else None
 
 
-# Nothing is stored for Responses yet, `store: true` or not: nothing could read a stored response back (no
-# previous_response_id lookup, no GET /v1/responses); responses_api.capture() / history_of() are the pieces that
-# lookup will use.
+# Responses are kept (`store: true`, usage.store_completions on) for previous_response_id and GET /v1/responses/{id};
+# Messages have nothing of the kind.
 RESPONSES = TranslatedIngress(responses_api.NAME, responses_api.PATHS, responses_api.parse, responses_api.render,
-                              responses_api.ResponsesFramer, responses_api.error_body)
+                              responses_api.ResponsesFramer, responses_api.error_body,
+                              prepare=responses_api.prepare, keeps=responses_api.capture)
 MESSAGES = TranslatedIngress(anthropic_messages.NAME, anthropic_messages.PATHS, anthropic_messages.parse,
                              anthropic_messages.render, anthropic_messages.MessagesFramer,
                              anthropic_messages.error_body, anthropic_messages.credentials)
