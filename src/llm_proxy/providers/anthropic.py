@@ -75,6 +75,13 @@ def finish_reason(stop_reason: Any) -> str:
     return FINISH_REASONS.get(stop_reason, "stop") if isinstance(stop_reason, str) else "stop"
 
 
+def matched_stop(stop_reason: Any, stop_sequence: Any) -> str | None:
+    """The stop sequence that ended the answer (the neutral choice's `stop_reason`, as vLLM names it), if any."""
+    if stop_reason == "stop_sequence" and isinstance(stop_sequence, str) and stop_sequence:
+        return stop_sequence
+    return None
+
+
 def usage_from(data: Any) -> Usage | None:
     """Anthropic usage -> Usage. prompt = input + cache writes + cache reads; cached = cache reads."""
     if not isinstance(data, dict):
@@ -241,6 +248,9 @@ def translate_response(data: Any, public_model: str) -> tuple[bytes, Usage | Non
     usage = usage_from(data.get("usage"))
     text = "".join(texts) if texts or not calls else None
     choice = choice_json(0, text, calls, finish_reason(data.get("stop_reason")))
+    stop = matched_stop(data.get("stop_reason"), data.get("stop_sequence"))
+    if stop is not None:
+        choice["stop_reason"] = stop
     return completion_json(completion_id(data.get("id")), public_model, [choice], usage), usage
 
 
@@ -279,6 +289,7 @@ class AnthropicStreamDecoder:
         self._finished = False
         self._usage_sent = False
         self._stop_reason: str | None = None
+        self._stop: str | None = None  # the stop sequence that ended the answer
         self._raw_usage: dict[str, Any] = {}
         self.usage: Usage | None = None
         self.error: ProxyError | None = None
@@ -289,7 +300,7 @@ class AnthropicStreamDecoder:
     def close(self) -> list[bytes]:
         out = self._events(self._split.close())
         if self._stop_reason is not None and not self._finished:
-            out.append(self._w.finish(finish_reason(self._stop_reason)))
+            out.append(self._w.finish(finish_reason(self._stop_reason), stop=self._stop))
             self._finished = True
         out.extend(self._usage_frame())
         self.done = self._finished or self.error is not None
@@ -357,10 +368,11 @@ class AnthropicStreamDecoder:
             delta = ev.get("delta")
             if isinstance(delta, dict) and delta.get("stop_reason"):
                 self._stop_reason = str(delta["stop_reason"])
+                self._stop = matched_stop(delta["stop_reason"], delta.get("stop_sequence"))
             self._add_usage(ev.get("usage"))
         elif kind == "message_stop":
             if not self._finished:
-                out.append(w.finish(finish_reason(self._stop_reason)))
+                out.append(w.finish(finish_reason(self._stop_reason), stop=self._stop))
                 self._finished = True
             out.extend(self._usage_frame())
         elif kind == "error":

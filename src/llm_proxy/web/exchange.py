@@ -81,7 +81,7 @@ async def read_json(request: web.Request, svc: Services) -> dict[str, Any]:
     if length is not None and length > limit:
         raise PayloadTooLarge("Request body is larger than the configured limit")
     if request.headers.get(hdrs.EXPECT) is not None and request.version == HttpVersion11:
-        # Asked for only now: after authentication and the size check (see _expect_handler).
+        # Asked for only now: after authentication and the size check (see expect_handler).
         await request.writer.write(_CONTINUE)
         request.writer.output_size = 0
     try:
@@ -111,7 +111,7 @@ def _error_response(ingress: Ingress, err: ProxyError, request_id: str) -> web.R
                         headers={**err.headers, "x-request-id": request_id})
 
 
-def _expect_handler(ingress: Ingress) -> Handler:
+def expect_handler(ingress: Ingress) -> Handler:
     """Expect handler of an ingress's routes: runs before the middleware; sends nothing for 100-continue.
 
     aiohttp's default sends "100 Continue" at once, so a client announcing a body over the limit (or
@@ -245,6 +245,6 @@ def exchange_handler(ingress: Ingress) -> Handler:
 def mount(app: web.Application, ingress: Ingress) -> None:
     """Serve `ingress` (POST on each of its paths) through the exchange."""
     handler = exchange_handler(ingress)
-    expect = _expect_handler(ingress)
+    expect = expect_handler(ingress)
     for path in ingress.paths:
         app.router.add_post(path, handler, expect_handler=expect)
