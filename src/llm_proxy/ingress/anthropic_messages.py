@@ -486,7 +486,12 @@ class MessagesFramer(ChunkFramer):
         if self._ended:
             return b""
         self._ended = True
-        return sse_event("error", error_json(exc))
+        return error_event(exc)
+
+
+def error_event(exc: ProxyError) -> bytes:
+    """Anthropic's in-band `error` event."""
+    return sse_event("error", error_json(exc))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from ..types import Principal
 
 @dataclass(slots=True)
 class Call:
-    """What an ingress hands to the core: a neutral request. Never mutated after parse()."""
+    """What an ingress hands to the core: a neutral request. Never mutated after parse(), but for served_natively."""
 
     model: str
     endpoint: str  # the backend operation: "chat.completions" | "completions" | "embeddings"
@@ -26,6 +26,13 @@ class Call:
     stream: bool
     want_usage: bool  # the client asked for usage in the stream (the core adds an estimate if none comes)
     state: Any = None  # the ingress's own (say the original request, for rendering the reply)
+    # The client's own API (the ingress's name) and its request, for a deployment that speaks that API itself
+    # (Provider.native_request): it gets the request as it came. None: every deployment gets `body`.
+    native: str | None = None
+    native_body: dict[str, Any] | None = None
+    # Set by the core when the deployment that answered took `native_body`: the reply is then in the client's API
+    # already (render and the framer pass it on). The one field written after parse().
+    served_natively: bool = False
 
 
 class Framer(Protocol):

@@ -102,7 +102,7 @@ def _text_parts(content: Any, where: str, kinds: frozenset[str]) -> str:
     out: list[str] = []
     for j, p in enumerate(content):
         at = f"{where}[{j}]"
-        if not isinstance(p, dict) or p.get("type") not in kinds:
+        if not isinstance(p, dict) or not isinstance(p.get("type"), str) or p["type"] not in kinds:
             kind = p.get("type") if isinstance(p, dict) else None
             raise BadRequest(f"{at}: content type '{kind}' is not allowed here", param=at)
         text = p.get("refusal") if p.get("type") == "refusal" else p.get("text")
@@ -123,7 +123,7 @@ def _user_content(content: Any, where: str) -> str | list[dict[str, Any]]:
     for j, p in enumerate(content):
         at = f"{where}[{j}]"
         p = require_object(p, at)
-        kind = p.get("type")
+        kind = string(p.get("type"))
         if kind in _TEXT_KINDS:
             parts.append({"type": "text", "text": require_str(p.get("text"), f"{at}.text", empty=True)})
         elif kind == "input_image":
@@ -317,7 +317,7 @@ def to_chat(body: Mapping[str, Any]) -> dict[str, Any]:
         if rf is not None:
             out["response_format"] = rf
     reasoning = body.get("reasoning")
-    if isinstance(reasoning, dict) and reasoning.get("effort") in _EFFORTS:
+    if isinstance(reasoning, dict) and string(reasoning.get("effort")) in _EFFORTS:
         out["reasoning_effort"] = reasoning["effort"]
     for name in ("user", "safety_identifier"):
         if isinstance(body.get(name), str) and body[name]:

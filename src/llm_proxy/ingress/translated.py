@@ -30,18 +30,29 @@ class TranslatedIngress:
     # The exchange's step before parse (Ingress.prepare), and the stored completion of a rendered reply (its state).
     prepare: Callable[[dict[str, Any], Scope], Awaitable[dict[str, Any]]] | None = None
     keeps: Callable[[Any], dict[str, Any] | None] | None = None
+    # The in-band error event of a stream relayed as the upstream sent it (Call.served_natively); None: no
+    # provider takes this API as it came, the request always goes translated.
+    native_error: Callable[[ProxyError], bytes] | None = None
 
     def credentials(self, headers: Mapping[str, str]) -> Mapping[str, str]:
         return self.headers(headers)
 
     def parse(self, body: dict[str, Any]) -> Call:
+        # Translated even when a deployment may take it as it came: another may be tried after it.
         chat, state = self.to_chat(body)
-        return Call(chat["model"], "chat.completions", chat, chat.get("stream") is True, True, state)
+        if self.native_error is None:
+            return Call(chat["model"], "chat.completions", chat, chat.get("stream") is True, True, state)
+        return Call(chat["model"], "chat.completions", chat, chat.get("stream") is True, True, state,
+                    native=self.name, native_body=body)
 
     def render(self, call: Call, raw: bytes) -> bytes:
+        if call.served_natively:  # already this API's reply (the provider put the public model in)
+            return raw
         return self.render_reply(call.state, raw)
 
     def framer(self, call: Call) -> Framer:
+        if call.served_natively and self.native_error is not None:
+            return NativeFramer(self.native_error)
         return self.new_framer(call.state)
 
     def error_body(self, exc: ProxyError) -> bytes:
@@ -52,6 +63,26 @@ class TranslatedIngress:
         return self.keeps(call.state) if self.keeps is not None else None
 
 
+class NativeFramer:
+    """A stream the upstream sent in the client's API: relayed as it is (identity), no terminator of ours (its
+    own last event ends it), an error after the headers in the API's own event."""
+
+    __slots__ = ("_error",)
+    identity = True
+
+    def __init__(self, error: Callable[[ProxyError], bytes]) -> None:
+        self._error = error
+
+    def feed(self, blob: bytes) -> bytes:
+        return blob
+
+    def end(self) -> bytes:
+        return b""
+
+    def error(self, exc: ProxyError) -> bytes:
+        return self._error(exc)
+
+
 # Responses are kept (`store: true`, usage.store_completions on) for previous_response_id and GET /v1/responses/{id};
 # Messages have nothing of the kind.
 RESPONSES = TranslatedIngress(responses_api.NAME, responses_api.PATHS, responses_api.parse, responses_api.render,
@@ -59,4 +90,5 @@ RESPONSES = TranslatedIngress(responses_api.NAME, responses_api.PATHS, responses
                               prepare=responses_api.prepare, keeps=responses_api.capture)
 MESSAGES = TranslatedIngress(anthropic_messages.NAME, anthropic_messages.PATHS, anthropic_messages.parse,
                              anthropic_messages.render, anthropic_messages.MessagesFramer,
-                             anthropic_messages.error_body, anthropic_messages.credentials)
+                             anthropic_messages.error_body, anthropic_messages.credentials,
+                             native_error=anthropic_messages.error_event)
