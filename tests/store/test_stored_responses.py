@@ -17,28 +17,45 @@ from ..helpers import ProxyServer, native_config
 from .dbutil import config_text
 from .test_ledger_proxy import sdk, start_proxy
 
-MODEL = "openai/gpt-4o"
+MODEL = "openai/gpt-4o"  # type openai: the emulator gets /v1/responses as the client sent it
+TRANSLATED = "compat/gpt-4o"  # native_client_api: false: the emulator gets the chat translation
 
 
 @pytest.fixture(scope="module")
 def proxy(emulator: Emulator, db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyServer]:
     spool = tmp_path_factory.mktemp("spool")
     # A long flush interval: a continuation arrives before the writer's next batch, so the read must flush.
-    with start_proxy(native_config(config_text(emulator.base_url, db_url, spool, flush_interval=30))) as px:
+    text = config_text(emulator.base_url, db_url, spool, flush_interval=30).replace("models:\n", f"""\
+  - {{id: compat, type: openai, base_url: "{emulator.base_url}", api_key: sk-upstream, native_client_api: false}}
+models:
+  - {{id: {TRANSLATED}, provider: compat, upstream_model: gpt-4o}}
+""")
+    with start_proxy(native_config(text)) as px:
         yield px
 
 
 def upstream_messages(emulator: Emulator) -> list[dict[str, Any]]:
-    """The chat messages of the upstream's last request."""
-    messages: list[dict[str, Any]] = emulator.requests()[-1]["json"]["messages"]
-    return messages
+    """The conversation of the upstream's last request, as chat messages: its `messages` (translated), or its
+    Responses `input` (passed through: then the stored conversation is in it, not a previous_response_id)."""
+    body = emulator.requests()[-1]["json"]
+    if "messages" in body:
+        messages: list[dict[str, Any]] = body["messages"]
+        return messages
+    assert "previous_response_id" not in body and body["store"] is False
+    out = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") else []
+    for item in body["input"]:
+        assert item.get("type", "message") == "message"
+        out.append({"role": item["role"], "content": item["content"]})
+    return out
 
 
-async def test_previous_response_id_continues_a_stored_response(proxy: ProxyServer, emulator: Emulator) -> None:
+@pytest.mark.parametrize("model", [MODEL, TRANSLATED])
+async def test_previous_response_id_continues_a_stored_response(proxy: ProxyServer, emulator: Emulator,
+                                                                model: str) -> None:
     frank = sdk(proxy, "frank")
-    first = await frank.responses.create(model=MODEL, instructions="Be terse.", input="first question", store=True)
+    first = await frank.responses.create(model=model, instructions="Be terse.", input="first question", store=True)
     assert first.status == "completed" and first.output_text
-    second = await frank.responses.create(model=MODEL, previous_response_id=first.id, input="second question",
+    second = await frank.responses.create(model=model, previous_response_id=first.id, input="second question",
                                           store=True)
     assert second.previous_response_id == first.id and second.id != first.id
     # The stored conversation went before the new input; the first request's instructions did not carry over.
@@ -49,11 +66,11 @@ async def test_previous_response_id_continues_a_stored_response(proxy: ProxyServ
     ]
 
     # Streamed, continuing the continuation: the id response.completed carries is the one stored.
-    async with frank.responses.stream(model=MODEL, previous_response_id=second.id, input=[
+    async with frank.responses.stream(model=model, previous_response_id=second.id, input=[
             {"role": "user", "content": "third question"}], store=True) as stream:
         third = await stream.get_final_response()
     assert third.previous_response_id == second.id
-    fourth = await frank.responses.create(model=MODEL, previous_response_id=third.id, input="fourth question",
+    fourth = await frank.responses.create(model=model, previous_response_id=third.id, input="fourth question",
                                           instructions="Be kind.")
     assert upstream_messages(emulator) == [
         {"role": "system", "content": "Be kind."},
@@ -68,7 +85,7 @@ async def test_previous_response_id_continues_a_stored_response(proxy: ProxyServ
 
     # Not stored (store defaults to false): nothing to continue from.
     with pytest.raises(openai.NotFoundError) as e:
-        await frank.responses.create(model=MODEL, previous_response_id=fourth.id, input="x")
+        await frank.responses.create(model=model, previous_response_id=fourth.id, input="x")
     assert isinstance(e.value.body, dict)
     assert (e.value.body["code"], e.value.body["param"]) == ("previous_response_not_found", "previous_response_id")
 

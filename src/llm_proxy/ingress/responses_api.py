@@ -647,3 +647,110 @@ class ResponsesFramer(ChunkFramer):
         self._event(out, "response.failed", response=response_json(
             self.req, "failed", items, usage_json(self._usage), error={"code": code, "message": exc.message}))
         return b"".join(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Passed through (a provider that speaks the Responses API itself: Call.native)
+# --------------------------------------------------------------------------------------------------
+
+
+def native_body(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The request as such an upstream gets it: the whole conversation in `input` (prepare put the stored one
+    there) instead of `previous_response_id`, which names a response of this proxy's, and `store: false`: the
+    proxy keeps what is to be kept."""
+    out = {k: v for k, v in body.items() if k != "previous_response_id"}
+    out["store"] = False
+    return out
+
+
+def render_native(req: ResponsesRequest, raw: bytes) -> bytes:
+    """Such an upstream's Response (its model already the public one): `previous_response_id` put back."""
+    data = orjson.loads(raw)
+    data["previous_response_id"] = req.previous
+    req.response = data
+    return orjson.dumps(data)
+
+
+class ResponsesNativeFramer:
+    """Such an upstream's events, relayed one by one: `previous_response_id` put back into the Response snapshots,
+    the final Response kept (`store: true`), and an error after the headers as `error` + `response.failed` with
+    the output items so far, as a translated stream ends."""
+
+    identity = False
+
+    def __init__(self, req: ResponsesRequest) -> None:
+        self.req = req
+        self._buf = b""
+        self._seq = 0
+        self._snapshot: dict[str, Any] | None = None
+        self._items: dict[int, tuple[dict[str, Any], bool]] = {}  # output_index -> (item, done)
+        self._ended = False
+
+    def _track(self, kind: str, ev: dict[str, Any]) -> None:
+        """The output items so far (for `response.failed`): added, their text, done."""
+        index, item = ev.get("output_index"), ev.get("item")
+        if not isinstance(index, int):
+            return
+        if kind in ("response.output_item.added", "response.output_item.done") and isinstance(item, dict):
+            self._items[index] = (item, kind.endswith(".done"))
+        elif kind == "response.output_text.delta" and index in self._items:
+            item = self._items[index][0]
+            if not item.get("content"):
+                item["content"] = [_text_part("")]
+            part = item["content"][-1]
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                part["text"] += string(ev.get("delta"))
+
+    def feed(self, blob: bytes) -> bytes:
+        buf = self._buf + blob if self._buf else blob
+        end = buf.rfind(b"\n\n")
+        if end < 0:
+            self._buf = buf
+            return b""
+        self._buf = buf[end + 2:]
+        out: list[bytes] = []
+        for event in buf[:end].split(b"\n\n"):
+            at = event.find(b"data:")
+            try:
+                ev = orjson.loads(event[at + 5:]) if at >= 0 else None
+            except orjson.JSONDecodeError:
+                ev = None
+            if not isinstance(ev, dict) or not isinstance(ev.get("type"), str):
+                out.append(event + b"\n\n")
+                continue
+            kind = ev["type"]
+            if isinstance(ev.get("sequence_number"), int):
+                self._seq = ev["sequence_number"] + 1
+            if kind.startswith("response.output_"):
+                self._track(kind, ev)
+            response = ev.get("response")
+            if isinstance(response, dict):
+                response["previous_response_id"] = self.req.previous
+                self._snapshot = response
+                if kind in ("response.completed", "response.incomplete"):
+                    self.req.response = response
+                    if self.req.keep is not None:
+                        stored = capture(self.req)
+                        if stored is not None:
+                            self.req.keep(stored)
+            if kind in ("response.completed", "response.incomplete", "response.failed", "error"):
+                self._ended = True
+            out.append(sse_event(kind, ev))
+        return b"".join(out)
+
+    def end(self) -> bytes:
+        return b""
+
+    def error(self, exc: ProxyError) -> bytes:
+        if self._ended:
+            return b""
+        self._ended = True
+        seq = self._seq
+        snapshot = self._snapshot or response_json(self.req, "in_progress", [])
+        code = "rate_limit_exceeded" if exc.status == 429 else "server_error"
+        output = [item if done else {**item, "status": "incomplete"} for _, (item, done) in sorted(self._items.items())]
+        failed = {**snapshot, "status": "failed", "output": output, "error": {"code": code, "message": exc.message}}
+        return (sse_event("error", {"type": "error", "sequence_number": seq, "code": exc.code or exc.type,
+                                    "message": exc.message, "param": exc.param})
+                + sse_event("response.failed", {"type": "response.failed", "sequence_number": seq + 1,
+                                                "response": failed}))

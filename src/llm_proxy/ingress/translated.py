@@ -30,9 +30,8 @@ class TranslatedIngress:
     # The exchange's step before parse (Ingress.prepare), and the stored completion of a rendered reply (its state).
     prepare: Callable[[dict[str, Any], Scope], Awaitable[dict[str, Any]]] | None = None
     keeps: Callable[[Any], dict[str, Any] | None] | None = None
-    # The in-band error event of a stream relayed as the upstream sent it (Call.served_natively); None: no
-    # provider takes this API as it came, the request always goes translated.
-    native_error: Callable[[ProxyError], bytes] | None = None
+    # How the API goes to a provider that speaks it (Call.native); None: it always goes translated.
+    native: NativeSide | None = None
 
     def credentials(self, headers: Mapping[str, str]) -> Mapping[str, str]:
         return self.headers(headers)
@@ -40,19 +39,20 @@ class TranslatedIngress:
     def parse(self, body: dict[str, Any]) -> Call:
         # Translated even when a deployment may take it as it came: another may be tried after it.
         chat, state = self.to_chat(body)
-        if self.native_error is None:
+        native = self.native
+        if native is None:
             return Call(chat["model"], "chat.completions", chat, chat.get("stream") is True, True, state)
         return Call(chat["model"], "chat.completions", chat, chat.get("stream") is True, True, state,
-                    native=self.name, native_body=body)
+                    native=self.name, native_body=native.body(body))
 
     def render(self, call: Call, raw: bytes) -> bytes:
-        if call.served_natively:  # already this API's reply (the provider put the public model in)
-            return raw
+        if call.served_natively and self.native is not None:  # already this API's reply, the public model in it
+            return self.native.render(call.state, raw)
         return self.render_reply(call.state, raw)
 
     def framer(self, call: Call) -> Framer:
-        if call.served_natively and self.native_error is not None:
-            return NativeFramer(self.native_error)
+        if call.served_natively and self.native is not None:
+            return self.native.framer(call.state)
         return self.new_framer(call.state)
 
     def error_body(self, exc: ProxyError) -> bytes:
@@ -61,6 +61,16 @@ class TranslatedIngress:
     def capture(self, call: Call, raw: bytes) -> dict[str, Any] | None:
         # After render(): the reply as the client got it is in the state.
         return self.keeps(call.state) if self.keeps is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class NativeSide:
+    """How an API goes to a provider that speaks it itself: the request as that upstream gets it, its reply
+    (state, raw) -> the client's, and the framer of its stream (state)."""
+
+    body: Callable[[dict[str, Any]], dict[str, Any]]
+    render: Callable[[Any, bytes], bytes]
+    framer: Callable[[Any], Framer]
 
 
 class NativeFramer:
@@ -83,12 +93,25 @@ class NativeFramer:
         return self._error(exc)
 
 
+def _as_sent(body: dict[str, Any]) -> dict[str, Any]:
+    return body
+
+
+def _reply_as_sent(state: Any, raw: bytes) -> bytes:
+    return raw
+
+
+_MESSAGES_FRAMER = NativeFramer(anthropic_messages.error_event)  # no state: one for every stream
+
+
 # Responses are kept (`store: true`, usage.store_completions on) for previous_response_id and GET /v1/responses/{id};
 # Messages have nothing of the kind.
 RESPONSES = TranslatedIngress(responses_api.NAME, responses_api.PATHS, responses_api.parse, responses_api.render,
                               responses_api.ResponsesFramer, responses_api.error_body,
-                              prepare=responses_api.prepare, keeps=responses_api.capture)
+                              prepare=responses_api.prepare, keeps=responses_api.capture,
+                              native=NativeSide(responses_api.native_body, responses_api.render_native,
+                                                responses_api.ResponsesNativeFramer))
 MESSAGES = TranslatedIngress(anthropic_messages.NAME, anthropic_messages.PATHS, anthropic_messages.parse,
                              anthropic_messages.render, anthropic_messages.MessagesFramer,
                              anthropic_messages.error_body, anthropic_messages.credentials,
-                             native_error=anthropic_messages.error_event)
+                             native=NativeSide(_as_sent, _reply_as_sent, lambda state: _MESSAGES_FRAMER))
