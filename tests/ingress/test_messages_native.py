@@ -20,7 +20,7 @@ from ..providers.support import FakeUpstream
 from ..providers.test_e2e_sdk import ANTHROPIC_KEY, ANTHROPIC_MODEL, BOTH, HANDLERS, HELLO, SCRIPT, Reply
 from . import sdk
 
-NATIVE, TRANSLATED = "claude/native", "claude/translated"
+NATIVE, TRANSLATED, FALLBACK = "claude/native", "claude/translated", "claude/fallback"
 
 
 @dataclass
@@ -38,7 +38,12 @@ def env() -> Iterator[Env]:
 providers:
   - {{id: native, type: anthropic, base_url: "{fake.url}", api_key: {ANTHROPIC_KEY}}}
   - {{id: translated, type: anthropic, base_url: "{fake.url}", api_key: {ANTHROPIC_KEY}, native_client_api: false}}
+  - {{id: gone, type: anthropic, base_url: "http://127.0.0.1:9", api_key: {ANTHROPIC_KEY}}}
 models:
+  - id: "{FALLBACK}"
+    deployments:
+      - {{provider: gone, upstream_model: {ANTHROPIC_MODEL}}}
+      - {{provider: translated, upstream_model: {ANTHROPIC_MODEL}}}
   - {{id: "{NATIVE}", provider: native, upstream_model: {ANTHROPIC_MODEL}}}
   - {{id: "{TRANSLATED}", provider: translated, upstream_model: {ANTHROPIC_MODEL}}}
 auth: {{mode: none, allow_unauthenticated: true}}
@@ -106,3 +111,23 @@ def test_streamed_tool_use(env: Env, model: str) -> None:
     row = env.usage.events[-1]
     assert (row.status, row.streamed, row.prompt_tokens, row.completion_tokens) == (200, True, r.prompt,
                                                                                    r.completion)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_failed_pass_through_falls_back_to_a_translated_deployment(env: Env, stream: bool) -> None:
+    """The first deployment (passed through) is unreachable; the second gets the translation, and its reply is
+    rendered as a translated one."""
+    r = reply(HELLO)
+    if stream:
+        with env.ant.messages.stream(model=FALLBACK, **REQUEST) as s:
+            text = "".join(s.text_stream)
+            final = s.get_final_message()
+        assert text == r.text and final.model == FALLBACK
+    else:
+        msg = env.ant.messages.create(model=FALLBACK, **REQUEST)
+        sdk.message(msg.model_dump(mode="json", exclude_unset=True))
+        assert msg.content[0].text == r.text and msg.model == FALLBACK  # type: ignore[union-attr]
+    assert "cache_control" not in str(sent(env))  # the translation reached the fake
+    row = env.usage.events[-1]
+    assert (row.status, row.provider_id, row.attempts, row.completion_tokens) == (200, "translated", 2,
+                                                                                  r.completion)
