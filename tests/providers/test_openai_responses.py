@@ -42,6 +42,12 @@ def test_error_event_is_rebuilt_without_the_key() -> None:
     (event,) = _data(out)
     assert KEY not in orjson.dumps(event).decode() and event["sequence_number"] == 3
     assert d.error is not None and d.done is True and KEY not in d.error.message
+    # response.failed ends the stream as an error (the row's status), its message scrubbed too.
+    failed = ResponsesNativeDecoder("m", [KEY], "openai")
+    (event,) = _data(failed.feed(_sse({"type": "response.failed", "sequence_number": 5, "response": {
+        "model": "x", "usage": USAGE, "error": {"code": "server_error", "message": f"bad {KEY}"}}})))
+    assert failed.error is not None and failed.error.status == 502 and failed.done is True
+    assert KEY not in event["response"]["error"]["message"] and failed.usage == Usage(9, 2, 11, 4)
     # A stream that ends before its final event was cut short.
     cut = ResponsesNativeDecoder("m", [], "openai")
     cut.feed(_sse({"type": "response.created", "sequence_number": 0, "response": {"model": "x"}}))

@@ -45,7 +45,7 @@ def parse_response(raw: bytes, public_model: str, provider_id: str) -> tuple[byt
 class ResponsesNativeDecoder:
     """A Responses stream relayed event by event: `response.*` snapshots get the public model, the final one
     (`response.completed` / `.incomplete` / `.failed`) gives the usage and ends it, an `error` event is rebuilt
-    from the scrubbed error (and ends it)."""
+    from the scrubbed error (and ends it); `response.failed` is the stream's error too (its message scrubbed)."""
 
     def __init__(self, public_model: str, secrets: list[str | None], provider_id: str) -> None:
         self._public = public_model
@@ -83,6 +83,12 @@ class ResponsesNativeDecoder:
                 if kind in _FINAL:
                     self.usage = responses_usage(response.get("usage")) or self.usage
                     self.done = True
+                if kind == "response.failed":  # the row is an error; its message relayed scrubbed
+                    err = response.get("error") if isinstance(response.get("error"), dict) else {}
+                    assert isinstance(err, dict)
+                    self.error = upstream_error(502, {}, err.get("message") or "The response failed", "api_error",
+                                                err.get("code"), None, self._provider_id, self._secrets)
+                    response["error"] = {"code": self.error.code or "server_error", "message": self.error.message}
             elif kind == "error":
                 self.error = upstream_error(502, {}, ev.get("message") or "Responses stream error", "api_error",
                                             ev.get("code"), ev.get("param"), self._provider_id, self._secrets)
