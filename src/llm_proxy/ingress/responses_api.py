@@ -13,6 +13,8 @@
   for tool calls, and `response.completed` (or `response.incomplete`) with usage), each with its `sequence_number`.
 - `capture(req)`: what the usage ledger stores (`usage.store_completions`) when the client said `store: true`:
   the input items (the whole conversation, instructions apart) and the Response, under the response's id.
+- `native_body` / `render_native` / `ResponsesNativeFramer`: the same API passed through to an upstream that
+  speaks it (Call.native): the request without `previous_response_id`, the reply and events with it put back.
 
 Pure but for `prepare`'s read of the store. Only function tools are served; OpenAI's built-in tools (web search,
 file search, computer use, code interpreter, MCP...) run inside OpenAI, so asking for one is a 400 naming it.
