@@ -46,16 +46,22 @@ def test_openapi_document_is_served_and_names_the_validated_schemas(fuzz_proxy: 
     schemas = doc["components"]["schemas"]
     assert schemas["ChatCompletionRequest"]["required"] == ["model", "messages"]
     assert schemas["ChatCompletionRequest"]["properties"]["n"]["maximum"] == 128
-    assert {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"} <= set(doc["paths"])
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/v1/responses",
+            "/v1/responses/{response_id}", "/v1/messages", "/v1/messages/count_tokens"} <= set(doc["paths"])
+    assert schemas["ResponseRequest"]["required"] == ["model", "input"]
+    assert schemas["MessageRequest"]["properties"]["stop_sequences"]["maxItems"] == 4
 
 
-def _check(resp: requests.Response, where: str) -> None:
+def _check(resp: requests.Response, where: str, anthropic: bool = False) -> None:
     assert resp.status_code < 500, f"{where}: {resp.status_code} {resp.text[:300]}"
     assert resp.headers.get("x-request-id"), where
     if resp.status_code >= 400:
         body = orjson.loads(resp.content)
         err = body["error"]
-        assert set(err) == {"message", "type", "param", "code"}, where
+        if anthropic:  # the Messages routes answer in Anthropic's envelope
+            assert body["type"] == "error" and set(err) == {"type", "message"}, where
+        else:
+            assert set(err) == {"message", "type", "param", "code"}, where
         assert isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str), where
 
 
@@ -79,6 +85,6 @@ def test_fuzz_every_operation(fuzz_proxy: ProxyServer, mode: GenerationMode) -> 
             if known_model and isinstance(case.body, dict) and "model" in case.body:
                 case.body["model"] = "openai/embed" if op.path.endswith("/embeddings") else MODEL
             resp = case.call(base_url=fuzz_proxy.url, session=session, timeout=30)
-            _check(resp, where)
+            _check(resp, where, anthropic=op.path.startswith("/v1/messages"))
 
         run()

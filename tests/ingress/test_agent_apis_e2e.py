@@ -58,7 +58,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         for name in PROVIDERS:
             fakes[name] = lt.run(FakeUpstream(HANDLERS[name]).start())
         urls = {n: fakes[n].url if n in fakes else "http://127.0.0.1:9" for n in HANDLERS}
-        text = _config(urls).replace(
+        # The OpenAI fake speaks chat completions only: its provider gets Responses translated (passed through to
+        # an upstream that speaks them: tests/store/test_stored_responses.py, against the emulator).
+        text = _config(urls).replace("type: openai,", "type: openai, native_client_api: false,").replace(
             "auth: {mode: none, allow_unauthenticated: true}",
             f'auth: {{mode: api_keys}}\ndatabase: {{url: "sqlite+aiosqlite:///{tmp / "ledger.db"}"}}')
         cfg = tmp / "config.yaml"

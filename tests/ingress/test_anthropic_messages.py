@@ -287,3 +287,61 @@ def test_x_api_key_is_offered_as_a_bearer_token() -> None:
     both = {"Authorization": "Bearer tok", "x-api-key": "other"}
     assert am.credentials(both)["Authorization"] == "Bearer tok"
     assert "Authorization" not in am.credentials({"x-api-key": "  "})
+
+
+# --------------------------------------------------------------------------------------------------
+# stop_sequence: an Anthropic upstream says which sequence ended the answer; it comes back through the neutral form
+# --------------------------------------------------------------------------------------------------
+
+STOP_BODY = {"model": "anthropic/claude", "max_tokens": 10, "stop_sequences": ["END", "###"],
+             "messages": [{"role": "user", "content": "x"}]}
+UPSTREAM_MESSAGE = {"id": "msg_up", "type": "message", "role": "assistant", "model": "claude",
+                    "content": [{"type": "text", "text": "Hi"}], "stop_reason": "stop_sequence",
+                    "stop_sequence": "###", "usage": {"input_tokens": 5, "output_tokens": 1}}
+
+
+def test_stop_sequence_of_an_anthropic_upstream_reply() -> None:
+    from llm_proxy.providers.anthropic import translate_response
+
+    _, req = am.parse(STOP_BODY)
+    raw, _ = translate_response(UPSTREAM_MESSAGE, "anthropic/claude")
+    msg = sdk.message(orjson.loads(am.render(req, raw)))
+    assert (msg.stop_reason, msg.stop_sequence) == ("stop_sequence", "###")
+    # An upstream that does not say which (OpenAI): a natural end, as before.
+    plain = completion_json("c", "m", [choice_json(0, "Hi", [], "stop")], Usage(1, 1, 2))
+    msg = sdk.message(orjson.loads(am.render(req, plain)))
+    assert (msg.stop_reason, msg.stop_sequence) == ("end_turn", None)
+    # vLLM's stop_reason naming a sequence the request did not give (a token id, an EOS string): not one of its own.
+    other = orjson.loads(plain)
+    other["choices"][0]["stop_reason"] = "</s>"
+    msg = sdk.message(orjson.loads(am.render(req, orjson.dumps(other))))
+    assert (msg.stop_reason, msg.stop_sequence) == ("end_turn", None)
+
+
+def test_stop_sequence_of_an_anthropic_upstream_stream() -> None:
+    from llm_proxy.providers.anthropic import AnthropicStreamDecoder
+
+    upstream = b"".join(b"event: %s\ndata: %s\n\n" % (e["type"].encode(), orjson.dumps(e)) for e in [
+        {"type": "message_start", "message": {**UPSTREAM_MESSAGE, "content": [], "stop_reason": None,
+                                              "stop_sequence": None}},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "stop_sequence", "stop_sequence": "END"},
+         "usage": {"output_tokens": 1}},
+        {"type": "message_stop"},
+    ])
+    decoder = AnthropicStreamDecoder("anthropic/claude", True)
+    neutral = decoder.feed(upstream) + decoder.close()
+    _, req = am.parse({**STOP_BODY, "stream": True})
+    framer = am.MessagesFramer(req)
+    events = sdk.messages_events(b"".join(framer.feed(f) for f in neutral) + framer.end())
+    delta = next(e for e in events if e.type == "message_delta")
+    assert (delta.delta.stop_reason, delta.delta.stop_sequence) == ("stop_sequence", "END")
+
+
+def test_more_stop_sequences_than_the_neutral_form_takes_are_a_400() -> None:
+    with pytest.raises(BadRequest) as e:
+        am.to_chat({**STOP_BODY, "stop_sequences": ["a", "b", "c", "d", "e"]})
+    assert e.value.param == "stop_sequences" and "at most 4" in e.value.message
+    assert chat({**STOP_BODY, "stop_sequences": ["a", "b", "c", "d"]})["stop"] == ["a", "b", "c", "d"]

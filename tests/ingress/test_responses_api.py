@@ -3,28 +3,30 @@ Responses events; every produced object and event validated against the openai S
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from typing import Any
 
 import orjson
 import pytest
 
-from llm_proxy.errors import BadRequest, ProxyError, RateLimited
+from llm_proxy.errors import BadRequest, NotFound, ProxyError, RateLimited
 from llm_proxy.ingress import responses_api as ra
+from llm_proxy.ingress.base import Scope
 from llm_proxy.providers.chat_common import ChunkWriter, choice_json, completion_json, tool_call_json
-from llm_proxy.types import Usage
+from llm_proxy.types import Principal, Usage
 
 from . import sdk
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 
 
-def chat(body: dict[str, Any], history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def chat(body: dict[str, Any]) -> dict[str, Any]:
     """to_chat, checking on the way that the request is one the SDK sends, that it is left as it was and that
     what comes out is a valid chat/completions body."""
     sdk.responses_request(body)
     before = copy.deepcopy(body)
-    out = ra.to_chat(body, history)
+    out = ra.to_chat(body)
     assert body == before
     sdk.chat_request(out)
     return out
@@ -168,18 +170,37 @@ def test_invalid_requests_name_the_field(body: dict[str, Any], param: str) -> No
     assert e.value.param == param
 
 
+class Store:
+    """StoredResponses over a dict: (response id, subject) -> the stored completion, as the ledger gives it back."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str], dict[str, Any]] = {}
+
+    async def stored_response(self, response_id: str, subject: str) -> dict[str, Any] | None:
+        return self.rows.get((response_id, subject))
+
+
+ALICE, BOB = Principal("alice"), Principal("bob")
+
+
 def test_a_stored_response_continues_the_conversation() -> None:
-    _, req = ra.parse({"model": "m", "instructions": "Be brief.", "input": "What is 2+2?", "store": True})
-    response = ra.render_response(req, completion_json("c1", "m", [choice_json(0, "4", [
+    store, kept = Store(), []
+    scope = Scope(ALICE, store, kept.append)
+    body = asyncio.run(ra.prepare({"model": "m", "instructions": "Be brief.", "input": "What is 2+2?",
+                                   "store": True}, scope))
+    _, req = ra.parse(body)
+    ra.render(req, completion_json("c1", "m", [choice_json(0, "4", [
         tool_call_json("call_9", "calc", '{"x":1}')], "tool_calls")], Usage(5, 1, 6)))
-    stored = ra.capture(req, response)
+    stored = ra.capture(req)
     assert stored is not None and stored["response"]["id"] == req.id
+    assert not kept  # a non-streamed reply is kept through capture (the exchange's), not Scope.keep
     # The instructions are the request's own: a later request gives its own (as OpenAI does).
-    assert stored["input_messages"] == [{"role": "user", "content": "What is 2+2?"}]
-    stored = orjson.loads(orjson.dumps(stored))  # as the ledger gives it back
-    history = ra.history_of(stored)
-    out = chat({"model": "m", "instructions": "Be kind.", "previous_response_id": req.id, "input": [
-        {"type": "function_call_output", "call_id": "call_9", "output": "4"}]}, history)
+    assert stored["input_messages"] == [{"type": "message", "role": "user", "content": "What is 2+2?"}]
+    store.rows[req.id, "alice"] = orjson.loads(orjson.dumps(stored))  # as the ledger gives it back
+    follow = {"model": "m", "instructions": "Be kind.", "previous_response_id": req.id, "input": [
+        {"type": "function_call_output", "call_id": "call_9", "output": "4"}]}
+    prepared = asyncio.run(ra.prepare(follow, scope))
+    out = chat(prepared)
     assert out["messages"] == [
         {"role": "system", "content": "Be kind."},
         {"role": "user", "content": "What is 2+2?"},
@@ -187,7 +208,47 @@ def test_a_stored_response_continues_the_conversation() -> None:
             {"id": "call_9", "type": "function", "function": {"name": "calc", "arguments": '{"x":1}'}}]},
         {"role": "tool", "tool_call_id": "call_9", "content": "4"},
     ]
-    assert ra.capture(ra.parse({"model": "m", "input": "x"})[1], response) is None
+    # The output items go back without this proxy's item ids (an upstream never saw them).
+    assert all("id" not in item for item in prepared["input"])
+    _, req2 = ra.parse(prepared)
+    resp = sdk.response(orjson.loads(ra.render(req2, completion_json("c2", "m", [choice_json(0, "ok", [], "stop")],
+                                                                     Usage(9, 1, 10)))))
+    assert resp.previous_response_id == req.id
+    # Not stored (no `store: true`): nothing captured, and the request was left as it came.
+    assert ra.capture(req2) is None and follow["input"][0]["type"] == "function_call_output"
+    assert ra.capture(ra.parse({"model": "m", "input": "x"})[1]) is None
+
+
+def test_previous_response_of_another_caller_or_unknown_is_a_404() -> None:
+    store = Store()
+    store.rows["resp_a", "alice"] = {"input_messages": [], "response": {"output": []}}
+    for who, rid in ((BOB, "resp_a"), (ALICE, "resp_b")):
+        with pytest.raises(NotFound) as e:
+            asyncio.run(ra.prepare({"model": "m", "input": "x", "previous_response_id": rid},
+                                   Scope(who, store, None)))
+        assert (e.value.status, e.value.code, e.value.param) == (404, "previous_response_not_found",
+                                                                 "previous_response_id")
+        assert rid in e.value.message
+    # With nothing kept (usage.store_completions off) it is the 400 that says so, store: true or not.
+    with pytest.raises(BadRequest) as b:
+        asyncio.run(ra.prepare({"model": "m", "input": "x", "previous_response_id": "resp_a", "store": True},
+                               Scope(ALICE, None, None)))
+    assert b.value.status == 400 and "store_completions" in b.value.message
+
+
+def test_a_streamed_response_is_kept_with_its_final_event() -> None:
+    kept: list[dict[str, Any]] = []
+    body = asyncio.run(ra.prepare({"model": "m", "input": "Hi", "store": True, "stream": True},
+                                  Scope(ALICE, Store(), kept.append)))
+    _, req = ra.parse(body)
+    framer = ra.ResponsesFramer(req)
+    w = ChunkWriter("m")
+    framer.feed(w.role() + w.text("Hel") + w.text("lo") + w.finish("stop"))
+    assert not kept
+    out = framer.feed(w.usage(Usage(3, 2, 5)))
+    assert b"response.completed" in out and len(kept) == 1
+    assert kept[0]["response"]["id"] == req.id and kept[0]["response"]["output"][0]["content"][0]["text"] == "Hello"
+    assert kept[0]["input_messages"] == [{"type": "message", "role": "user", "content": "Hi"}]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -390,7 +390,8 @@ async def anthropic_handler(request: web.Request, rec: Received) -> web.StreamRe
         assert body["model"] == ANTHROPIC_MODEL
     except Exception as exc:  # the fake refuses what the real API would refuse
         return json_response({"type": "error", "error": {"type": "invalid_request_error", "message": str(exc)}}, 400)
-    prompt = "".join(b["text"] for b in body["messages"][-1]["content"] if b["type"] == "text")
+    content = body["messages"][-1]["content"]  # a string, or blocks (both are Anthropic's)
+    prompt = content if isinstance(content, str) else "".join(b["text"] for b in content if b["type"] == "text")
     entry = _entry(prompt, [t["name"] for t in body.get("tools") or []])
     if isinstance(entry, str):
         return json_response({"type": "error", "error": {"type": "invalid_request_error", "message": entry}}, 400)

@@ -198,12 +198,14 @@ def test_other_expectations_get_417(proxy: ProxyServer) -> None:
     envelope(reply, 417, "expectation_failed")
 
 
-def test_expect_continue_without_a_token_gets_401_first(emulator: Emulator) -> None:
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses", "/v1/messages",
+                                  "/v1/messages/count_tokens"])
+def test_expect_continue_without_a_token_gets_401_first(emulator: Emulator, path: str) -> None:
     text = basic_config(emulator.base_url).replace(
         "auth: {mode: none, allow_unauthenticated: true}", "auth: {mode: trusted_header, trusted_header: {secret: s}}")
     with ProxyServer(native_config(text), authenticator=RecordingAuth()) as px, connect(px.port) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: 50\r\nExpect: 100-continue\r\n\r\n")
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n".encode()
+                  + b"Content-Length: 50\r\nExpect: 100-continue\r\n\r\n")
         reply = read_reply(s, until_complete=True)
     assert b"100 Continue" not in reply.raw and reply.status == 401
 

@@ -101,6 +101,9 @@ class ProviderSettings(_Model):
     # through; `max_tokens` renames it (llama.cpp, Ollama and vLLM before 0.6 ignore the new name and would
     # not stop); `both` sends both names. Unset: `max_tokens` for vllm, ollama and openai_compat, else `as_sent`.
     max_tokens_field: Literal["as_sent", "max_tokens", "both"] | None = None
+    # A client API the provider speaks itself gets its requests as they came, the model renamed, instead of
+    # translated (type anthropic: /v1/messages). Unset: true for anthropic.
+    native_client_api: bool | None = None
 
 
 class RetrySettings(_Model):

@@ -24,7 +24,7 @@ from ..errors import (
 )
 from ..ingress.base import Call
 from ..ports import Policy
-from ..providers.base import Endpoint, Provider, StreamDecoder, Target
+from ..providers.base import Endpoint, Provider, StreamDecoder, Target, UpstreamRequest
 from ..providers.http import UpstreamClient, UpstreamResponse
 from ..providers.sse import frame
 from ..providers.upstream_errors import scrub_error
@@ -89,6 +89,7 @@ class RequestContext:
     # More for the row's `extra` (JSON); the typed fields above go there under their ledger names (to_event).
     extra: dict[str, Any] = field(default_factory=dict)
     limit: Any = None  # the Limiter's ticket (headers for the answer; settled when the request ends)
+    native: Call | None = None  # a call a deployment may take in the client's own API (Call.native)
     # A stream cut short without usage, while token or dollar limits apply: its estimate, for those limits.
     partial_usage: Callable[[], Awaitable[Usage]] | None = None
 
@@ -375,6 +376,70 @@ class StreamSession:
                     pass
 
 
+def _stamp(ctx: RequestContext, req: UpstreamRequest) -> None:
+    """The request's ids and trace context on a signed upstream request (after signing, so SigV4 never covers
+    them: AWS accepts unsigned headers that are not x-amz-*)."""
+    headers = req.headers
+    headers["x-request-id"] = ctx.request_id[_RID_PREFIX_LEN:]  # see new_request_id
+    if ctx.client_request_id is not None:
+        headers["x-client-request-id"] = ctx.client_request_id
+    if ctx.traceparent is not None:
+        headers["traceparent"] = ctx.traceparent
+
+
+async def _first_frames(decoder: StreamDecoder, chunks: AsyncGenerator[bytes, None], provider_id: str
+                        ) -> tuple[list[bytes], bool]:
+    """A stream read up to its first frames (pending) before anything goes to the client, and whether the
+    upstream's body already ended (done)."""
+    pending: list[bytes] = []
+    done = False
+    try:
+        while not pending:
+            try:
+                chunk = await anext(chunks)
+            except StopAsyncIteration:
+                pending = decoder.close()
+                done = True
+                break
+            pending = decoder.feed(chunk)
+            if decoder.done:  # the whole answer was in the first reads
+                await chunks.aclose()
+                pending.extend(decoder.close())
+                done = True
+                break
+    except ProxyError:
+        raise
+    except Exception as exc:
+        raise unreadable(provider_id, exc) from None
+    if decoder.error is not None:
+        # The upstream's error event came before anything reached the client: answer with its status (and retry
+        # it like any other failed attempt) instead of a 200 that ends in an error event.
+        raise decoder.error
+    return pending, done
+
+
+async def _error_status(ctx: RequestContext, provider: Provider, target: Target, resp: UpstreamResponse
+                        ) -> ProxyError:
+    """An upstream's error status (>= 400) as the ProxyError to raise; the body read, the connection released."""
+    raw = await resp.read()
+    resp.release()
+    ctx.upstream_ended = time.perf_counter()
+    try:
+        return provider.parse_error(resp.status, resp.headers, raw)
+    except Exception as exc:
+        return unreadable(target.provider_id, exc, "an error body")
+
+
+def _native_request(provider: Any, call: Call, target: Target, stream: bool) -> UpstreamRequest | None:
+    """The client's own request for `provider`, if it speaks the client's API (providers/base.py NativeProvider)."""
+    build = getattr(provider, "native_request", None)
+    if build is None:
+        return None
+    assert call.native is not None and call.native_body is not None
+    req: UpstreamRequest | None = build(call.native, call.native_body, target, stream)
+    return req
+
+
 # What a stream's body must be, by UpstreamRequest.framing (no Content-Type at all is let through).
 _STREAM_TYPES: dict[str, str] = {"sse": "text/event-stream", "aws-eventstream": "application/vnd.amazon.eventstream"}
 
@@ -452,6 +517,8 @@ class Gateway:
         """The neutral answer (JSON bytes), or the stream with its first frame in hand (StreamSession)."""
         endpoint: Endpoint = call.endpoint  # type: ignore[assignment]  # an ingress names a backend operation
         body = call.body
+        if call.native is not None:
+            ctx.native = call
         stream = call.stream
         want_usage = call.want_usage
         if route.pool.single_shot:
@@ -559,6 +626,63 @@ class Gateway:
                 ctx.attempt_log = log
             return result
 
+    async def _send(self, ctx: RequestContext, provider: Provider, req: UpstreamRequest, dep: Deployment,
+                    target: Target, deadline: float | None) -> UpstreamResponse:
+        """Sign and send one attempt's request; an upstream error status is raised as its ProxyError."""
+        await provider.sign(req)
+        _stamp(ctx, req)
+        resp = await self.client.send(target.provider_id, req, dep.timeouts, deadline)
+        if resp.status >= 400:
+            try:
+                err = await _error_status(ctx, provider, target, resp)
+            except BaseException:
+                resp.close()
+                raise
+            raise err
+        return resp
+
+    async def _native_attempt(self, ctx: RequestContext, provider: Any, req: UpstreamRequest, call: Call,
+                              stream: bool, dep: Deployment, target: Target, deadline: float | None,
+                              track: Deployment | None) -> bytes | StreamSession:
+        """An attempt in the client's own API (Call.native): the reply is in that API's shape, its usage read from
+        it (no estimate: the estimator reads the neutral form). Errors as in _attempt."""
+        api = call.native
+        assert api is not None
+        resp = await self._send(ctx, provider, req, dep, target, deadline)
+        try:
+            if not stream:
+                raw = await resp.read()
+                ctx.upstream_ended = time.perf_counter()
+                resp.release()
+                out: bytes
+                try:
+                    out, ctx.usage = provider.parse_native(api, raw, target)
+                except ProxyError:
+                    raise
+                except Exception as exc:
+                    raise unreadable(target.provider_id, exc, "a body") from None
+                call.served_natively = True
+                return out
+            ctype = (resp.headers.get("content-type") or "text/event-stream").lower()
+            if not ctype.startswith("text/event-stream"):
+                raw = await resp.read()
+                ctx.upstream_ended = time.perf_counter()
+                raise _not_a_stream(provider, target.provider_id, resp.headers, ctype, raw)
+            decoder = provider.native_decoder(api, target)
+            chunks = resp.chunks()
+            pending, done = await _first_frames(decoder, chunks, target.provider_id)
+            if not pending:
+                raise ProxyError(
+                    f"Upstream provider '{target.provider_id}' ended the stream without sending anything",
+                    status=502, type="api_error", code="upstream_stream_empty",
+                )
+            ctx.first_token_at = time.perf_counter()
+        except BaseException:
+            resp.close()
+            raise
+        call.served_natively = True
+        return StreamSession(resp, decoder, ctx, chunks, pending, track, done, None)
+
     async def _traced_attempt(self, ctx: RequestContext, endpoint: Endpoint, body: dict[str, Any], stream: bool,
                               want_usage: bool, dep: Deployment, target: Target, *rest: Any) -> bytes | StreamSession:
         """_attempt in a child span of the request's (tracing on); the upstream gets the span's traceparent."""
@@ -592,26 +716,19 @@ class Gateway:
         provider = dep.provider
         ctx.upstream_started = time.perf_counter()
         ctx.upstream_ended = None
+        native = ctx.native
+        if native is not None:  # the client's own API, to a deployment that may speak it
+            native.served_natively = False  # (an earlier attempt's)
+            req = _native_request(provider, native, target, stream)
+            if req is not None:
+                return await self._native_attempt(ctx, provider, req, native, stream, dep, target, deadline, track)
         req = provider.build_request(endpoint, body, target, stream)
         await provider.sign(req)
-        # After signing, so SigV4 never covers them (AWS accepts unsigned headers that are not x-amz-*).
-        headers = req.headers
-        headers["x-request-id"] = ctx.request_id[_RID_PREFIX_LEN:]  # see new_request_id
-        if ctx.client_request_id is not None:
-            headers["x-client-request-id"] = ctx.client_request_id
-        if ctx.traceparent is not None:
-            headers["traceparent"] = ctx.traceparent
+        _stamp(ctx, req)
         resp = await self.client.send(target.provider_id, req, dep.timeouts, deadline)
         try:
             if resp.status >= 400:
-                raw = await resp.read()
-                resp.release()
-                ctx.upstream_ended = time.perf_counter()
-                try:
-                    err = provider.parse_error(resp.status, resp.headers, raw)
-                except Exception as exc:
-                    err = unreadable(target.provider_id, exc, "an error body")
-                raise err
+                raise await _error_status(ctx, provider, target, resp)
             if not stream:
                 raw = await resp.read()
                 ctx.upstream_ended = time.perf_counter()
@@ -641,30 +758,7 @@ class Gateway:
                     raise _not_a_stream(provider, target.provider_id, resp.headers, ctype, raw)
             decoder = provider.stream_decoder(endpoint, target, want_usage)
             chunks = resp.chunks()
-            pending: list[bytes] = []
-            done = False
-            try:
-                while not pending:
-                    try:
-                        chunk = await anext(chunks)
-                    except StopAsyncIteration:
-                        pending = decoder.close()
-                        done = True
-                        break
-                    pending = decoder.feed(chunk)
-                    if decoder.done:  # the whole answer was in the first reads
-                        await chunks.aclose()
-                        pending.extend(decoder.close())
-                        done = True
-                        break
-            except ProxyError:
-                raise
-            except Exception as exc:
-                raise unreadable(target.provider_id, exc) from None
-            if decoder.error is not None:
-                # The upstream's error event came before anything reached the client: answer with its status
-                # (and retry it like any other failed attempt) instead of a 200 that ends in an error event.
-                raise decoder.error
+            pending, done = await _first_frames(decoder, chunks, target.provider_id)
             if pending:
                 ctx.first_token_at = time.perf_counter()
             elif done and not decoder.done:

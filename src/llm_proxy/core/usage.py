@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from ..config import LoadedConfig
+from ..errors import ServiceUnavailable
 from ..store.connect import open_ledger_db
 from ..store.db_url import parse_db_url
 from ..store.journal import (
@@ -38,6 +39,7 @@ _REJECTED = "rejected.jsonl"
 _BACKOFF_MIN = 0.05
 _BACKOFF_MAX = 5.0
 _BACKLOG_WARN = 1000
+_FLUSH_WAIT = 1.0  # how long a read of stored responses waits for this process's rows still queued
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -283,6 +285,28 @@ class UsageLedger(Journal):
         except TimeoutError:
             return False
         return self._committed >= target and not self._loose
+
+    async def stored_response(self, response_id: str, subject: str) -> dict[str, Any] | None:
+        """A stored Response that `subject` made (ingress/base.py: StoredResponses), or None.
+
+        A client continues a response as soon as it has it, often before the writer committed it: on a miss this
+        process's rows are flushed and it is looked up again; then once more after a flush interval, the time
+        another worker's (or replica's) writer may still hold it. Raises ServiceUnavailable when the database is
+        away."""
+        db = self.db
+        try:
+            row = await db.get_response(response_id, subject=subject)
+            if row is None:
+                await self.flush(_FLUSH_WAIT)
+                row = await db.get_response(response_id, subject=subject)
+            if row is None:
+                await asyncio.sleep(min(self._interval, _FLUSH_WAIT))
+                row = await db.get_response(response_id, subject=subject)
+        except Exception as exc:
+            log.warning("stored response read failed", extra={"error": f"{type(exc).__name__}: {exc}"[:500]})
+            raise ServiceUnavailable("The database of stored responses is unavailable; try again later",
+                                     code="usage_database_unavailable") from None
+        return row
 
     def health(self) -> dict[str, Any]:
         return {

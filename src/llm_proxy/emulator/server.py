@@ -32,7 +32,7 @@ CLIENT_MAX_SIZE = 128 * 1024 * 1024
 _POLL_INTERVAL = 0.05
 
 
-Kind = Literal["chat", "completion", "embedding"]
+Kind = Literal["chat", "completion", "embedding", "responses"]
 
 
 class _ClientGone(Exception):
@@ -160,6 +160,8 @@ async def _completion(request: web.Request, kind: Kind) -> web.StreamResponse:
             try:
                 if kind == "chat":
                     answer = _chat_answer(body, model, item)
+                elif kind == "responses":
+                    answer = _responses_answer(body, model, item)
                 elif kind == "completion":
                     answer = _completion_answer(body, model, item)
                 else:
@@ -197,6 +199,29 @@ async def _completion(request: web.Request, kind: Kind) -> web.StreamResponse:
 
 async def _chat_completions(request: web.Request) -> web.StreamResponse:
     return await _completion(request, "chat")
+
+
+def _responses_answer(body: Mapping[str, Any], model: str, item: ScriptItem | None) -> _Answer:
+    """OpenAI's Responses API: the chat answer, rendered by the proxy's own Responses translator (the emulator is
+    an upstream that speaks it, as OpenAI does)."""
+    from ..errors import BadRequest
+    from ..ingress import responses_api
+
+    try:
+        chat, req = responses_api.parse(body)
+    except BadRequest as exc:
+        raise _ApiError(400, exc.message, param=exc.param, code=exc.code) from None
+    answer = _chat_answer(chat, model, item)
+    if answer.events is None:
+        return _Answer(body=responses_api.render_response(req, orjson.dumps(answer.body)))
+    framer = responses_api.ResponsesFramer(req)
+    events = [framer.feed(e) for e in answer.events]
+    events.append(framer.end())
+    return _Answer(events=[e for e in events if e])
+
+
+async def _responses(request: web.Request) -> web.StreamResponse:
+    return await _completion(request, "responses")
 
 
 async def _completions(request: web.Request) -> web.StreamResponse:
@@ -304,6 +329,7 @@ def create_app(api_key: str | None = None) -> web.Application:
     app.router.add_get("/v1/models", _list_models)
     app.router.add_get("/v1/models/{model:.+}", _get_model)
     app.router.add_post("/v1/chat/completions", _chat_completions)
+    app.router.add_post("/v1/responses", _responses)
     app.router.add_post("/v1/completions", _completions)
     app.router.add_post("/v1/embeddings", _embeddings)
     app.router.add_post("/_emulator/script", _script)

@@ -37,7 +37,7 @@ from .neutral import (
     string,
     token_counts,
 )
-from .schema import MAX_TOKENS
+from .schema import MAX_STOP, MAX_TOKENS
 
 NAME = "anthropic.messages"
 PATHS: tuple[str, ...] = ("/v1/messages",)
@@ -56,6 +56,7 @@ STOP_REASONS: dict[str, str] = {
 class MessagesRequest:
     id: str
     model: str
+    stop_sequences: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,6 +285,11 @@ def to_chat(body: Mapping[str, Any]) -> dict[str, Any]:
     if stop is not None:
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
             raise BadRequest("'stop_sequences' must be an array of strings", param="stop_sequences")
+        if len(stop) > MAX_STOP:
+            # The neutral chat form every provider is reached through takes OpenAI's 4 (as /v1/chat/completions
+            # does); dropping some would end the answer elsewhere than asked.
+            raise BadRequest(f"'stop_sequences': at most {MAX_STOP} are supported here, got {len(stop)}",
+                             param="stop_sequences")
         if stop:
             out["stop"] = list(stop)
     for name, hi in (("temperature", 1), ("top_p", 1)):
@@ -301,7 +307,7 @@ def to_chat(body: Mapping[str, Any]) -> dict[str, Any]:
 
 def parse(body: Mapping[str, Any]) -> tuple[dict[str, Any], MessagesRequest]:
     chat = to_chat(body)
-    return chat, MessagesRequest(new_id("msg_"), chat["model"])
+    return chat, MessagesRequest(new_id("msg_"), chat["model"], tuple(chat.get("stop", ())))
 
 
 def count_request(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -320,6 +326,14 @@ def count_json(input_tokens: int) -> bytes:
 
 def stop_reason(finish: str | None) -> str:
     return STOP_REASONS.get(finish or "stop", "end_turn")
+
+
+def stopped(req: MessagesRequest, finish: str | None, stop: str | None) -> tuple[str, str | None]:
+    """(stop_reason, stop_sequence): `stop_sequence` and the sequence when one of the request's ended the answer
+    and the upstream said which (neutral.stop_string); otherwise the finish reason's, and None."""
+    if stop is not None and (finish or "stop") == "stop" and stop in req.stop_sequences:
+        return "stop_sequence", stop
+    return stop_reason(finish), None
 
 
 def usage_json(usage: dict[str, Any] | None) -> dict[str, Any]:
@@ -352,14 +366,15 @@ def render_message(req: MessagesRequest, raw: bytes) -> dict[str, Any]:
         content.append({"type": "text", "text": text})
     for tc in reply.tool_calls:
         content.append({"type": "tool_use", "id": tc["id"], "name": tc["name"], "input": tool_input(tc["arguments"])})
+    reason, sequence = stopped(req, reply.finish_reason, reply.stop)
     return {
         "id": req.id,
         "type": "message",
         "role": "assistant",
         "model": req.model,
         "content": content,
-        "stop_reason": stop_reason(reply.finish_reason),
-        "stop_sequence": None,
+        "stop_reason": reason,
+        "stop_sequence": sequence,
         "usage": usage_json(reply.usage),
     }
 
@@ -458,9 +473,10 @@ class MessagesFramer(ChunkFramer):
 
     def _last(self, out: list[bytes]) -> None:
         self._stop_block(out)
+        reason, sequence = stopped(self.req, self._finish, self._stop)
         out.append(sse_event("message_delta", {
             "type": "message_delta",
-            "delta": {"stop_reason": stop_reason(self._finish), "stop_sequence": None},
+            "delta": {"stop_reason": reason, "stop_sequence": sequence},
             "usage": usage_json(self._usage),
         }))
         out.append(sse_event("message_stop", {"type": "message_stop"}))
@@ -470,7 +486,12 @@ class MessagesFramer(ChunkFramer):
         if self._ended:
             return b""
         self._ended = True
-        return sse_event("error", error_json(exc))
+        return error_event(exc)
+
+
+def error_event(exc: ProxyError) -> bytes:
+    """Anthropic's in-band `error` event."""
+    return sse_event("error", error_json(exc))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,16 +8,17 @@ web/exchange.py mounts every registered ingress (ingress/registry.py) on one exc
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..errors import ProxyError
+from ..types import Principal
 
 
 @dataclass(slots=True)
 class Call:
-    """What an ingress hands to the core: a neutral request. Never mutated after parse()."""
+    """What an ingress hands to the core: a neutral request. Never mutated after parse(), but for served_natively."""
 
     model: str
     endpoint: str  # the backend operation: "chat.completions" | "completions" | "embeddings"
@@ -25,6 +26,13 @@ class Call:
     stream: bool
     want_usage: bool  # the client asked for usage in the stream (the core adds an estimate if none comes)
     state: Any = None  # the ingress's own (say the original request, for rendering the reply)
+    # The client's own API (the ingress's name) and its request, for a deployment that speaks that API itself
+    # (Provider.native_request): it gets the request as it came. None: every deployment gets `body`.
+    native: str | None = None
+    native_body: dict[str, Any] | None = None
+    # Set by the core when the deployment that answered took `native_body`: the reply is then in the client's API
+    # already (render and the framer pass it on). The one field written after parse().
+    served_natively: bool = False
 
 
 class Framer(Protocol):
@@ -48,8 +56,32 @@ class Framer(Protocol):
         ...
 
 
+class StoredResponses(Protocol):
+    """The responses the ledger keeps (usage.store_completions): what an ingress's prepare step may read."""
+
+    async def stored_response(self, response_id: str, subject: str) -> dict[str, Any] | None:
+        """The stored completion (`input_messages`, `response`) of the response `response_id` that `subject`
+        made, or None (none such, or another caller's: the two are not told apart)."""
+        ...
+
+
+@dataclass(slots=True)
+class Scope:
+    """What an ingress's optional prepare step gets: the caller, the stored responses (None: nothing is kept,
+    usage.store_completions is off) and `keep`, which puts a stored completion on the request's usage row (None:
+    nothing is kept); a streamed reply has no `capture` step, so its framer calls `keep` before the stream ends."""
+
+    principal: Principal
+    store: StoredResponses | None
+    keep: Callable[[dict[str, Any]], None] | None
+
+
 class Ingress(Protocol):
-    """One client API (say OpenAI's chat completions), mounted on `paths`."""
+    """One client API (say OpenAI's chat completions), mounted on `paths`.
+
+    It may also have `async prepare(body, scope) -> body`, which the exchange awaits after authentication and
+    before parse() (say to read a stored conversation the request continues); an ingress without it (the OpenAI
+    ones) costs the request nothing for it."""
 
     name: str  # "openai.chat", "openai.completions", "openai.embeddings": the usage row's client API
     endpoint: str  # the usage row's endpoint, also for requests refused before parse() (401, 413, bad JSON)

@@ -90,6 +90,7 @@ class ChunkFramer:
         self._reader = ChunkReader()
         self._started = False
         self._finish: str | None = None
+        self._stop: str | None = None  # the stop sequence that ended the answer, when the upstream said which
         self._usage: dict[str, Any] | None = None
         self._ended = False
 
@@ -147,6 +148,7 @@ class ChunkFramer:
         finish = choice.get("finish_reason")
         if isinstance(finish, str) and finish:
             self._finish = finish
+            self._stop = stop_string(choice)
             self._finished(out)
 
     def end(self) -> bytes:
@@ -167,7 +169,15 @@ class ChatReply:
     finish_reason: str | None
     usage: dict[str, Any] | None
     refusal: str | None = None
+    stop: str | None = None  # the stop sequence that ended the answer (stop_string)
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def stop_string(choice: dict[str, Any]) -> str | None:
+    """The stop sequence that ended a choice, where the upstream says which: a choice's `stop_reason` string
+    (vLLM's field; the Anthropic and Bedrock translators set it from their `stop_sequence`)."""
+    value = choice.get("stop_reason")
+    return value if isinstance(value, str) and value else None
 
 
 def read_reply(raw: bytes) -> ChatReply:
@@ -208,6 +218,7 @@ def read_reply(raw: bytes) -> ChatReply:
         finish if isinstance(finish, str) else None,
         usage if isinstance(usage, dict) else None,
         refusal if isinstance(refusal, str) and refusal else None,
+        stop_string(choice),
     )
 
 

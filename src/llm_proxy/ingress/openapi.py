@@ -1,8 +1,10 @@
 """The OpenAPI 3.1 document of the API the proxy serves (`GET /openapi.json`), built from ingress/schema.py.
 
-The request bodies are the very schemas the handlers validate against, so the document cannot drift from the
-code. Responses are described as far as the proxy itself guarantees them: OpenAI's shapes for the model list,
-health and version, and the error envelope for every error status.
+The OpenAI request bodies are the very schemas the handlers validate against, so the document cannot drift from
+the code. The agent APIs' (Responses, Messages) are described by their top-level fields: their translators
+(ingress/responses_api.py, anthropic_messages.py) check the rest, naming the field. Responses are described as far
+as the proxy itself guarantees them: OpenAI's shapes for the model list, health and version, and the error envelope
+(Anthropic's on the Messages routes) for every error status.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import functools
 from typing import Any
 
 from .. import __version__
-from .schema import CHAT_COMPLETIONS, COMPLETIONS, EMBEDDINGS
+from .schema import CHAT_COMPLETIONS, COMPLETIONS, EMBEDDINGS, MAX_STOP, MAX_TOKENS
 
 Schema = dict[str, Any]
 
@@ -60,6 +62,72 @@ _ERRORS = {
 }
 
 
+_OBJECTS: Schema = {"type": "array", "items": {"type": "object"}}
+_TEXT_OR_PARTS: Schema = {"anyOf": [{"type": "string"}, _OBJECTS]}
+
+RESPONSES: Schema = {
+    "type": "object",
+    "required": ["model", "input"],
+    "properties": {
+        "model": {"type": "string"},
+        "input": _TEXT_OR_PARTS,
+        "instructions": {"anyOf": [{"type": "string"}, _OBJECTS, {"type": "null"}]},
+        "previous_response_id": {"type": ["string", "null"],
+                                 "description": "A stored response of the caller's (usage.store_completions)"},
+        "store": {"type": ["boolean", "null"], "description": "Keep the response (default false)"},
+        "stream": {"type": ["boolean", "null"]},
+        "tools": {"type": "array", "items": {"type": "object", "required": ["type"],
+                                             "properties": {"type": {"const": "function"}}}},
+        "tool_choice": {"anyOf": [{"enum": ["auto", "none", "required"]}, {"type": "object"}]},
+        "parallel_tool_calls": {"type": ["boolean", "null"]},
+        "max_output_tokens": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_TOKENS},
+        "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
+        "top_p": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+        "text": {"type": "object"},
+        "reasoning": {"type": ["object", "null"]},
+        "metadata": {"type": ["object", "null"]},
+        "user": {"type": "string"},
+    },
+}
+
+_MESSAGE: Schema = {
+    "type": "object",
+    "required": ["role", "content"],
+    "properties": {"role": {"enum": ["user", "assistant"]}, "content": _TEXT_OR_PARTS},
+}
+_MESSAGES_PROMPT: dict[str, Schema] = {
+    "model": {"type": "string"},
+    "messages": {"type": "array", "minItems": 1, "items": _MESSAGE},
+    "system": _TEXT_OR_PARTS,
+    "tools": _OBJECTS,
+    "tool_choice": {"type": "object"},
+}
+MESSAGES: Schema = {
+    "type": "object",
+    "required": ["model", "max_tokens", "messages"],
+    "properties": {
+        **_MESSAGES_PROMPT,
+        "max_tokens": {"type": "integer", "minimum": 1, "maximum": MAX_TOKENS},
+        "stop_sequences": {"type": "array", "items": {"type": "string"}, "maxItems": MAX_STOP},
+        "stream": {"type": "boolean"},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+        "metadata": {"type": "object"},
+    },
+}
+COUNT_TOKENS: Schema = {"type": "object", "required": ["model", "messages"], "properties": _MESSAGES_PROMPT}
+
+ANTHROPIC_ERROR: Schema = {
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"const": "error"},
+        "error": {"type": "object", "required": ["type", "message"],
+                  "properties": {"type": {"type": "string"}, "message": {"type": "string"}}},
+    },
+}
+
+
 def _json(schema: Schema, description: str) -> Schema:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
@@ -68,21 +136,26 @@ def _error_responses() -> dict[str, Any]:
     return {code: _json({"$ref": "#/components/schemas/Error"}, text) for code, text in _ERRORS.items()}
 
 
-def _create(name: str, summary: str, stream: bool) -> Schema:
-    ok: Schema = _json({"type": "object"}, "The upstream's answer, in OpenAI's shape, with the requested model id")
+def _create(name: str, summary: str, stream: bool, *, events: str = "Server-sent events ending with data: [DONE]",
+            answer: str = "The upstream's answer, in OpenAI's shape, with the requested model id",
+            anthropic: bool = False) -> Schema:
+    ok: Schema = _json({"type": "object"}, answer)
     if stream:
-        ok["content"]["text/event-stream"] = {"schema": {"type": "string"},
-                                              "description": "Server-sent events ending with data: [DONE]"}
+        ok["content"]["text/event-stream"] = {"schema": {"type": "string"}, "description": events}
+    errors = _error_responses()
+    if anthropic:  # Anthropic's envelope; the key as x-api-key (the anthropic SDK's) or a bearer token
+        errors = {code: _json({"$ref": "#/components/schemas/AnthropicError"}, r["description"])
+                  for code, r in errors.items()}
     return {
         "post": {
             "operationId": f"create{name}",
             "summary": summary,
-            "security": [{"bearer": []}],
+            "security": [{"bearer": []}, {"apiKey": []}] if anthropic else [{"bearer": []}],
             "requestBody": {
                 "required": True,
                 "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}Request"}}},
             },
-            "responses": {"200": ok, **_error_responses()},
+            "responses": {"200": ok, **errors},
         }
     }
 
@@ -103,6 +176,19 @@ def document() -> dict[str, Any]:
         "/v1/chat/completions": _create("ChatCompletion", "Create a chat completion (streamed or not)", True),
         "/v1/completions": _create("Completion", "Create a (legacy) completion", True),
         "/v1/embeddings": _create("Embedding", "Create embeddings", False),
+        "/v1/responses": _create(
+            "Response", "Create a model response (OpenAI's Responses API)", True,
+            answer="A Response object", events="Responses events (response.created ... response.completed)"),
+        "/v1/responses/{response_id}": _get(
+            "retrieveResponse", "A stored response (store: true) of the caller's", {"type": "object"}, protected=True,
+            extra={"parameters": [{"name": "response_id", "in": "path", "required": True,
+                                   "schema": {"type": "string"}}]}),
+        "/v1/messages": _create(
+            "Message", "Create a message (Anthropic's Messages API)", True, anthropic=True,
+            answer="A Message object", events="Anthropic's events (message_start ... message_stop)"),
+        "/v1/messages/count_tokens": _create(
+            "CountTokens", "Count the tokens of a Messages request (no upstream is asked)", False, anthropic=True,
+            answer="{input_tokens}"),
         "/v1/models": _get(
             "listModels", "The models the caller may use",
             {"type": "object", "required": ["object", "data"],
@@ -131,9 +217,14 @@ def document() -> dict[str, Any]:
         },
         "paths": paths,
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
+                                "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}},
             "schemas": {
                 "Error": ERROR,
+                "AnthropicError": ANTHROPIC_ERROR,
+                "ResponseRequest": RESPONSES,
+                "MessageRequest": MESSAGES,
+                "CountTokensRequest": COUNT_TOKENS,
                 "ChatCompletionRequest": CHAT_COMPLETIONS,
                 "CompletionRequest": COMPLETIONS,
                 "EmbeddingRequest": EMBEDDINGS,

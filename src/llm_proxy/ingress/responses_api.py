@@ -1,30 +1,36 @@
 """OpenAI's Responses API (`POST /v1/responses`) over the neutral chat form, both ways.
 
-- `to_chat(body, history)`: a Responses request -> a neutral chat/completions body (a new dict; the request is
-  never mutated). `history` is the conversation of the response named by `previous_response_id` (the stored
-  completion, read by the caller with `history_of`); a request naming one without it is a 400.
+- `prepare(body, scope)` (async, the exchange's step before parse): a request naming `previous_response_id` gets
+  the stored conversation of that response (its input items, then its output items) before its own `input`; the
+  result is a `Prepared` body. Stored responses are read through `scope.store`; none (usage.store_completions
+  off) is a 400, an id the caller did not make a 404.
+- `to_chat(body)`: a Responses request -> a neutral chat/completions body (a new dict; the request is never
+  mutated).
 - `render(req, raw)`: a neutral `chat.completion` -> a Response object.
 - `ResponsesFramer`: neutral `chat.completion.chunk` frames -> the Responses event sequence (`response.created`,
   `response.in_progress`, `response.output_item.added`, `response.content_part.added`,
   `response.output_text.delta`..., the matching `.done` events, `response.function_call_arguments.delta` / `.done`
   for tool calls, and `response.completed` (or `response.incomplete`) with usage), each with its `sequence_number`.
-- `capture(req, response)`: what the usage ledger would store (`usage.store_completions`) when the client
-  said `store: true`, so that a later `previous_response_id` finds it.
+- `capture(req)`: what the usage ledger stores (`usage.store_completions`) when the client said `store: true`:
+  the input items (the whole conversation, instructions apart) and the Response, under the response's id.
+- `native_body` / `render_native` / `ResponsesNativeFramer`: the same API passed through to an upstream that
+  speaks it (Call.native): the request without `previous_response_id`, the reply and events with it put back.
 
-Pure: no I/O. Only function tools are served; OpenAI's built-in tools (web search, file search, computer use, code
-interpreter, MCP...) run inside OpenAI, so asking for one is a 400 naming it.
+Pure but for `prepare`'s read of the store. Only function tools are served; OpenAI's built-in tools (web search,
+file search, computer use, code interpreter, MCP...) run inside OpenAI, so asking for one is a 400 naming it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from ..errors import BadRequest, ProxyError
+from ..errors import BadRequest, NotFound, ProxyError
+from .base import Scope
 from .neutral import (
     ChunkFramer,
     image_part,
@@ -51,14 +57,29 @@ _UNSUPPORTED_FIELDS = {
 _EFFORTS = frozenset({"none", "minimal", "low", "medium", "high", "xhigh"})
 
 
-@dataclass(frozen=True, slots=True)
+class Prepared(dict[str, Any]):
+    """A request after `prepare`: its `input` is the whole conversation when it continued a stored response
+    (`previous`, the id it named); `keep` stores its Response (`store: true` and a ledger that keeps them)."""
+
+    __slots__ = ("keep", "previous")
+
+    def __init__(self, body: Mapping[str, Any], previous: str | None,
+                 keep: Callable[[dict[str, Any]], None] | None) -> None:
+        super().__init__(body)
+        self.previous = previous
+        self.keep = keep
+
+
+@dataclass(slots=True)
 class ResponsesRequest:
     """What rendering the reply needs from the request: its id and time, and the fields a Response echoes."""
 
     id: str
     created_at: int
-    body: Mapping[str, Any]  # the client's request, as it came (read only)
-    input_messages: tuple[dict[str, Any], ...]  # the conversation without `instructions` (stored for chaining)
+    body: Mapping[str, Any]  # the client's request after prepare() (read only)
+    previous: str | None = None  # the previous_response_id it continued (its conversation is in body["input"])
+    keep: Callable[[dict[str, Any]], None] | None = None  # stores the final Response of a stream (Scope.keep)
+    response: dict[str, Any] | None = None  # the Response the client got, once rendered
 
     @property
     def model(self) -> str:
@@ -83,7 +104,7 @@ def _text_parts(content: Any, where: str, kinds: frozenset[str]) -> str:
     out: list[str] = []
     for j, p in enumerate(content):
         at = f"{where}[{j}]"
-        if not isinstance(p, dict) or p.get("type") not in kinds:
+        if not isinstance(p, dict) or not isinstance(p.get("type"), str) or p["type"] not in kinds:
             kind = p.get("type") if isinstance(p, dict) else None
             raise BadRequest(f"{at}: content type '{kind}' is not allowed here", param=at)
         text = p.get("refusal") if p.get("type") == "refusal" else p.get("text")
@@ -104,7 +125,7 @@ def _user_content(content: Any, where: str) -> str | list[dict[str, Any]]:
     for j, p in enumerate(content):
         at = f"{where}[{j}]"
         p = require_object(p, at)
-        kind = p.get("type")
+        kind = string(p.get("type"))
         if kind in _TEXT_KINDS:
             parts.append({"type": "text", "text": require_str(p.get("text"), f"{at}.text", empty=True)})
         elif kind == "input_image":
@@ -251,28 +272,22 @@ def _number(body: Mapping[str, Any], name: str, lo: float, hi: float) -> float |
     return v
 
 
-def to_chat(body: Mapping[str, Any], history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """A Responses request -> the neutral chat body."""
+def to_chat(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A Responses request -> the neutral chat body. `previous_response_id` only after `prepare` resolved it."""
     model = require_str(body.get("model"), "model")
     for name, why in _UNSUPPORTED_FIELDS.items():
         if body.get(name):
             raise BadRequest(f"'{name}': {why}", param=name)
     if "input" not in body:
         raise BadRequest("'input' is required", param="input", code="missing_input")
-    previous = body.get("previous_response_id")
-    if previous is not None and history is None:
-        raise BadRequest(
-            "'previous_response_id' is not supported: this proxy keeps no responses to continue from. Send the "
-            "whole conversation in 'input' (the earlier output items included) instead.",
-            param="previous_response_id", code="previous_response_not_found",
-        )
+    if body.get("previous_response_id") is not None and not isinstance(body, Prepared):
+        raise _not_kept()
     messages: list[dict[str, Any]] = []
     instructions = body.get("instructions")
     if instructions is not None:
         text = _text_parts(instructions, "instructions", _TEXT_KINDS)
         if text:
             messages.append({"role": "system", "content": text})
-    messages.extend(history or ())
     messages.extend(input_messages(body))
     if not messages:
         raise BadRequest("'input' is empty", param="input")
@@ -304,7 +319,7 @@ def to_chat(body: Mapping[str, Any], history: list[dict[str, Any]] | None = None
         if rf is not None:
             out["response_format"] = rf
     reasoning = body.get("reasoning")
-    if isinstance(reasoning, dict) and reasoning.get("effort") in _EFFORTS:
+    if isinstance(reasoning, dict) and string(reasoning.get("effort")) in _EFFORTS:
         out["reasoning_effort"] = reasoning["effort"]
     for name in ("user", "safety_identifier"):
         if isinstance(body.get(name), str) and body[name]:
@@ -316,44 +331,71 @@ def to_chat(body: Mapping[str, Any], history: list[dict[str, Any]] | None = None
     return out
 
 
-def parse(body: Mapping[str, Any], history: list[dict[str, Any]] | None = None) -> tuple[dict[str, Any],
-                                                                                         ResponsesRequest]:
+def parse(body: Mapping[str, Any]) -> tuple[dict[str, Any], ResponsesRequest]:
     """The neutral body and what rendering its reply needs."""
-    chat = to_chat(body, history)
-    messages = chat["messages"]
-    skip = 1 if body.get("instructions") and messages and messages[0]["role"] == "system" else 0
-    req = ResponsesRequest(new_id("resp_"), int(time.time()), body, tuple(messages[skip:]))
-    return chat, req
+    chat = to_chat(body)
+    if isinstance(body, Prepared):
+        return chat, ResponsesRequest(new_id("resp_"), int(time.time()), body, body.previous, body.keep)
+    return chat, ResponsesRequest(new_id("resp_"), int(time.time()), body)
+
+
+def _not_kept() -> BadRequest:
+    return BadRequest(
+        "'previous_response_id' is not supported: this server keeps no responses to continue from "
+        "(usage.store_completions is off). Send the whole conversation in 'input' (the earlier output items "
+        "included) instead.",
+        param="previous_response_id", code="previous_response_not_found",
+    )
+
+
+def input_items(value: Any) -> list[Any]:
+    """A request's `input` as a list of input items (a string is one user message)."""
+    if isinstance(value, str):
+        return [{"type": "message", "role": "user", "content": value}]
+    if isinstance(value, list):
+        return value
+    raise BadRequest("'input' must be a string or an array of input items", param="input")
 
 
 def history_of(stored: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The conversation a stored response continues: its input messages, then its output as the assistant's
-    turn. `stored` is a stored completion (`input_messages`, `response`) that `capture` made."""
-    messages = [m for m in stored.get("input_messages") or () if isinstance(m, dict)]
+    """The conversation a stored response continues, as input items: its input items, then its output items as
+    input: a message as an assistant message with its text, a function call without its item id (both name items
+    of this proxy, which an upstream never saw)."""
+    items = [i for i in stored.get("input_messages") or () if isinstance(i, dict)]
     response = stored.get("response")
     output = response.get("output") if isinstance(response, dict) else None
-    if not isinstance(output, list):
-        return messages
-    turn: dict[str, Any] = {"role": "assistant", "content": None}
-    texts: list[str] = []
-    calls: list[dict[str, Any]] = []
-    for item in output:
+    for item in output if isinstance(output, list) else ():
         if not isinstance(item, dict):
             continue
         if item.get("type") == "message":
-            for part in item.get("content") or ():
-                if isinstance(part, dict) and isinstance(part.get("text"), str):
-                    texts.append(part["text"])
+            parts = [p for p in item.get("content") or () if isinstance(p, dict)]
+            text = "".join(string(p.get("text")) or string(p.get("refusal")) for p in parts)
+            items.append({"type": "message", "role": "assistant", "content": text})
         elif item.get("type") == "function_call":
-            calls.append({"id": item.get("call_id"), "type": "function",
-                          "function": {"name": item.get("name"), "arguments": item.get("arguments", "")}})
-    if texts:
-        turn["content"] = "".join(texts)
-    if calls:
-        turn["tool_calls"] = calls
-    if texts or calls:
-        messages.append(turn)
-    return messages
+            items.append({k: v for k, v in item.items() if k != "id"})
+    return items
+
+
+async def prepare(body: dict[str, Any], scope: Scope) -> dict[str, Any]:
+    """The exchange's step before parse: resolves `previous_response_id` (the stored conversation goes before
+    `input`), and hands `scope.keep` on when the response is to be stored."""
+    previous = body.get("previous_response_id")
+    keep = scope.keep if body.get("store") is True else None
+    if previous is None:
+        return Prepared(body, None, keep) if keep is not None else body
+    if not isinstance(previous, str) or not previous:
+        raise BadRequest("Invalid type for 'previous_response_id': expected a non-empty string",
+                         param="previous_response_id", code="invalid_type")
+    if scope.store is None:
+        raise _not_kept()
+    if "input" not in body:
+        raise BadRequest("'input' is required", param="input", code="missing_input")
+    items = input_items(body["input"])
+    stored = await scope.store.stored_response(previous, scope.principal.subject)
+    if stored is None:
+        raise NotFound(f"Previous response with id '{previous}' not found.", param="previous_response_id",
+                       code="previous_response_not_found")
+    return Prepared({**body, "input": [*history_of(stored), *items]}, previous, keep)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -412,7 +454,7 @@ def response_json(req: ResponsesRequest, status: str, output: list[dict[str, Any
         "model": req.model,
         "output": output,
         "parallel_tool_calls": b.get("parallel_tool_calls") is not False,
-        "previous_response_id": b.get("previous_response_id"),
+        "previous_response_id": req.previous,
         "reasoning": {"effort": None, "summary": None},
         "temperature": b.get("temperature"),
         "text": {"format": text.get("format") or {"type": "text"}},
@@ -456,15 +498,17 @@ def render_response(req: ResponsesRequest, raw: bytes) -> dict[str, Any]:
 
 
 def render(req: ResponsesRequest, raw: bytes) -> bytes:
-    return orjson.dumps(render_response(req, raw))
+    req.response = render_response(req, raw)
+    return orjson.dumps(req.response)
 
 
-def capture(req: ResponsesRequest, response: dict[str, Any]) -> dict[str, Any] | None:
-    """The stored completion for a response (None when the client did not ask to store it): the conversation
-    without the instructions (a later `previous_response_id` gives its own), and the Response object."""
-    if not req.store:
+def capture(req: ResponsesRequest) -> dict[str, Any] | None:
+    """The stored completion of the response the client got (None when it did not ask to store it, or no
+    response was made): the input items, the whole conversation without the instructions (as OpenAI, a later
+    `previous_response_id` does not carry them on), and the Response object, whose id is the row's."""
+    if not req.store or req.response is None:
         return None
-    return {"input_messages": list(req.input_messages), "response": response}
+    return {"input_messages": input_items(req.body["input"]), "response": req.response}
 
 
 def error_body(exc: ProxyError) -> bytes:
@@ -582,7 +626,13 @@ class ResponsesFramer(ChunkFramer):
     def _last(self, out: list[bytes]) -> None:
         self._close_all(out)
         status, incomplete = _status(self._finish)
-        self.response = response_json(self.req, status, self._output(), usage_json(self._usage), incomplete)
+        req = self.req
+        req.response = self.response = response_json(req, status, self._output(), usage_json(self._usage),
+                                                     incomplete)
+        if req.keep is not None:  # the stream's row is recorded before its end: stored on it
+            stored = capture(req)
+            if stored is not None:
+                req.keep(stored)
         self._event(out, "response.completed" if status == "completed" else "response.incomplete",
                     response=self.response)
 
@@ -599,3 +649,110 @@ class ResponsesFramer(ChunkFramer):
         self._event(out, "response.failed", response=response_json(
             self.req, "failed", items, usage_json(self._usage), error={"code": code, "message": exc.message}))
         return b"".join(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Passed through (a provider that speaks the Responses API itself: Call.native)
+# --------------------------------------------------------------------------------------------------
+
+
+def native_body(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The request as such an upstream gets it: the whole conversation in `input` (prepare put the stored one
+    there) instead of `previous_response_id`, which names a response of this proxy's, and `store: false`: the
+    proxy keeps what is to be kept."""
+    out = {k: v for k, v in body.items() if k != "previous_response_id"}
+    out["store"] = False
+    return out
+
+
+def render_native(req: ResponsesRequest, raw: bytes) -> bytes:
+    """Such an upstream's Response (its model already the public one): `previous_response_id` put back."""
+    data = orjson.loads(raw)
+    data["previous_response_id"] = req.previous
+    req.response = data
+    return orjson.dumps(data)
+
+
+class ResponsesNativeFramer:
+    """Such an upstream's events, relayed one by one: `previous_response_id` put back into the Response snapshots,
+    the final Response kept (`store: true`), and an error after the headers as `error` + `response.failed` with
+    the output items so far, as a translated stream ends."""
+
+    identity = False
+
+    def __init__(self, req: ResponsesRequest) -> None:
+        self.req = req
+        self._buf = b""
+        self._seq = 0
+        self._snapshot: dict[str, Any] | None = None
+        self._items: dict[int, tuple[dict[str, Any], bool]] = {}  # output_index -> (item, done)
+        self._ended = False
+
+    def _track(self, kind: str, ev: dict[str, Any]) -> None:
+        """The output items so far (for `response.failed`): added, their text, done."""
+        index, item = ev.get("output_index"), ev.get("item")
+        if not isinstance(index, int):
+            return
+        if kind in ("response.output_item.added", "response.output_item.done") and isinstance(item, dict):
+            self._items[index] = (item, kind.endswith(".done"))
+        elif kind == "response.output_text.delta" and index in self._items:
+            item = self._items[index][0]
+            if not item.get("content"):
+                item["content"] = [_text_part("")]
+            part = item["content"][-1]
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                part["text"] += string(ev.get("delta"))
+
+    def feed(self, blob: bytes) -> bytes:
+        buf = self._buf + blob if self._buf else blob
+        end = buf.rfind(b"\n\n")
+        if end < 0:
+            self._buf = buf
+            return b""
+        self._buf = buf[end + 2:]
+        out: list[bytes] = []
+        for event in buf[:end].split(b"\n\n"):
+            at = event.find(b"data:")
+            try:
+                ev = orjson.loads(event[at + 5:]) if at >= 0 else None
+            except orjson.JSONDecodeError:
+                ev = None
+            if not isinstance(ev, dict) or not isinstance(ev.get("type"), str):
+                out.append(event + b"\n\n")
+                continue
+            kind = ev["type"]
+            if isinstance(ev.get("sequence_number"), int):
+                self._seq = ev["sequence_number"] + 1
+            if kind.startswith("response.output_"):
+                self._track(kind, ev)
+            response = ev.get("response")
+            if isinstance(response, dict):
+                response["previous_response_id"] = self.req.previous
+                self._snapshot = response
+                if kind in ("response.completed", "response.incomplete"):
+                    self.req.response = response
+                    if self.req.keep is not None:
+                        stored = capture(self.req)
+                        if stored is not None:
+                            self.req.keep(stored)
+            if kind in ("response.completed", "response.incomplete", "response.failed", "error"):
+                self._ended = True
+            out.append(sse_event(kind, ev))
+        return b"".join(out)
+
+    def end(self) -> bytes:
+        return b""
+
+    def error(self, exc: ProxyError) -> bytes:
+        if self._ended:
+            return b""
+        self._ended = True
+        seq = self._seq
+        snapshot = self._snapshot or response_json(self.req, "in_progress", [])
+        code = "rate_limit_exceeded" if exc.status == 429 else "server_error"
+        output = [item if done else {**item, "status": "incomplete"} for _, (item, done) in sorted(self._items.items())]
+        failed = {**snapshot, "status": "failed", "output": output, "error": {"code": code, "message": exc.message}}
+        return (sse_event("error", {"type": "error", "sequence_number": seq, "code": exc.code or exc.type,
+                                    "message": exc.message, "param": exc.param})
+                + sse_event("response.failed", {"type": "response.failed", "sequence_number": seq + 1,
+                                                "response": failed}))

@@ -37,10 +37,12 @@ def _int(lo: int, hi: int, nullable: bool = True) -> Schema:
 # vLLM's max_logprobs 20 by default).
 MAX_TOKENS = 1 << 20
 
+MAX_STOP = 4  # stop sequences, as OpenAI bounds them: the neutral form's bound too
+
 _STOP: Schema = {
     "anyOf": [
         {"type": "string"},
-        {"type": "array", "items": {"type": "string"}, "minItems": 0, "maxItems": 4},
+        {"type": "array", "items": {"type": "string"}, "minItems": 0, "maxItems": MAX_STOP},
         {"type": "null"},
     ]
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import orjson
@@ -73,6 +73,13 @@ _EFFORT = {"minimal": "low", "low": "low", "medium": "medium", "high": "high", "
 
 def finish_reason(stop_reason: Any) -> str:
     return FINISH_REASONS.get(stop_reason, "stop") if isinstance(stop_reason, str) else "stop"
+
+
+def matched_stop(stop_reason: Any, stop_sequence: Any) -> str | None:
+    """The stop sequence that ended the answer (the neutral choice's `stop_reason`, as vLLM names it), if any."""
+    if stop_reason == "stop_sequence" and isinstance(stop_sequence, str) and stop_sequence:
+        return stop_sequence
+    return None
 
 
 def usage_from(data: Any) -> Usage | None:
@@ -241,6 +248,9 @@ def translate_response(data: Any, public_model: str) -> tuple[bytes, Usage | Non
     usage = usage_from(data.get("usage"))
     text = "".join(texts) if texts or not calls else None
     choice = choice_json(0, text, calls, finish_reason(data.get("stop_reason")))
+    stop = matched_stop(data.get("stop_reason"), data.get("stop_sequence"))
+    if stop is not None:
+        choice["stop_reason"] = stop
     return completion_json(completion_id(data.get("id")), public_model, [choice], usage), usage
 
 
@@ -262,6 +272,19 @@ def error_from_body(
     return upstream_error(status, headers, message, etype, code, None, provider_id, secrets, raw)
 
 
+def _parsed(events: list[tuple[bytes | None, bytes]]) -> Iterator[tuple[Any, dict[str, Any], bytes]]:
+    """(kind, event, its JSON) of each event that is a JSON object (its `type`, else its SSE event name)."""
+    for name, payload in events:
+        if not payload:
+            continue
+        try:
+            ev = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(ev, dict):
+            yield ev.get("type") or (name.decode() if name else None), ev, payload
+
+
 class AnthropicStreamDecoder:
     """Anthropic Messages SSE events -> OpenAI chunks."""
 
@@ -279,6 +302,7 @@ class AnthropicStreamDecoder:
         self._finished = False
         self._usage_sent = False
         self._stop_reason: str | None = None
+        self._stop: str | None = None  # the stop sequence that ended the answer
         self._raw_usage: dict[str, Any] = {}
         self.usage: Usage | None = None
         self.error: ProxyError | None = None
@@ -289,7 +313,7 @@ class AnthropicStreamDecoder:
     def close(self) -> list[bytes]:
         out = self._events(self._split.close())
         if self._stop_reason is not None and not self._finished:
-            out.append(self._w.finish(finish_reason(self._stop_reason)))
+            out.append(self._w.finish(finish_reason(self._stop_reason), stop=self._stop))
             self._finished = True
         out.extend(self._usage_frame())
         self.done = self._finished or self.error is not None
@@ -309,16 +333,7 @@ class AnthropicStreamDecoder:
 
     def _events(self, events: list[tuple[bytes | None, bytes]]) -> list[bytes]:
         out: list[bytes] = []
-        for name, payload in events:
-            if not payload:
-                continue
-            try:
-                ev = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                continue
-            if not isinstance(ev, dict):
-                continue
-            kind = ev.get("type") or (name.decode() if name else None)
+        for kind, ev, _ in _parsed(events):
             self._event(kind, ev, out)
         return out
 
@@ -357,10 +372,11 @@ class AnthropicStreamDecoder:
             delta = ev.get("delta")
             if isinstance(delta, dict) and delta.get("stop_reason"):
                 self._stop_reason = str(delta["stop_reason"])
+                self._stop = matched_stop(delta["stop_reason"], delta.get("stop_sequence"))
             self._add_usage(ev.get("usage"))
         elif kind == "message_stop":
             if not self._finished:
-                out.append(w.finish(finish_reason(self._stop_reason)))
+                out.append(w.finish(finish_reason(self._stop_reason), stop=self._stop))
                 self._finished = True
             out.extend(self._usage_frame())
         elif kind == "error":
@@ -376,6 +392,49 @@ class AnthropicStreamDecoder:
         # ping and unknown events are ignored
 
 
+NATIVE_API = "anthropic.messages"  # the client API this provider speaks itself (the Messages ingress's name)
+
+
+class AnthropicNativeDecoder(AnthropicStreamDecoder):
+    """Relays an Anthropic stream to a Messages client as it came, but for `message_start`'s model (the public id)
+    and error events (rebuilt from the scrubbed error); the translating decoder's state gives the usage, the end
+    (`message_stop`) and the error."""
+
+    def __init__(self, public_model: str, secrets: list[str | None], provider_id: str) -> None:
+        super().__init__(public_model, True, secrets, provider_id)
+        self._public = public_model
+
+    def feed(self, data: bytes) -> list[bytes]:
+        return self._relay(self._split.feed(data))
+
+    def close(self) -> list[bytes]:
+        out = self._relay(self._split.close())
+        self.done = self._finished or self.error is not None
+        return out
+
+    def _relay(self, events: list[tuple[bytes | None, bytes]]) -> list[bytes]:
+        out: list[bytes] = []
+        ignored: list[bytes] = []
+        for kind, ev, payload in _parsed(events):
+            if not isinstance(kind, str):
+                continue
+            self._event(kind, ev, ignored)
+            ignored.clear()
+            if kind == "error" and self.error is not None:
+                err = ev.get("error") if isinstance(ev.get("error"), dict) else {}
+                atype = err.get("type") if isinstance(err, dict) else None
+                payload = orjson.dumps({"type": "error", "error": {
+                    "type": atype if isinstance(atype, str) and atype in _ERROR_TYPES else "api_error",
+                    "message": self.error.message}})
+            elif kind == "message_start" and isinstance(ev.get("message"), dict):
+                ev["message"]["model"] = self._public
+                payload = orjson.dumps(ev)
+            out.append(b"event: " + kind.encode() + b"\ndata: " + payload + b"\n\n")
+        if self._finished or self.error is not None:
+            self.done = True  # message_stop (or an error event): the gateway reads no further
+        return out
+
+
 class AnthropicProvider:
     def __init__(self, settings: ProviderSettings) -> None:
         self.settings = settings
@@ -388,6 +447,7 @@ class AnthropicProvider:
         self.signer = HeaderKeySigner("x-api-key", KeySource(settings.api_key, settings.api_key_file),
                                       ("ANTHROPIC_API_KEY",))
         self._header_secrets = header_secrets(settings.headers)
+        self.native = settings.native_client_api is not False  # /v1/messages forwarded as it came
         self._headers = {
             "content-type": "application/json",
             "anthropic-version": settings.api_version or ANTHROPIC_VERSION,
@@ -417,6 +477,26 @@ class AnthropicProvider:
     def parse_response(self, endpoint: Endpoint, raw: bytes, target: Target) -> tuple[bytes, Usage | None]:
         data = load_upstream_json(raw, self.id)
         return translate_response(data, target.public_model)
+
+    def native_request(self, api: str, body: dict[str, Any], target: Target, stream: bool) -> UpstreamRequest | None:
+        """A Messages request as the client sent it, for the upstream model (providers/base.py NativeProvider)."""
+        if api != NATIVE_API or not self.native:
+            return None
+        headers = dict(self._headers)
+        if stream:
+            headers["accept"] = "text/event-stream"
+        url = self.base_url + ("/messages" if self.base_url.endswith("/v1") else "/v1/messages")
+        return UpstreamRequest("POST", url, headers, orjson.dumps({**body, "model": target.upstream_model}), stream)
+
+    def parse_native(self, api: str, raw: bytes, target: Target) -> tuple[bytes, Usage | None]:
+        data = load_upstream_json(raw, self.id)
+        if not isinstance(data, dict) or data.get("type") != "message":
+            raise UpstreamError("Anthropic returned an unexpected body", status=502)
+        data["model"] = target.public_model
+        return orjson.dumps(data), usage_from(data.get("usage"))
+
+    def native_decoder(self, api: str, target: Target) -> AnthropicNativeDecoder:
+        return AnthropicNativeDecoder(target.public_model, self.secrets(), self.id)
 
     def stream_decoder(self, endpoint: Endpoint, target: Target, client_wants_usage: bool) -> AnthropicStreamDecoder:
         return AnthropicStreamDecoder(target.public_model, client_wants_usage, self.secrets(), self.id)

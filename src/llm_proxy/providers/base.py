@@ -102,3 +102,22 @@ class Provider(Protocol):
         A 429 keeps `retry-after`. Everything goes through upstream_errors.upstream_error, which scrubs credentials
         and relays the upstream's type/code/param only when they are plain tokens."""
         ...
+
+
+class NativeProvider(Protocol):
+    """What a provider that speaks a client API itself adds (optional: the core looks for `native_request`).
+
+    `api` is the client API's name (an ingress's: "anthropic.messages"); `body` the client's request as it came."""
+
+    def native_request(self, api: str, body: dict[str, Any], target: Target, stream: bool) -> UpstreamRequest | None:
+        """The request as it came (the model renamed to target.upstream_model), unsigned; None: this provider does
+        not take `api` as it is (not its API, or `native_client_api: false`), the neutral body goes instead."""
+        ...
+
+    def parse_native(self, api: str, raw: bytes, target: Target) -> tuple[bytes, Usage | None]:
+        """A non-streamed reply in `api`'s shape, its model target.public_model, and its usage."""
+        ...
+
+    def native_decoder(self, api: str, target: Target) -> StreamDecoder:
+        """A decoder that relays `api`'s own stream events (model renamed, errors rebuilt) and reads their usage."""
+        ...

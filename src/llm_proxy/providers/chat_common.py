@@ -430,8 +430,12 @@ class ChunkWriter:
     def tool_args(self, tool_index: int, fragment: str, index: int = 0) -> bytes:
         return self.delta({"tool_calls": [{"index": tool_index, "function": {"arguments": fragment}}]}, index)
 
-    def finish(self, reason: str, index: int = 0) -> bytes:
-        return self.delta({}, index, reason)
+    def finish(self, reason: str, index: int = 0, stop: str | None = None) -> bytes:
+        """The finish chunk; `stop`: the stop sequence that ended the answer (vLLM's `stop_reason` field)."""
+        if stop is None:
+            return self.delta({}, index, reason)
+        return self._frame([{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason,
+                             "stop_reason": stop}])
 
     def usage(self, usage: Usage) -> bytes:
         return self._frame([], usage)

@@ -11,6 +11,7 @@ import orjson
 from ..config import ProviderSettings
 from ..errors import ProxyError, UpstreamError
 from ..types import Usage
+from . import openai_responses
 from .base import Endpoint, Target, UpstreamRequest
 from .credentials import KeySource, header_secrets
 from .sse import MAX_EVENT_BYTES, SSESplitter, event_too_large, frame
@@ -266,6 +267,9 @@ class OpenAICompatProvider:
         self.key = KeySource(settings.api_key, settings.api_key_file)
         self._static_headers = {"content-type": "application/json", **settings.headers}
         self._max_tokens = max_tokens_field(settings)  # as_sent | max_tokens | both
+        # /v1/responses forwarded as it came: OpenAI's own API serves it; other compatible servers mostly do not.
+        native = settings.native_client_api
+        self.native = native if native is not None else settings.type == "openai"
 
     def missing_credentials(self) -> list[str]:
         return []
@@ -307,6 +311,19 @@ class OpenAICompatProvider:
 
     def stream_decoder(self, endpoint: Endpoint, target: Target, client_wants_usage: bool) -> OpenAIStreamDecoder:
         return OpenAIStreamDecoder(target.public_model, client_wants_usage, self.secrets(), self.id)
+
+    def native_request(self, api: str, body: dict[str, Any], target: Target, stream: bool) -> UpstreamRequest | None:
+        """A Responses request as it came, for the upstream model (providers/base.py NativeProvider)."""
+        if api != openai_responses.NATIVE_API or not self.native:
+            return None
+        return UpstreamRequest("POST", self.base_url + "/responses", dict(self._static_headers),
+                               orjson.dumps({**body, "model": target.upstream_model}), stream)
+
+    def parse_native(self, api: str, raw: bytes, target: Target) -> tuple[bytes, Usage | None]:
+        return openai_responses.parse_response(raw, target.public_model, self.id)
+
+    def native_decoder(self, api: str, target: Target) -> openai_responses.ResponsesNativeDecoder:
+        return openai_responses.ResponsesNativeDecoder(target.public_model, self.secrets(), self.id)
 
     def secrets(self) -> list[str | None]:
         return [self.key.get(), *header_secrets(self.settings.headers)]

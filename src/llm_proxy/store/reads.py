@@ -50,6 +50,13 @@ _AGGREGATES = """count(*) AS requests,
     AS requests_without_cost,
   avg(latency_ms) AS avg_latency_ms,
   avg(ttft_ms) AS avg_ttft_ms"""
+# Stored Responses (openai.responses, `store: true`) share the table with chat completions: their `response` is a
+# Response object. The chat completion routes leave them out, the Responses ones read only them.
+_IS_RESPONSE = {
+    "postgresql": "(response ->> 'object') = 'response'",
+    "sqlite": "json_extract(response, '$.object') = 'response'",
+}
+_NOT_RESPONSE = {d: f"coalesce({expr}, false) = false" for d, expr in _IS_RESPONSE.items()}
 _COMPLETION_COLUMNS = "request_id, completion_id, created_at, subject, username, model, input_messages, response"
 
 
@@ -209,7 +216,7 @@ class LedgerReads:
         table = self.sql.stored_completions
 
         def filters(q: _Sql) -> list[str]:
-            conds = []
+            conds = [_NOT_RESPONSE[self.dialect]]
             if subject is not None:
                 conds.append(f"subject = {q.p(subject)}")
             if model is not None:
@@ -240,9 +247,22 @@ class LedgerReads:
 
         async def run(conn: Any) -> dict[str, Any] | None:
             q = _Sql(self.dialect)
-            conds = [f"(completion_id = {q.p(completion_id)} OR request_id = {q.p(completion_id)})"]
+            conds = [f"(completion_id = {q.p(completion_id)} OR request_id = {q.p(completion_id)})",
+                     _NOT_RESPONSE[self.dialect]]
             if subject is not None:
                 conds.append(f"subject = {q.p(subject)}")
+            sql = f"SELECT {_COMPLETION_COLUMNS} FROM {self.sql.stored_completions}{q.where(conds)} LIMIT 1"  # noqa: S608
+            rows = await q.fetch(conn, sql)
+            return _completion(rows[0]) if rows else None
+
+        return await self._run(run)
+
+    async def get_response(self, response_id: str, *, subject: str) -> dict[str, Any] | None:
+        """One stored Response by its id (`resp_...`), only if `subject` made it."""
+
+        async def run(conn: Any) -> dict[str, Any] | None:
+            q = _Sql(self.dialect)
+            conds = [f"completion_id = {q.p(response_id)}", f"subject = {q.p(subject)}", _IS_RESPONSE[self.dialect]]
             sql = f"SELECT {_COMPLETION_COLUMNS} FROM {self.sql.stored_completions}{q.where(conds)} LIMIT 1"  # noqa: S608
             rows = await q.fetch(conn, sql)
             return _completion(rows[0]) if rows else None

@@ -22,8 +22,8 @@ from aiohttp.http import HttpVersion11
 
 from ..core.gateway import RequestContext, new_request_id
 from ..errors import BadRequest, PayloadTooLarge, ProxyError, ledger_error_type
-from ..ingress.base import Ingress
-from ..types import Usage
+from ..ingress.base import Ingress, Scope
+from ..types import Principal, Usage
 from .errors import as_proxy_error
 from .guard import Handler, authenticate
 from .json_depth import deeper_than
@@ -81,7 +81,7 @@ async def read_json(request: web.Request, svc: Services) -> dict[str, Any]:
     if length is not None and length > limit:
         raise PayloadTooLarge("Request body is larger than the configured limit")
     if request.headers.get(hdrs.EXPECT) is not None and request.version == HttpVersion11:
-        # Asked for only now: after authentication and the size check (see _expect_handler).
+        # Asked for only now: after authentication and the size check (see expect_handler).
         await request.writer.write(_CONTINUE)
         request.writer.output_size = 0
     try:
@@ -111,7 +111,7 @@ def _error_response(ingress: Ingress, err: ProxyError, request_id: str) -> web.R
                         headers={**err.headers, "x-request-id": request_id})
 
 
-def _expect_handler(ingress: Ingress) -> Handler:
+def expect_handler(ingress: Ingress) -> Handler:
     """Expect handler of an ingress's routes: runs before the middleware; sends nothing for 100-continue.
 
     aiohttp's default sends "100 Continue" at once, so a client announcing a body over the limit (or
@@ -127,10 +127,22 @@ def _expect_handler(ingress: Ingress) -> Handler:
     return expect  # type: ignore[return-value]
 
 
+def _scope(svc: Services, ctx: RequestContext, principal: Principal) -> Scope:
+    """What an ingress's prepare step may use (ingress/base.py: Scope)."""
+    if not svc.store_completions:
+        return Scope(principal, None, None)
+
+    def keep(completion: dict[str, Any]) -> None:
+        ctx.completion = completion  # picked up by the ledger (its `extra`)
+
+    return Scope(principal, svc.responses, keep)
+
+
 def exchange_handler(ingress: Ingress) -> Handler:
     """The handler of every path of `ingress`."""
     endpoint = ingress.endpoint
     name = ingress.name
+    prepare = getattr(ingress, "prepare", None)  # optional (ingress/base.py: Ingress)
 
     async def exchange(request: web.Request) -> web.StreamResponse:
         svc = request.app[SERVICES]
@@ -148,6 +160,8 @@ def exchange_handler(ingress: Ingress) -> Handler:
             model = body.get("model")
             if isinstance(model, str):  # on the row even when parse() refuses the body
                 ctx.model = model
+            if prepare is not None:
+                body = await prepare(body, _scope(svc, ctx, principal))
             call = ingress.parse(body)
             ctx.model = call.model
             ctx.streamed = call.stream
@@ -231,6 +245,6 @@ def exchange_handler(ingress: Ingress) -> Handler:
 def mount(app: web.Application, ingress: Ingress) -> None:
     """Serve `ingress` (POST on each of its paths) through the exchange."""
     handler = exchange_handler(ingress)
-    expect = _expect_handler(ingress)
+    expect = expect_handler(ingress)
     for path in ingress.paths:
         app.router.add_post(path, handler, expect_handler=expect)

@@ -14,6 +14,8 @@ from ..core.gateway import Gateway, RequestContext
 from ..core.metrics import NullMetrics
 from ..core.pricing import PriceTable
 from ..core.routing import Router
+from ..core.usage import UsageLedger
+from ..ingress.base import StoredResponses
 from ..logs import AccessLog
 from ..ports import Authenticator, Limiter, MetricsSink, Policy, UsageSink
 from .hosts import HostCheck, allowed_hosts_for, is_local_request
@@ -44,6 +46,10 @@ class Services:
         self.max_body_bytes = s.server.max_body_bytes
         self.access_log: AccessLog | None = AccessLog() if s.server.access_log else None
         self.store_completions = s.usage.enabled and s.usage.store_completions
+        # The responses a Responses request may continue (previous_response_id): the ledger's database.
+        self.responses: StoredResponses | None = None
+        if self.store_completions and isinstance(self.usage, UsageLedger):
+            self.responses = self.usage
         self.body_timeout = s.server.body_timeout_seconds
         self.max_json_depth = s.server.max_json_depth
         unauthenticated = s.auth.mode == "none"

@@ -13,8 +13,9 @@ from aiohttp import web
 from ..core import usage_estimate
 from ..ingress import anthropic_messages
 from ..ingress.base import Call
+from ..ingress.translated import MESSAGES
 from .errors import as_proxy_error
-from .exchange import read_json
+from .exchange import expect_handler, read_json
 from .guard import authenticate
 from .state import CTX, SERVICES
 
@@ -40,5 +41,6 @@ async def count_tokens(request: web.Request) -> web.StreamResponse:
 
 
 def add_token_count_routes(app: web.Application) -> None:
+    expect = expect_handler(MESSAGES)  # "100 Continue" only after authentication, as on the Messages routes
     for path in anthropic_messages.COUNT_PATHS:
-        app.router.add_post(path, count_tokens)
+        app.router.add_post(path, count_tokens, expect_handler=expect)

@@ -1,4 +1,5 @@
-"""Read side of the ledger: GET /v1/usage reports and stored chat completions (own rows; admins see all)."""
+"""Read side of the ledger: GET /v1/usage reports and stored chat completions (own rows; admins see all), stored
+Responses (GET /v1/responses/{id}: their maker only)."""
 
 from __future__ import annotations
 
@@ -140,8 +141,21 @@ async def get_chat_completion(request: web.Request) -> web.StreamResponse:
     return _json(_completion_object(row))
 
 
+async def get_response(request: web.Request) -> web.StreamResponse:
+    """GET /v1/responses/{response_id}: a stored Response (`store: true`), only to the caller who made it."""
+    svc, principal, ledger = _caller(request)
+    response_id = request.match_info["response_id"]
+    if not svc.store_completions:
+        raise NotFound("This server keeps no responses (usage.store_completions is off)", param="response_id")
+    row = await ledger.stored_response(response_id, principal.subject)
+    if row is None:
+        raise NotFound(f"Response with id '{response_id}' not found.", param="response_id")
+    return _json(row["response"])
+
+
 def add_usage_routes(app: web.Application) -> None:
     app.router.add_get("/v1/usage", protected(usage_report))
     for prefix in PREFIXES:
         app.router.add_get(prefix + "/chat/completions", protected(list_chat_completions))
         app.router.add_get(prefix + "/chat/completions/{completion_id}", protected(get_chat_completion))
+        app.router.add_get(prefix + "/responses/{response_id}", protected(get_response))
