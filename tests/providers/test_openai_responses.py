@@ -58,3 +58,17 @@ def test_non_streamed_response() -> None:
     raw, usage = parse_response(orjson.dumps({"object": "response", "model": "gpt-4o-2024", "usage": USAGE}),
                                 "openai/gpt-4o", "openai")
     assert orjson.loads(raw)["model"] == "openai/gpt-4o" and usage == Usage(9, 2, 11, 4)
+
+
+def test_native_responses_by_default_only_on_openais_own_base_url() -> None:
+    from llm_proxy.config import ProviderSettings
+    from llm_proxy.providers.openai_compat import OpenAICompatProvider
+
+    def native(**kw: object) -> bool:
+        return OpenAICompatProvider(ProviderSettings.model_validate({"id": "p", "api_key": "k", **kw})).native
+
+    assert native(type="openai", base_url="https://api.openai.com/v1")
+    assert not native(type="openai", base_url="http://127.0.0.1:9/v1")  # a vLLM or a fake: chat only, translated
+    assert native(type="openai", base_url="http://127.0.0.1:9/v1", native_client_api=True)
+    assert not native(type="openai", base_url="https://api.openai.com/v1", native_client_api=False)
+    assert not native(type="openai_compat", base_url="https://api.openai.com/v1")

@@ -25,7 +25,9 @@ TRANSLATED = "compat/gpt-4o"  # native_client_api: false: the emulator gets the 
 def proxy(emulator: Emulator, db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyServer]:
     spool = tmp_path_factory.mktemp("spool")
     # A long flush interval: a continuation arrives before the writer's next batch, so the read must flush.
-    text = config_text(emulator.base_url, db_url, spool, flush_interval=30).replace("models:\n", f"""\
+    # native_client_api: true: a type openai on another base URL than OpenAI's is translated by default.
+    text = config_text(emulator.base_url, db_url, spool, flush_interval=30).replace(
+        "api_key: sk-upstream}", "api_key: sk-upstream, native_client_api: true}", 1).replace("models:\n", f"""\
   - {{id: compat, type: openai, base_url: "{emulator.base_url}", api_key: sk-upstream, native_client_api: false}}
 models:
   - {{id: {TRANSLATED}, provider: compat, upstream_model: gpt-4o}}
@@ -58,6 +60,7 @@ async def test_previous_response_id_continues_a_stored_response(proxy: ProxyServ
     second = await frank.responses.create(model=model, previous_response_id=first.id, input="second question",
                                           store=True)
     assert second.previous_response_id == first.id and second.id != first.id
+    assert ("messages" in emulator.requests()[-1]["json"]) == (model == TRANSLATED)  # passed through or not
     # The stored conversation went before the new input; the first request's instructions did not carry over.
     assert upstream_messages(emulator) == [
         {"role": "user", "content": "first question"},

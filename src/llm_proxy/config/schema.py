@@ -102,7 +102,8 @@ class ProviderSettings(_Model):
     # not stop); `both` sends both names. Unset: `max_tokens` for vllm, ollama and openai_compat, else `as_sent`.
     max_tokens_field: Literal["as_sent", "max_tokens", "both"] | None = None
     # A client API the provider speaks itself gets its requests as they came, the model renamed, instead of
-    # translated (type anthropic: /v1/messages). Unset: true for anthropic.
+    # translated (type anthropic: /v1/messages; type openai: /v1/responses). Unset: true for anthropic, and for
+    # openai when its base URL is OpenAI's own (api.openai.com).
     native_client_api: bool | None = None
 
 

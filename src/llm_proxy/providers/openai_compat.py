@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -267,9 +268,11 @@ class OpenAICompatProvider:
         self.key = KeySource(settings.api_key, settings.api_key_file)
         self._static_headers = {"content-type": "application/json", **settings.headers}
         self._max_tokens = max_tokens_field(settings)  # as_sent | max_tokens | both
-        # /v1/responses forwarded as it came: OpenAI's own API serves it; other compatible servers mostly do not.
+        # /v1/responses forwarded as it came: OpenAI's own API serves it; other compatible servers mostly do not,
+        # so a type `openai` pointed at another base URL (a vLLM, a test fake) is translated unless it says so.
         native = settings.native_client_api
-        self.native = native if native is not None else settings.type == "openai"
+        self.native = native if native is not None else (
+            settings.type == "openai" and urlsplit(self.base_url).hostname == "api.openai.com")
 
     def missing_credentials(self) -> list[str]:
         return []
