@@ -127,8 +127,8 @@ def main() -> None:
     cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}.%p",
            *proxy.command()]
     env = dict(os.environ)
-    if a.src:
-        env["PYTHONPATH"] = a.src + os.pathsep + env.get("PYTHONPATH", "")
+    path = ([a.src] if a.src else []) + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve()) for p in path)  # the proxy runs in its own cwd
     with open(proxy.log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=proxy.dir, stdout=subprocess.DEVNULL, stderr=log, env=env)
     try:

@@ -97,14 +97,6 @@ _LEARNED_MAX = 1024
 Learned = tuple[bytes, bytes, bool]  # the upstream's `"model":"..."` bytes, its chunks' lead, whether null-usage
 
 
-def _event_start(buf: bytes, end: int) -> int:
-    """Where the last whole event before `end` (just after its blank line) starts."""
-    if end < 2:
-        return 0
-    i = buf.rfind(b"\n\n", 0, end - 2)
-    return i + 2 if i >= 0 else 0
-
-
 class OpenAIStreamDecoder:
     """Passes OpenAI chunks through, rewriting `model` and lifting the usage chunk.
 
@@ -154,8 +146,9 @@ class OpenAIStreamDecoder:
 
     def feed(self, data: bytes) -> list[bytes]:
         self._last = data
-        if self._split.pending:
-            return self._frames(self._split.feed(data))
+        split = self._split
+        if split._buf:  # part of an event is in the splitter (SSESplitter.pending, without the call)
+            return self._frames(split.feed(data))
         buf = self._buf + data if self._buf else data
         end = buf.rfind(b"\n\n")
         if end < 0:
@@ -165,24 +158,42 @@ class OpenAIStreamDecoder:
             return []
         end += 2
         self._buf = buf[end:] if end < len(buf) else b""
-        # The usage chunk and [DONE] come last: peeled off from the end, they take the slow path.
+        # The usage chunk and [DONE] come last: peeled off from the end (where each event starts, just after the
+        # blank line before it), they take the slow path.
         cut = end
-        p = _event_start(buf, cut)
-        if buf.startswith(b"data: [DONE]\n\n", p):
+        i = buf.rfind(b"\n\n", 0, cut - 2)
+        p = i + 2 if i >= 0 else 0
+        done = buf.startswith(b"data: [DONE]\n\n", p)
+        if done:
             cut = p
-            p = _event_start(buf, cut)
-        if cut and _USAGE_OBJ.search(buf, p, cut) is not None:
+            i = buf.rfind(b"\n\n", 0, cut - 2) if cut >= 2 else -1
+            p = i + 2 if i >= 0 else 0
+        usage = cut > 0 and _USAGE_OBJ.search(buf, p, cut) is not None
+        if usage:
             cut = p
-        fast = self._fast(buf, cut) if cut else None
-        if fast is None and self._cached and cut:  # another upstream model behind the same name, say: learn anew
-            self._cached = False
-            self._from = None
+        out: list[bytes] = []
+        if cut:
             fast = self._fast(buf, cut)
-        if fast is None:
-            return self._frames(self._split.feed(buf[:end]))
-        if cut == end:
-            return [fast]
-        return [fast, *self._frames(self._split.feed(buf[cut:end]))]
+            if fast is None and self._cached:  # another upstream model behind the same name, say: learn anew
+                self._cached = False
+                self._from = None
+                fast = self._fast(buf, cut)
+            if fast is None:
+                return self._frames(split.feed(buf[:end]))
+            if cut == end:
+                return [fast]
+            out.append(fast)
+        stop = end - 14 if done else end  # the usage chunk's end
+        if usage and not (  # a plain one-line `data: ` event: no splitter needed
+            buf.startswith(b"data: ", cut) and buf.find(b"\n", cut, stop - 2) < 0 and buf.find(b"\r", cut, stop) < 0
+        ):
+            out.extend(self._frames(split.feed(buf[cut:end])))
+            return out
+        events: list[tuple[bytes | None, bytes]] = [(None, buf[cut + 6 : stop - 2])] if usage else []
+        if done:
+            events.append((None, b"[DONE]"))
+        out.extend(self._frames(events))
+        return out
 
     def close(self) -> list[bytes]:
         rest, self._buf = self._buf, b""
