@@ -91,6 +91,9 @@ SCENARIOS: dict[str, Writer] = {
     "big": _raw(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n", BIG_JSON),
     "bomb": _raw(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n", BOMB),
     "endless-event": _endless_event,
+    # the whole answer in one content-length framed write, as nginx or a fast server sends it
+    "whole": _raw(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n",
+                  b"".join([*HELLO, _event({}, "stop"), USAGE, b"data: [DONE]\n\n"])),
 }
 
 
@@ -287,3 +290,42 @@ def test_parameters_in_range_pass(px: ProxyServer) -> None:
         max_completion_tokens=1, top_logprobs=20, logprobs=True,
     )
     assert "".join(c.choices[0].delta.content or "" for c in stream) == "hello"
+
+
+@pytest.mark.parametrize("scenario", ["whole", "done-then-drop"])
+def test_a_stream_read_whole_goes_out_in_one_write_after_its_row(
+    px: ProxyServer, scenario: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The headers, the frames, [DONE] and the chunked body's end in one socket write; the usage row is recorded
+    before that write (a kill -9 after the client has its end must not lose it)."""
+    from aiohttp import http_writer
+
+    sink = px.services.usage
+    assert isinstance(sink, MemoryUsageSink)
+    writes: list[tuple[bytes, int]] = []  # what was written, and how many rows the sink had then
+    plain, lines = http_writer.StreamWriter._write, http_writer.StreamWriter._writelines
+
+    def write(self: http_writer.StreamWriter, chunk: bytes) -> None:
+        writes.append((bytes(chunk), len(sink.events)))
+        plain(self, chunk)
+
+    def writelines(self: http_writer.StreamWriter, chunks: list[bytes]) -> None:
+        writes.append((b"".join(chunks), len(sink.events)))
+        lines(self, chunks)
+
+    monkeypatch.setattr(http_writer.StreamWriter, "_write", write)
+    monkeypatch.setattr(http_writer.StreamWriter, "_writelines", writelines)
+    before = len(sink.events)
+    raw = _client(px).chat.completions.with_raw_response.create(
+        model="m", messages=_msg(scenario), stream=True, stream_options={"include_usage": True}  # type: ignore[arg-type]
+    )
+    rid = raw.headers.get("x-request-id")
+    text = "".join(ch.choices[0].delta.content or "" for ch in raw.parse() if ch.choices)
+    assert text == "hello"
+    row = _row(px, rid)
+    assert (row.status, row.total_tokens) == (200, 5)
+    mine = [(data, rows) for data, rows in writes if b"data: " in data or data.startswith(b"HTTP/1.1 200")]
+    assert len(mine) == 1, [d[:40] for d, _ in mine]
+    data, rows = mine[0]
+    assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+    assert rows == before + 1  # the row was in the sink when the write went out

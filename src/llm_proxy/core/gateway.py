@@ -232,7 +232,7 @@ class StreamSession:
     """
 
     __slots__ = ("_chunks", "_ctx", "_decoder", "_dep", "_done", "_estimate", "_estimated", "_finished", "_kept",
-                 "_pending", "_relayed", "_resp", "_seen")
+                 "_pending", "_relayed", "_resp", "_seen", "final")
 
     def __init__(
         self,
@@ -258,8 +258,35 @@ class StreamSession:
         self._estimated: Usage | None = None
         self._seen: list[bytes] = []
         self._kept = self._relayed = 0
+        self.final = False  # the upstream has finished: the blob frames() yields now is the last
+
+    @property
+    def whole(self) -> bool:
+        """The upstream's answer came whole with the pre-read (and was not cut short): finish() has its bytes,
+        with no generator to run."""
+        return self._done and not (self._decoder.done is False and self._decoder.error is None)
+
+    async def finish(self) -> bytes:
+        """All the stream's bytes when it is `whole`, usage settled and the upstream released (`final` set)."""
+        seen = self._seen if self._estimate is not None and self._estimate.keep else None
+        clean = False
+        try:
+            pending = self._pending
+            self._pending = None
+            blob = (pending[0] if len(pending) == 1 else b"".join(pending)) if pending else b""
+            if blob and seen is not None:
+                self._keep(seen, blob)
+            blob = await self._end(blob, seen)
+            clean = True
+            return blob
+        finally:
+            self._finish(clean, False)
 
     async def frames(self) -> AsyncGenerator[bytes, None]:
+        """The frames as they come, a blob per upstream read. The last blob is held until the upstream has
+        finished (its end checked, usage known, the upstream released) and comes with `final` set, so the
+        caller can record usage before the client gets its end (and write that blob and the end in one go);
+        it may be b"". A stream cut short ends in a ProxyError after its last frames instead."""
         ctx = self._ctx
         decoder = self._decoder
         est = self._estimate
@@ -270,56 +297,58 @@ class StreamSession:
         try:
             # Frames decoded from one upstream read go out in one write: one syscall, not one per event.
             pending = self._pending
+            blob = b""
             if pending:
                 self._pending = None
                 blob = pending[0] if len(pending) == 1 else b"".join(pending)
                 if seen is not None:
                     self._keep(seen, blob)
-                yield blob
             if not self._done:
+                if blob:
+                    yield blob
+                    blob = b""
+                chunks = self._chunks
+                finished = self._resp.finished
                 try:
-                    async for chunk in self._chunks:
+                    async for chunk in chunks:
                         out = decoder.feed(chunk)
                         if out:
                             if ctx.first_token_at is None:
                                 ctx.first_token_at = time.perf_counter()
-                            blob = out[0] if len(out) == 1 else b"".join(out)
+                            got = out[0] if len(out) == 1 else b"".join(out)
                             if seen is not None:
-                                self._keep(seen, blob)
-                            yield blob
+                                self._keep(seen, got)
+                            blob = blob + got if blob else got
                         if decoder.done:
                             # Closed here, not by the loop's finalizer hook (a task and a self-pipe write).
-                            await self._chunks.aclose()
+                            await chunks.aclose()
                             break
+                        if blob and not finished():  # (the body's last read: held for the end)
+                            yield blob
+                            blob = b""
                 except (UpstreamUnreachable, UpstreamTimeout):
                     out = decoder.close()  # the upstream left or stalled: fine if the answer had ended
                     if not decoder.done:
+                        if blob:
+                            yield blob
                         raise
                 else:
                     out = decoder.close()
                 if out:
-                    blob = b"".join(out)
+                    tail = b"".join(out)
                     if seen is not None:
-                        self._keep(seen, blob)
-                    yield blob
+                        self._keep(seen, tail)
+                    blob = blob + tail if blob else tail
             if decoder.done is False and decoder.error is None:  # (an error event of the upstream's ended it)
+                if blob:
+                    yield blob
                 raise ProxyError(
                     f"Upstream provider '{ctx.provider_id}' ended the stream before the answer was complete",
                     status=502, type="api_error", code="upstream_stream_truncated",
                 )
-            if est is not None and decoder.error is None:
-                est.reported(decoder.usage is not None)
-                if decoder.usage is None and seen is not None:
-                    # The upstream reported no usage (llama.cpp, no stream_options support): estimate it.
-                    self._seen = []
-                    try:
-                        self._estimated, usage_frame = await est.stream_usage(seen, self._relayed, self._kept)
-                    except Exception:  # an estimate must never break an answer that is complete
-                        log.exception("usage estimate failed", extra={"request_id": ctx.request_id})
-                        usage_frame = None
-                    if usage_frame is not None:
-                        yield usage_frame
+            blob = await self._end(blob, seen)
             clean = True
+            yield blob
         except ProxyError:
             failed = True  # the upstream broke the stream (not the client)
             raise
@@ -328,6 +357,26 @@ class StreamSession:
             raise unreadable(ctx.provider_id, exc) from None
         finally:
             self._finish(clean, failed)
+
+    async def _end(self, blob: bytes, seen: list[bytes] | None) -> bytes:
+        """The upstream has finished: an estimate of its usage if it reported none, then its release."""
+        decoder = self._decoder
+        est = self._estimate
+        if est is not None and decoder.error is None:
+            est.reported(decoder.usage is not None)
+            if decoder.usage is None and seen is not None:
+                # The upstream reported no usage (llama.cpp, no stream_options support): estimate it.
+                self._seen = []
+                try:
+                    self._estimated, usage_frame = await est.stream_usage(seen, self._relayed, self._kept)
+                except Exception:  # an estimate must never break an answer that is complete
+                    log.exception("usage estimate failed", extra={"request_id": self._ctx.request_id})
+                    usage_frame = None
+                if usage_frame is not None:
+                    blob += usage_frame
+        self._finish(True, False)
+        self.final = True
+        return blob
 
     def _keep(self, seen: list[bytes], blob: bytes) -> None:
         n = len(blob)

@@ -90,13 +90,24 @@ def status_in_body(data: dict[str, Any]) -> int:
     return status_from(err.get("code") if isinstance(err, dict) else None)
 
 
+# An OpenAI chunk sent with stream_options.include_usage ends with this until the usage chunk (which carries an
+# object instead): events of a read that all end so carry no usage object, without a scan for one.
+_NULL_USAGE_END = b'"usage":null}\n\n'
+# What _learn found, per (provider, upstream model) and kept by the provider (bounded: passthrough providers take
+# model names from clients).
+_LEARNED_MAX = 1024
+Learned = tuple[bytes, bytes, bool]  # the upstream's `"model":"..."` bytes, its chunks' lead, whether null-usage
+
+
 class OpenAIStreamDecoder:
     """Passes OpenAI chunks through, rewriting `model` and lifting the usage chunk.
 
-    Fast path: a read holding only whole single-line `data: {...}` events that open with the same first key,
-    with one `model` value each and no usage object, is relayed with one bytes.replace. Anything else (the usage
-    chunk, [DONE], error events, comments, CRLF, events split across reads) goes through the SSE splitter event
-    by event.
+    Fast path: the events of a read up to its usage chunk, when they are whole single-line `data: {...}` events
+    that open with the same first key and carry one `model` value each and no usage object, are relayed with one
+    bytes.replace. The usage chunk and [DONE] at the end of a read are peeled off first (looked at from the end);
+    anything else (error events, comments, CRLF, events split across reads) goes through the SSE splitter event by
+    event. The usage chunk is relayed in the upstream's bytes with `model` rewritten (re-serialised only when its
+    usage must be taken out of a chunk that has choices).
 
     End of the stream: `data: [DONE]` sets `done` (the gateway stops reading there: llama.cpp, for one, drops
     the connection right after it without ending the chunked body). A stream whose body ends without [DONE]
@@ -104,11 +115,12 @@ class OpenAIStreamDecoder:
     came (servers that omit [DONE]); otherwise it was cut short.
     """
 
-    __slots__ = ("_buf", "_from", "_last", "_lead", "_model_json", "_next_lead", "_provider_id", "_secrets", "_split",
-                 "_to", "_want_usage", "done", "error", "usage")
+    __slots__ = ("_buf", "_cache", "_cache_key", "_cached", "_from", "_last", "_lead", "_model_json", "_next_lead",
+                 "_null_end", "_provider_id", "_secrets", "_split", "_to", "_want_usage", "done", "error", "usage")
 
     def __init__(self, public_model: str, client_wants_usage: bool, secrets: list[str | None] | None = None,
-                 provider_id: str = "openai") -> None:
+                 provider_id: str = "openai", learned: dict[str, Learned] | None = None,
+                 upstream_model: str = "") -> None:
         self._secrets = secrets or []
         self._provider_id = provider_id
         self.error: ProxyError | None = None
@@ -119,14 +131,26 @@ class OpenAIStreamDecoder:
         self._buf = b""
         self._from: bytes | None = None  # the upstream's `"model":"..."` bytes, once seen
         self._lead = self._next_lead = b""  # `data: {"<first key>` of its chunks (see _learn)
+        self._null_end = False  # its chunks end with `"usage":null}` (see _NULL_USAGE_END)
         self._to = b'"model":' + self._model_json
         self._last = b""  # the latest read, for close()'s look for a finish_reason
         self.done: bool | None = False
+        # The provider's cache of what _learn finds (None: learn per stream), and this stream's key in it.
+        self._cache = learned
+        self._cache_key = upstream_model
+        self._cached = False  # what the fast path uses came from the cache (relearnt once if it does not fit)
+        if learned is not None:
+            hit = learned.get(upstream_model)
+            if hit is not None:
+                self._cached = True
+                self._from, self._lead, self._null_end = hit
+                self._next_lead = (_NULL_USAGE_END if self._null_end else b"\n\n") + self._lead
 
     def feed(self, data: bytes) -> list[bytes]:
         self._last = data
-        if self._split.pending:
-            return self._frames(self._split.feed(data))
+        split = self._split
+        if split._buf:  # part of an event is in the splitter (SSESplitter.pending, without the call)
+            return self._frames(split.feed(data))
         buf = self._buf + data if self._buf else data
         end = buf.rfind(b"\n\n")
         if end < 0:
@@ -134,18 +158,44 @@ class OpenAIStreamDecoder:
                 raise event_too_large()
             self._buf = buf
             return []
-        # Events before the usage chunk take the fast path; the usage chunk and what follows do not.
-        m = _USAGE_OBJ.search(buf, 0, end)
-        cut = end + 2 if m is None else buf.rfind(b"\n\n", 0, m.start()) + 2
-        fast = self._fast(buf[:cut]) if cut >= 2 else None
-        if fast is None:
-            self._buf = b""
-            return self._frames(self._split.feed(buf))
-        if m is None:
-            self._buf = buf[cut:]
-            return [fast]
-        self._buf = b""
-        return [fast, *self._frames(self._split.feed(buf[cut:]))]
+        end += 2
+        self._buf = buf[end:] if end < len(buf) else b""
+        # The usage chunk and [DONE] come last: peeled off from the end (where each event starts, just after the
+        # blank line before it), they take the slow path.
+        cut = end
+        i = buf.rfind(b"\n\n", 0, cut - 2)
+        p = i + 2 if i >= 0 else 0
+        done = buf.startswith(b"data: [DONE]\n\n", p)
+        if done:
+            cut = p
+            i = buf.rfind(b"\n\n", 0, cut - 2) if cut >= 2 else -1
+            p = i + 2 if i >= 0 else 0
+        usage = cut > 0 and _USAGE_OBJ.search(buf, p, cut) is not None
+        if usage:
+            cut = p
+        out: list[bytes] = []
+        if cut:
+            fast = self._fast(buf, cut)
+            if fast is None and self._cached:  # another upstream model behind the same name, say: learn anew
+                self._cached = False
+                self._from = None
+                fast = self._fast(buf, cut)
+            if fast is None:
+                return self._frames(split.feed(buf[:end]))
+            if cut == end:
+                return [fast]
+            out.append(fast)
+        stop = end - 14 if done else end  # the usage chunk's end
+        if usage and not (  # a plain one-line `data: ` event: no splitter needed
+            buf.startswith(b"data: ", cut) and buf.find(b"\n", cut, stop - 2) < 0 and buf.find(b"\r", cut, stop) < 0
+        ):
+            out.extend(self._frames(split.feed(buf[cut:end])))
+            return out
+        events: list[tuple[bytes | None, bytes]] = [(None, buf[cut + 6 : stop - 2])] if usage else []
+        if done:
+            events.append((None, b"[DONE]"))
+        out.extend(self._frames(events))
+        return out
 
     def close(self) -> list[bytes]:
         rest, self._buf = self._buf, b""
@@ -160,45 +210,70 @@ class OpenAIStreamDecoder:
             self.done = self.usage is not None or (end > 0 and _FINISHED.search(last, 0, end) is not None)
         return out
 
-    def _fast(self, chunk: bytes) -> bytes | None:
+    def _fast(self, buf: bytes, cut: int) -> bytes | None:
+        """buf[:cut] (whole events, none of them the usage chunk or [DONE]) with `model` rewritten, or None when
+        it is not plain chunks."""
         src = self._from
         if src is None:
-            if not self._learn(chunk):
+            if not self._learn(buf, cut):
                 return None
             src = self._from
             assert src is not None
-        lead = self._lead
-        events = chunk.count(b"\n\n")
+        lines = buf.count(b"\n", 0, cut)
+        events = lines >> 1
         if (
-            not chunk.startswith(lead)
-            or chunk.count(b"\n") != 2 * events
+            lines & 1
+            or not buf.startswith(self._lead)
             # Every event opens with the first key of the upstream's chunks: an error event (`{"error": ...}`) does
-            # not, so it leaves the fast path (and is rebuilt in _frames) without a scan of its own.
-            or chunk.count(self._next_lead) != events - 1
-            or b"\r" in chunk
+            # not, so it leaves the fast path (and is rebuilt in _frames) without a scan of its own. With it, the
+            # count of newlines says each event is one line. For a null-usage upstream the needle also says each
+            # event but the last ends with `"usage":null}` (so carries no usage object).
+            or buf.count(self._next_lead, 0, cut) != events - 1
+            or buf.find(b"\r", 0, cut) >= 0
         ):
             return None
-        if chunk.count(src) != events:
+        if self._null_end:
+            if cut < len(_NULL_USAGE_END) or not buf.startswith(_NULL_USAGE_END, cut - len(_NULL_USAGE_END)):
+                return None
+        elif _USAGE_OBJ.search(buf, 0, cut) is not None:
             return None
-        return chunk.replace(src, self._to)
+        chunk = buf[:cut] if cut < len(buf) else buf
+        to = self._to
+        out = chunk.replace(src, to)
+        grow = len(to) - len(src)
+        if grow:  # the count of replacements, from the length
+            if len(out) - cut != grow * events:
+                return None
+        elif chunk.count(src) != events:
+            return None
+        return out
 
-    def _learn(self, chunk: bytes) -> bool:
-        """From the first fast-path candidate: the upstream's `"model":"..."` bytes and its chunks' opening
-        `data: {"<first key>` (an error event's `{"error"` never matches it)."""
-        if not chunk.startswith(b'data: {"'):
+    def _learn(self, buf: bytes, cut: int) -> bool:
+        """From the first fast-path candidate: the upstream's `"model":"..."` bytes, its chunks' opening
+        `data: {"<first key>` (an error event's `{"error"` never matches it), and whether its first chunk ends
+        with `"usage":null}`. Kept in the provider's cache for the next streams of this upstream model."""
+        if not buf.startswith(b'data: {"'):
             return False
-        end = chunk.find(b'"', 8)
-        m = _MODEL_KEY.search(chunk)
+        end = buf.find(b'"', 8, cut)
+        first = buf.find(b"\n\n", 0, cut) + 2
+        m = _MODEL_KEY.search(buf, 0, first)
         if end < 0 or m is None:
             return False
         # Without the closing quote: a needle ending in `"` makes bytes.count markedly slower on JSON.
-        lead = chunk[:end]
-        head = chunk[7 : m.start()]
-        if b"error".startswith(chunk[8:end]) or b"{" in head or b"[" in head:  # an error, or not top-level
+        lead = buf[:end]
+        head = buf[7 : m.start()]
+        if b"error".startswith(buf[8:end]) or b"{" in head or b"[" in head:  # an error, or not top-level
             return False
-        self._from = chunk[m.start() : m.end()]
+        self._from = buf[m.start() : m.end()]
         self._lead = lead
-        self._next_lead = b"\n\n" + lead
+        self._null_end = first >= len(_NULL_USAGE_END) and buf.startswith(_NULL_USAGE_END,
+                                                                           first - len(_NULL_USAGE_END))
+        self._next_lead = (_NULL_USAGE_END if self._null_end else b"\n\n") + lead
+        cache = self._cache
+        if cache is not None:
+            if len(cache) >= _LEARNED_MAX:
+                cache.clear()
+            cache[self._cache_key] = (self._from, lead, self._null_end)
         return True
 
     def _frames(self, events: list[tuple[bytes | None, bytes]]) -> list[bytes]:
@@ -248,12 +323,13 @@ class OpenAIStreamDecoder:
         if not isinstance(data, dict):
             return payload
         self.usage = Usage.from_openai(data.get("usage")) or self.usage
+        if self._want_usage:
+            return rewrite_model(payload, self._model_json)  # the upstream's bytes, `model` rewritten
+        if not data.get("choices"):
+            return None  # the extra chunk we asked for on the client's behalf
         if "model" in data:
             data["model"] = orjson.loads(self._model_json)
-        if not self._want_usage:
-            if not data.get("choices"):
-                return None  # the extra chunk we asked for on the client's behalf
-            data.pop("usage", None)
+        data.pop("usage", None)
         return orjson.dumps(data)
 
 
@@ -273,6 +349,7 @@ class OpenAICompatProvider:
         native = settings.native_client_api
         self.native = native if native is not None else (
             settings.type == "openai" and urlsplit(self.base_url).hostname == "api.openai.com")
+        self._learned: dict[str, Learned] = {}  # what its streams' decoders learn, by upstream model
 
     def missing_credentials(self) -> list[str]:
         return []
@@ -313,7 +390,8 @@ class OpenAICompatProvider:
         return orjson.dumps(data), Usage.from_openai(data.get("usage"))
 
     def stream_decoder(self, endpoint: Endpoint, target: Target, client_wants_usage: bool) -> OpenAIStreamDecoder:
-        return OpenAIStreamDecoder(target.public_model, client_wants_usage, self.secrets(), self.id)
+        return OpenAIStreamDecoder(target.public_model, client_wants_usage, self.secrets(), self.id, self._learned,
+                                   target.upstream_model)
 
     def native_request(self, api: str, body: dict[str, Any], target: Target, stream: bool) -> UpstreamRequest | None:
         """A Responses request as it came, for the upstream model (providers/base.py NativeProvider)."""

@@ -35,6 +35,13 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
+class _HeldHeaders(web.StreamResponse):
+    """A stream response whose headers go out with its first write (aiohttp's web.Response does this; a
+    StreamResponse writes them alone at prepare() unless told not to): one syscall less per stream."""
+
+    _send_headers_immediately = False
+
+
 def record(svc: Services, ctx: RequestContext) -> None:
     """The request's usage event (with its cost) goes to the ledger and to the metrics; its usage and cost are
     charged to its limits. Called once per request, by the exchange."""
@@ -183,7 +190,11 @@ def exchange_handler(ingress: Ingress) -> Handler:
             headers = {**_SSE_HEADERS, "x-request-id": ctx.request_id}
             if ctx.limit is not None:
                 headers.update(ctx.limit.headers)
-            resp = web.StreamResponse(status=200, headers=headers)
+            framer = ingress.framer(call)
+            # Headers held back for the first write when that write comes at once: the first frames are in hand
+            # and go out as they are (identity framer), or the whole answer is (one write in all).
+            resp = (_HeldHeaders if framer.identity or result.whole else web.StreamResponse)(status=200,
+                                                                                            headers=headers)
             try:
                 await resp.prepare(request)
             except ConnectionError:  # the client left before the headers went out (incl. "closing transport")
@@ -194,39 +205,45 @@ def exchange_handler(ingress: Ingress) -> Handler:
                 result.close()  # the stream is already open upstream (its first frame was read): drop it
                 raise
             ctx.status = 200
-            framer = ingress.framer(call)
             try:
-                # aclosing: the upstream is released the moment we stop, not when the generator is collected.
-                async with aclosing(result.frames()) as frames:
-                    if framer.identity:  # the neutral frames are the client's: nothing called per frame
-                        async for f in frames:
-                            await resp.write(f)
-                    else:
-                        feed = framer.feed
-                        async for f in frames:
-                            out = feed(f)
-                            if out:
-                                await resp.write(out)
+                if result.whole:  # the upstream's whole answer came with its first read: nothing to iterate
+                    last = await result.finish()
+                else:
+                    last = b""
+                    # aclosing: the upstream is released the moment we stop, not when the generator is collected.
+                    async with aclosing(result.frames()) as frames:
+                        if framer.identity:  # the neutral frames are the client's: nothing called per frame
+                            async for f in frames:
+                                if result.final:
+                                    last = f
+                                else:
+                                    await resp.write(f)
+                        else:
+                            feed = framer.feed
+                            async for f in frames:
+                                if result.final:
+                                    last = f
+                                else:
+                                    out = feed(f)
+                                    if out:
+                                        await resp.write(out)
+                if last and not framer.identity:
+                    last = framer.feed(last)
                 # Record before the last write: once the client has the terminator, a kill -9 must not lose
-                # the row.
+                # the row. The upstream's last frames, the terminator and the body's end go in one write.
                 recorded = True
                 record(svc, ctx)
-                await resp.write(framer.end())
+                await resp.write_eof(last + framer.end())
             except ConnectionError:
                 ctx.status, ctx.error_type = 499, "client_disconnected"
-                return resp
             except Exception as exc:  # the upstream's (a ProxyError), or a framer's fault (logged: a 500)
                 # Headers are gone: the status cannot change. Tell the client in-band and end the stream.
                 err = as_proxy_error(exc, ctx.request_id, request.path)
                 ctx.status, ctx.error_type = err.status, ledger_error_type(err)
                 try:
-                    await resp.write(framer.error(err))
+                    await resp.write_eof(framer.error(err))
                 except ConnectionError:
                     pass
-            try:
-                await resp.write_eof()
-            except ConnectionError:
-                pass
             return resp
         except asyncio.CancelledError:  # the client left (aiohttp cancels the handler): the upstream call too
             ctx.status, ctx.error_type = 499, "client_disconnected"

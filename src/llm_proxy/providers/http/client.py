@@ -94,7 +94,8 @@ def _inflate(dec: zlib._Decompress, data: bytes, limit: int, final: bool) -> byt
 class UpstreamResponse:
     """A response whose headers have arrived; the body is read or streamed by the caller."""
 
-    __slots__ = ("_conn", "_first_byte_at", "_idle", "_pool", "_provider_id", "_total_at", "headers", "status")
+    __slots__ = ("_conn", "_first_byte_at", "_idle", "_inflating", "_pool", "_provider_id", "_total_at", "headers",
+                 "status")
 
     def __init__(
         self, conn: _Conn, pool: _Pool, provider_id: str, first_byte_at: float | None, idle: float, total_at: float
@@ -107,6 +108,7 @@ class UpstreamResponse:
         self._total_at = total_at
         self.status = conn.status
         self.headers = conn.headers
+        self._inflating = False
 
     async def read(self) -> bytes:
         conn = self._conn
@@ -139,6 +141,7 @@ class UpstreamResponse:
         first = True
         try:
             dec = _decoder_for(self.headers)
+            self._inflating = dec is not None
             while True:
                 if conn.buffered:
                     data = conn.take()
@@ -173,6 +176,11 @@ class UpstreamResponse:
         except (OSError, BadResponse) as exc:
             self.close()
             raise _map(exc, self._provider_id, "mid-stream") from None
+
+    def finished(self) -> bool:
+        """The body has ended and chunks() gave all of it (False while inflating: it may have pieces to come)."""
+        conn = self._conn
+        return conn.complete and not conn.buffered and not self._inflating
 
     def close(self) -> None:
         """Drop the connection: this is also how an upstream request is cancelled."""

@@ -1,0 +1,114 @@
+"""The OpenAI stream decoder's fast path on OpenAI's own shape (stream_options.include_usage: every chunk ends
+with `"usage":null`, then the usage chunk, then [DONE]): what the client gets is what the slow path gives."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from llm_proxy.providers.openai_compat import OpenAIStreamDecoder
+
+
+def _chunk(content: str | None, finish: str | None = None, model: str = "gpt-up-2024") -> bytes:
+    return b"data: " + orjson.dumps({
+        "id": "c1", "object": "chat.completion.chunk", "created": 1, "model": model,
+        "choices": [{"index": 0, "delta": {"content": content} if content else {}, "finish_reason": finish}],
+        "usage": None,
+    }) + b"\n\n"
+
+
+USAGE_CHUNK = (b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-up-2024","choices":[],'
+               b'"usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7, '
+               b'"prompt_tokens_details": {"cached_tokens": 1}}}\n\n')  # spaced: its bytes are kept
+DONE = b"data: [DONE]\n\n"
+BODY = _chunk("Hel") + _chunk("lo") + _chunk(None, "stop") + USAGE_CHUNK + DONE
+
+
+def _events(frames: list[bytes]) -> list[dict[str, object]]:
+    raw = b"".join(frames)
+    assert raw.endswith(b"\n\n") and b"\r" not in raw
+    return [orjson.loads(e[6:]) for e in raw[:-2].split(b"\n\n")]
+
+
+def _expected(want_usage: bool) -> list[dict[str, object]]:
+    events = [orjson.loads(e[6:]) for e in BODY[:-2].split(b"\n\n")[:-1]]  # without [DONE]
+    for e in events:
+        e["model"] = "public"
+    return events if want_usage else events[:-1]
+
+
+@pytest.mark.parametrize("want_usage", [True, False])
+def test_a_whole_stream_in_one_read_fast_chunks_then_the_usage_chunk(want_usage: bool) -> None:
+    d = OpenAIStreamDecoder("public", want_usage)
+    frames = d.feed(BODY)
+    assert len(frames) == (2 if want_usage else 1)  # the chunks in one replace; the usage chunk on its own
+    assert _events(frames) == _expected(want_usage)
+    assert d.done and d.usage is not None and (d.usage.total_tokens, d.usage.cached_tokens) == (7, 1)
+    if want_usage:  # relayed in the upstream's own bytes, only `model` rewritten
+        assert frames[1] == USAGE_CHUNK.replace(b'"model":"gpt-up-2024"', b'"model":"public"')
+    assert d.close() == []
+
+
+@pytest.mark.parametrize("step", [1, 5, 64, 200])
+def test_any_split_of_the_reads_gives_the_same_events(step: int) -> None:
+    d = OpenAIStreamDecoder("public", True)
+    frames: list[bytes] = []
+    for i in range(0, len(BODY), step):
+        frames.extend(d.feed(BODY[i : i + step]))
+        if d.done:
+            break
+    frames.extend(d.close())
+    assert _events(frames) == _expected(True) and d.done and d.usage is not None
+
+
+def test_the_usage_chunk_and_done_in_a_read_of_their_own() -> None:
+    d = OpenAIStreamDecoder("public", True)
+    first = d.feed(_chunk("Hi") + _chunk(None, "stop"))
+    last = d.feed(USAGE_CHUNK + DONE)
+    assert _events(first + last) == [
+        {**orjson.loads(_chunk("Hi")[6:]), "model": "public"},
+        {**orjson.loads(_chunk(None, "stop")[6:]), "model": "public"},
+        {**orjson.loads(USAGE_CHUNK[6:]), "model": "public"},
+    ]
+    assert d.done and d.usage is not None and d.usage.total_tokens == 7
+
+
+def test_usage_in_every_chunk_is_not_taken_for_null_usage() -> None:
+    # vLLM's continuous_usage_stats: a usage object in each chunk. The decoder learnt a null-usage upstream from
+    # another stream (the provider's cache); these chunks do not end so, so they leave the fast path.
+    cache: dict[str, tuple[bytes, bytes, bool]] = {}
+    d = OpenAIStreamDecoder("public", False, learned=cache, upstream_model="gpt-up")
+    d.feed(_chunk("a") + _chunk(None, "stop") + USAGE_CHUNK + DONE)
+    assert cache["gpt-up"][2] is True
+    with_usage = _chunk("x").replace(b'"usage":null', b'"usage":{"prompt_tokens":1,"completion_tokens":1,'
+                                     b'"total_tokens":2}')
+    d = OpenAIStreamDecoder("public", False, learned=cache, upstream_model="gpt-up")
+    frames = d.feed(with_usage + _chunk("y") + DONE)
+    events = _events(frames)
+    assert [e["model"] for e in events] == ["public", "public"]
+    assert "usage" not in events[0]  # the client did not ask for usage: taken out, as before
+    assert d.usage is not None and d.usage.total_tokens == 2
+
+
+def test_what_a_stream_learns_serves_the_next_one_and_a_changed_model_is_learnt_again() -> None:
+    cache: dict[str, tuple[bytes, bytes, bool]] = {}
+    d = OpenAIStreamDecoder("public", True, learned=cache, upstream_model="gpt-up")
+    d.feed(BODY)
+    assert cache == {"gpt-up": (b'"model":"gpt-up-2024"', b'data: {"id', True)}
+    d = OpenAIStreamDecoder("public", True, learned=cache, upstream_model="gpt-up")
+    assert _events(d.feed(BODY)) == _expected(True)
+    # The same name now answers with another model version: every chunk is still rewritten.
+    body = BODY.replace(b"gpt-up-2024", b"gpt-up-2025")
+    d = OpenAIStreamDecoder("public", True, learned=cache, upstream_model="gpt-up")
+    frames = d.feed(body)
+    assert b"gpt-up-2025" not in b"".join(frames) and len(_events(frames)) == 4
+    assert cache["gpt-up"][0] == b'"model":"gpt-up-2025"'
+
+
+def test_an_error_event_among_null_usage_chunks_is_rebuilt() -> None:
+    d = OpenAIStreamDecoder("public", False, ["sk-secret"], "up")
+    error = b'data: {"error":{"message":"bad sk-secret","type":"x","code":"c"},"usage":null}\n\n'
+    frames = d.feed(_chunk("a") + error + _chunk("b"))
+    raw = b"".join(frames)
+    assert b"sk-secret" not in raw and d.error is not None
+    assert [e.get("model") for e in _events(frames)] == ["public", None, "public"]
