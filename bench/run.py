@@ -1747,7 +1747,22 @@ VARIANTS = {
     "nolog": ProxyVariant("nolog", "1 worker, access log off", 1, False),
     "w2": ProxyVariant("w2", "2 workers, defaults", 2, True),
     "bare": ProxyVariant("bare", "1 worker, access log + ledger off", 1, False, False),
-    "floor": ProxyVariant("floor", "reference: bare aiohttp pass-through (bench/floor.py)", 1, False, False, True),
+    "floor": ProxyVariant(
+        "floor",
+        "reference: bare aiohttp pass-through (bench/floor.py)",
+        1,
+        False,
+        False,
+        True,
+        baseline="log",
+        feature="gateway's own work",
+        removes=True,
+        feature_note="bench/floor.py: aiohttp's server and client relaying the bytes as they come (no auth, access "
+        "log, usage ledger, metrics or stream decoding); \"on\" is the proxy with its defaults. Issue 12: streams "
+        ">= 1.0x the floor, non-streamed at parity.",
+        section="## Proxy vs bare aiohttp pass-through (interleaved)",
+        target_ratio=1.0,
+    ),
 }
 DEFAULT_VARIANTS = "log,oidc,noledger,nolog,bare,floor,w2"
 
