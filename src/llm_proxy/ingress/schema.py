@@ -160,13 +160,29 @@ def compile_schema(schema: Schema) -> Check:
     """A predicate for one value against one schema of the supported subset."""
     if "anyOf" in schema:
         alts = [compile_schema(s) for s in schema["anyOf"]]
-        return lambda v: any(a(v) for a in alts)
+
+        def any_of(v: Any) -> bool:
+            for a in alts:
+                if a(v):
+                    return True
+            return False
+
+        return any_of
     checks: list[Check] = []
     t = schema.get("type")
     if t is not None:
         names = [t] if isinstance(t, str) else list(t)
         preds = [_TYPES[n] for n in names]
-        checks.append(preds[0] if len(preds) == 1 else (lambda v: any(p(v) for p in preds)))
+        if len(preds) == 1:
+            checks.append(preds[0])
+        else:
+            def one_of_types(v: Any) -> bool:
+                for p in preds:
+                    if p(v):
+                        return True
+                return False
+
+            checks.append(one_of_types)
     if "enum" in schema:
         allowed = list(schema["enum"])
         checks.append(lambda v: v in allowed)
@@ -184,20 +200,44 @@ def compile_schema(schema: Schema) -> Check:
             checks.append(size_check)
     if "items" in schema:
         item = compile_schema(schema["items"])
-        checks.append(lambda v: not isinstance(v, list) or all(item(x) for x in v))
+
+        def items(v: Any) -> bool:
+            if isinstance(v, list):
+                for x in v:
+                    if not item(x):
+                        return False
+            return True
+
+        checks.append(items)
     required = schema.get("required")
     if required:
         req = list(required)
         checks.append(lambda v: not isinstance(v, dict) or all(k in v for k in req))
     props = schema.get("properties")
     if props:
-        sub = {k: compile_schema(s) for k, s in props.items()}
-        checks.append(lambda v: not isinstance(v, dict) or all(c(v[k]) for k, c in sub.items() if k in v))
+        sub = list({k: compile_schema(s) for k, s in props.items()}.items())
+
+        def properties(v: Any) -> bool:
+            if isinstance(v, dict):
+                for k, c in sub:
+                    if k in v and not c(v[k]):
+                        return False
+            return True
+
+        checks.append(properties)
     if not checks:
         return lambda v: True
     if len(checks) == 1:
         return checks[0]
-    return lambda v: all(c(v) for c in checks)
+
+    # Loops, not all(<generator>): every value of every request body passes here (a generator costs ~1 µs).
+    def all_of(v: Any) -> bool:
+        for c in checks:
+            if not c(v):
+                return False
+        return True
+
+    return all_of
 
 
 def describe(schema: Schema) -> str:
