@@ -191,24 +191,28 @@ class _AdmitPlan:
     how to read the reply (per check: whether it reports a reset, else the calendar window's end or 0 = a lease's
     1 s)."""
 
-    __slots__ = ("checks", "day", "dry_script", "dry_sha", "head", "script", "sha", "shape", "token")
+    __slots__ = ("checks", "day", "dry_script", "dry_sha", "head", "script", "settle_tail", "sha", "shape", "token")
 
     def __init__(self, checks: Sequence[Check], prefix: str, now: float) -> None:
         day, month = period("day", now), period("month", now)
         keys: list[bytes] = []
         shape: list[tuple[bool, float]] = []
+        args: list[bytes] = []  # the settle call's, per check: its code, window (ms) and calendar end (ms, or 0)
         for c in checks:
             if c.calendar:
                 pid, end = day if c.window == "day" else month
                 keys.append(f"{prefix}{c.key}:{pid}".encode())
                 shape.append((False, end))
             else:
+                end = 0.0
                 keys.append((prefix + c.key).encode())
                 shape.append((c.code in _RESETS, 0.0))
+            args += [c.code.encode(), str(int(c.seconds * 1000)).encode(), str(int(end * 1000)).encode()]
         self.checks = checks
         self.day = (day[1] - 86400.0, day[1])  # the day it holds for
         self.token = any(c.code == CONCURRENT for c in checks)  # the request's token goes in ARGV[1]
         self.head = _bulk(str(len(keys)).encode()) + b"".join(_bulk(k) for k in keys)
+        self.settle_tail = b"".join(_bulk(a) for a in args)
         self.shape = tuple(shape)
         self.script = admit_script(checks, dry=False)
         self.dry_script = admit_script(checks, dry=True)
@@ -347,12 +351,9 @@ class RedisLimitStore:
         self._conn: _Resp | None = None
         self._connecting: asyncio.Future[_Resp] | None = None
         self._plans: dict[int, _AdmitPlan] = {}  # id of a rule set's tuple -> its plan (the plan holds the tuple)
-        self._slots: dict[int, tuple[Sequence[Check], bool]] = {}  # id -> (the tuple, has a concurrency check)
+        # id -> (the tuple, its concurrency checks alone: what a charge of nothing still gives back, or None)
+        self._slots: dict[int, tuple[Sequence[Check], tuple[Check, ...] | None]] = {}
         self._settle_sha = hashlib.sha1(_SETTLE.encode()).hexdigest().encode()  # noqa: S324
-        # Settling: (id of the rule set's tuple, day, month) -> (that tuple, numkeys + keys, per-check arguments, n)
-        self._parts: dict[tuple[int, str, str], tuple[Sequence[Check], bytes, bytes, int]] = {}
-        # (id of the rule set's tuple) -> its parts as above and the day they hold for (start, end)
-        self._last: dict[int, tuple[Sequence[Check], bytes, bytes, int, float, float]] = {}
         self._watch: asyncio.TimerHandle | None = None
 
     @staticmethod
@@ -433,43 +434,6 @@ class RedisLimitStore:
 
     # -- the store -------------------------------------------------------------------------------
 
-    def _encoded(self, checks: Sequence[Check], now: float) -> tuple[bytes, bytes, int]:
-        """The parts of a settle call that only change with the period: (numkeys + keys, the per-check
-        arguments, the number of checks), built once per rule set and period."""
-        last = self._last.get(id(checks))
-        if last is not None and last[0] is checks and last[4] <= now < last[5]:  # the same day as last time
-            return last[1], last[2], last[3]
-        day = period("day", now)
-        month = period("month", now)
-        key = (id(checks), day[0], month[0])
-        hit = self._parts.get(key)
-        if hit is not None and hit[0] is checks:  # (the very tuple: an id is reused only after it is gone)
-            self._remember(hit, day[1])
-            return hit[1], hit[2], hit[3]
-        keys: list[bytes] = []
-        args: list[bytes] = []
-        p = self._prefix
-        for c in checks:
-            if c.calendar:
-                pid, end = day if c.window == "day" else month
-                keys.append(f"{p}{c.key}:{pid}".encode())
-            else:
-                end = 0.0
-                keys.append((p + c.key).encode())
-            args += [c.code.encode(), str(int(c.seconds * 1000)).encode(), str(int(end * 1000)).encode()]
-        head = _bulk(str(len(keys)).encode()) + b"".join(_bulk(k) for k in keys)
-        tail = b"".join(_bulk(a) for a in args)
-        if len(self._parts) > 10_000:
-            self._parts.clear()
-        self._parts[key] = (checks, head, tail, len(keys))
-        self._remember(self._parts[key], day[1])
-        return head, tail, len(keys)
-
-    def _remember(self, parts: tuple[Sequence[Check], bytes, bytes, int], day_end: float) -> None:
-        if len(self._last) > 10_000:
-            self._last.clear()
-        self._last[id(parts[0])] = (*parts, day_end - 86400.0, day_end)
-
     def _plan(self, checks: Sequence[Check], now: float) -> _AdmitPlan:
         plan = self._plans.get(id(checks))
         if plan is not None and plan.checks is checks and plan.day[0] <= now < plan.day[1]:
@@ -508,12 +472,14 @@ class RedisLimitStore:
     def _settle_parts(self, checks: Sequence[Check], token: str, tokens: int, micro_usd: int, now: float
                       ) -> tuple[bytes, bytes, bytes, int] | None:
         if tokens <= 0 and micro_usd <= 0:
-            checks = [c for c in checks if c.code == CONCURRENT]
-            if not checks:
+            only = self._slots[id(checks)][1]  # (settle_many has seen this rule set)
+            if only is None:
                 return None
-        head, tail, n = self._encoded(checks, now)
+            checks = only
+        plan = self._plan(checks, now)  # the keys and per-check arguments, built once per rule set and day
+        n = len(checks)
         middle = _bulk(token.encode()) + _bulk(b"%d" % max(tokens, 0)) + _bulk(b"%d" % max(micro_usd, 0))
-        return head, middle, tail, 3 + n + 3 + 3 * n
+        return plan.head, middle, plan.settle_tail, 3 + n + 3 + 3 * n
 
     async def settle(self, checks: Sequence[Check], token: str, tokens: int, micro_usd: int, now: float) -> None:
         await self.settle_many([(tuple(checks), token, tokens, micro_usd, now)])
@@ -531,8 +497,9 @@ class RedisLimitStore:
             if known is None or known[0] is not checks:
                 if len(slots) > 10_000:
                     slots.clear()
-                known = slots[id(checks)] = (checks, any(c.code == CONCURRENT for c in checks))
-            if known[1]:  # a concurrency slot to give back: its own call
+                only = tuple(c for c in checks if c.code == CONCURRENT)
+                known = slots[id(checks)] = (checks, only or None)
+            if known[1] is not None:  # a concurrency slot to give back: its own call
                 single.append(b)
                 continue
             key = (id(checks), period("day", b[4])[0])  # (the tuple is alive: the batch holds it)
