@@ -26,8 +26,20 @@ _CONTAINERS: list[Any] = [
     [], [""], ["a"], ["a"] * 4, ["a"] * 5, [1], [1, 2], [True], [1.5], [[1]], [[]], [None], ["a", 1],
     [{}], [{"role": "user"}], [{"role": "user", "content": "hi"}], [{"role": 1}], [{"content": "x"}],
     [{"role": "user"}, "x"], [{"role": "user"}, {"role": None}], ["a"] * 2049, [1] * 2048,
-    {}, {"a": 1}, {"include_usage": True}, {"role": "user"},
+    {}, {"a": 1}, {"include_usage": True}, {"role": "user"}, {"a": {"b": 1}, "c": "x"}, {"a": {"b": -1}},
+    {"a": {"c": 1}}, {"a": {"b": 1, "d": "x"}}, {"a": {"b": 1, "d": 1}}, {"a": None}, {"c": "z"},
+    [{"a": {"b": 1}}], [{"a": {"b": 1}, "c": "y"}, {"c": "q"}],
 ]
+# Not the API's: nesting the API's schemas do not have (properties in properties, arrays of them).
+NESTED: dict[str, Any] = {
+    "type": ["object", "null"],
+    "required": ["a"],
+    "properties": {
+        "a": {"type": "object", "required": ["b"],
+              "properties": {"b": {"type": "integer", "minimum": 0}, "d": {"type": "string"}}},
+        "c": {"type": "string", "enum": ["x", "y"]},
+    },
+}
 VALUES = _SCALARS + _CONTAINERS
 
 
@@ -40,6 +52,16 @@ def test_generated_checks_agree_with_the_reference(schema: dict[str, Any]) -> No
     for name, sub in props.items():
         reference = compile_schema(sub)
         for value in VALUES:
+            assert fast[name](value) is reference(value), (name, value)
+
+
+def test_generated_checks_of_nested_schemas_agree_with_the_reference() -> None:
+    schemas = {"nested": NESTED, "items": {"type": "array", "items": NESTED, "maxItems": 2},
+               "any": {"anyOf": [NESTED, {"type": "array", "items": {"type": "array", "items": NESTED}}]}}
+    fast = generated_checks(schemas)
+    for name, sub in schemas.items():
+        reference = compile_schema(sub)
+        for value in [*VALUES, [[{"a": {"b": 1}}]], [[{"a": {"b": "1"}}]], [[]]]:
             assert fast[name](value) is reference(value), (name, value)
 
 

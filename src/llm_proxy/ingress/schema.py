@@ -268,6 +268,7 @@ class _Source:
     def __init__(self) -> None:
         self.defs: list[str] = []
         self.consts: dict[str, Any] = {}
+        self.names = 0  # variables the property checks bind
 
     def const(self, value: Any) -> str:
         name = f"_c{len(self.consts)}"
@@ -290,9 +291,16 @@ class _Source:
             return "(" + " or ".join(self.expr(s, v) for s in schema["anyOf"]) + ")"
         parts: list[str] = []
         t = schema.get("type")
-        if t is not None:
-            names = [t] if isinstance(t, str) else list(t)
+        names = [] if t is None else [t] if isinstance(t, str) else list(t)
+        if names:
             parts.append("(" + " or ".join(_TYPE_EXPR[n].format(v=v) for n in names) + ")")
+
+        def unless_not(kind: str) -> str:
+            # The checks below concern one kind of value and pass any other; when the type test above admits
+            # only that kind, the value is of it already.
+            return "" if names in (["string"], ["array"], ["object"]) and _KINDS[names[0]] == kind \
+                else f"not isinstance({v}, {kind}) or "
+
         if "enum" in schema:
             parts.append(f"{v} in {self.const(list(schema['enum']))}")
         lo, hi = schema.get("minimum"), schema.get("maximum")
@@ -306,7 +314,7 @@ class _Source:
             if low is None and high is None:
                 continue
             size = f"{low or 0} <= len({v})" + (f" <= {high}" if high is not None else "")
-            parts.append(f"(not isinstance({v}, {kind}) or {size})")
+            parts.append(f"({unless_not(kind)}{size})")
         if "items" in schema:
             item = self.expr(schema["items"], "x")
             parts.append(self.function(
@@ -314,14 +322,15 @@ class _Source:
                  "return True"]) + f"({v})")
         required = schema.get("required")
         if required:
-            parts.append(f"(not isinstance({v}, dict) or (" + " and ".join(f"{k!r} in {v}" for k in required) + "))")
+            parts.append(f"({unless_not('dict')}(" + " and ".join(f"{k!r} in {v}" for k in required) + "))")
         props = schema.get("properties")
         if props:
-            lines = ["if isinstance(v, dict):"]
+            checks = []
             for k, sub in props.items():
-                lines += [f"    x = v.get({k!r}, _MISSING)",
-                          f"    if x is not _MISSING and not {self.expr(sub, 'x')}:", "        return False"]
-            parts.append(self.function([*lines, "return True"]) + f"({v})")
+                self.names += 1
+                x = f"_p{self.names}"  # a name no other check uses (nested properties each get their own)
+                checks.append(f"(({x} := {v}.get({k!r}, _MISSING)) is _MISSING or {self.expr(sub, x)})")
+            parts.append(f"({unless_not('dict')}(" + " and ".join(checks) + "))")
         return "(" + " and ".join(parts) + ")" if parts else "True"
 
     def build(self) -> dict[str, Any]:
@@ -331,6 +340,7 @@ class _Source:
 
 
 _MISSING = object()
+_KINDS = {"string": "str", "array": "list", "object": "dict"}
 
 
 def generated_checks(properties: Mapping[str, Schema]) -> dict[str, Check]:
@@ -400,6 +410,7 @@ class BodyValidator:
     schema: Schema
     required: tuple[str, ...]
     fields: Mapping[str, _Field]
+    checks: Mapping[str, Check]  # each field's check alone (fields[name].check): one lookup less per field
 
     @classmethod
     def of(cls, schema: Schema) -> BodyValidator:
@@ -409,17 +420,17 @@ class BodyValidator:
         for k, s in props.items():
             t = s.get("type")
             fields[k] = _Field(checks[k], s, compile_schema({"type": t}) if t is not None else None)
-        return cls(schema, tuple(schema.get("required", ())), fields)
+        return cls(schema, tuple(schema.get("required", ())), fields, checks)
 
     def __call__(self, body: Mapping[str, Any]) -> None:
         for name in self.required:
             if name not in body:
                 raise BadRequest(f"'{name}' is required", param=name, code=f"missing_{name}")
-        fields = self.fields
+        checks = self.checks
         for name, value in body.items():
-            f = fields.get(name)
-            if f is not None and not f.check(value):
-                raise _reject(name, value, f)
+            check = checks.get(name)
+            if check is not None and not check(value):
+                raise _reject(name, value, self.fields[name])
 
 
 VALIDATORS: dict[str, BodyValidator] = {
