@@ -57,7 +57,9 @@ def test_generated_checks_agree_with_the_reference(schema: dict[str, Any]) -> No
 
 def test_generated_checks_of_nested_schemas_agree_with_the_reference() -> None:
     schemas = {"nested": NESTED, "items": {"type": "array", "items": NESTED, "maxItems": 2},
-               "any": {"anyOf": [NESTED, {"type": "array", "items": {"type": "array", "items": NESTED}}]}}
+               "any": {"anyOf": [NESTED, {"type": "array", "items": {"type": "array", "items": NESTED}}]},
+               "bounds only": {"minimum": 1, "maximum": 3}, "mixed": {"type": ["integer", "string"], "minimum": 0},
+               "number": {"type": "number", "maximum": 2}}
     fast = generated_checks(schemas)
     for name, sub in schemas.items():
         reference = compile_schema(sub)

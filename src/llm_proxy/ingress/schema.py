@@ -305,10 +305,13 @@ class _Source:
             parts.append(f"{v} in {self.const(list(schema['enum']))}")
         lo, hi = schema.get("minimum"), schema.get("maximum")
         if lo is not None or hi is not None:
-            bounds = [c for c in (f"{v} >= {lo!r}" if lo is not None else "",
-                                  f"{v} <= {hi!r}" if hi is not None else "") if c]
-            parts.append(f"({v} is None or isinstance({v}, bool) or not isinstance({v}, (int, float)) or "
-                         f"({' and '.join(bounds)}))")
+            bounds = (f"{lo!r} <= " if lo is not None else "") + v + (f" <= {hi!r}" if hi is not None else "")
+            if names and set(names) <= {"integer", "number", "null"}:
+                # The type test admits numbers (not booleans) and perhaps None only: the bounds apply to all else.
+                parts.append(f"({v} is None or {bounds})" if "null" in names else bounds)
+            else:
+                parts.append(f"({v} is None or isinstance({v}, bool) or not isinstance({v}, (int, float)) or "
+                             f"{bounds})")
         for kind, lo_key, hi_key in (("str", "minLength", "maxLength"), ("list", "minItems", "maxItems")):
             low, high = schema.get(lo_key), schema.get(hi_key)
             if low is None and high is None:

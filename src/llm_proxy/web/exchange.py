@@ -171,7 +171,7 @@ def exchange_handler(ingress: Ingress) -> Handler:
             ctx.draining = True
         recorded = False
         try:
-            principal = await authenticate(request, ingress.credentials(request.headers))
+            principal = await authenticate(request, ingress.credentials(request.headers), services=svc, ctx=ctx)
             body = await read_json(request, svc)
             model = body.get("model")
             if isinstance(model, str):  # on the row even when parse() refuses the body
