@@ -11,6 +11,8 @@ from typing import Any
 
 import orjson
 
+# ".000Z" ... ".999Z": a line's milliseconds by index (a format with a width per line cost ~0.4 us).
+_MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))
 _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
@@ -59,17 +61,31 @@ class AccessLog:
         self._prefix = ""
         self._scheduled = False
 
-    def log(self, fields: dict[str, Any]) -> None:
+    def _ts(self) -> str:
         now = time.time()
         sec = int(now)
         if sec != self._sec:
             self._sec = sec
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-        line = orjson.dumps(
-            {"ts": f"{self._prefix}.{int((now - sec) * 1000):03d}Z", "level": "info",
-             "logger": "llm_proxy.access", "msg": "request", **fields},
+        return self._prefix + _MILLIS[int((now - sec) * 1000)]
+
+    def log(self, fields: dict[str, Any]) -> None:
+        self._add(orjson.dumps(
+            {"ts": self._ts(), "level": "info", "logger": "llm_proxy.access", "msg": "request", **fields},
             default=str,
-        )
+        ))
+
+    def request(self, request_id: str, method: str, path: str, status: int, latency_ms: float, model: str | None,
+                subject: str | None, error_type: str | None) -> None:
+        """The middleware's line (the fields log() would get, in the same order): one dict, built here."""
+        self._add(orjson.dumps(
+            {"ts": self._ts(), "level": "info", "logger": "llm_proxy.access", "msg": "request",
+             "request_id": request_id, "method": method, "path": path, "status": status, "latency_ms": latency_ms,
+             "model": model, "subject": subject, "error_type": error_type},
+            default=str,
+        ))
+
+    def _add(self, line: bytes) -> None:
         self._buf.append(line)
         self._size += len(line) + 1
         if self._size >= self._flush_bytes:

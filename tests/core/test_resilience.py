@@ -270,3 +270,24 @@ auth: {mode: none, allow_unauthenticated: true}
     assert "('broken'): deployments[1]: upstream_model is empty" in text
     assert "('broken'): deployments[2] repeats provider 'pa'" in text
     assert "('neither'): provider is required" in text
+
+
+def test_passthrough_routes_are_kept_per_name_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llm_proxy.core import routing
+
+    loaded = native_config("""
+providers:
+  - {id: local, type: openai_compat, base_url: "http://127.0.0.1:9/v1", passthrough_models: true}
+models: []
+auth: {mode: none, allow_unauthenticated: true}
+""")
+    router = Router(loaded.settings, {"local": object()}, {}, 0)  # type: ignore[dict-item]
+    a = router.resolve("local/llama3")
+    assert (a.target.provider_id, a.target.upstream_model, a.target.public_model, a.canonical) == (
+        "local", "llama3", "local/llama3", "local/llama3")
+    assert a.targets == (a.target,) and a.pool is router.resolve("local/qwen").pool
+    assert router.resolve("local/llama3") is a  # kept
+    monkeypatch.setattr(routing, "_PASSTHROUGH_ROUTES_MAX", 2)
+    b = router.resolve("local/other")  # the third name: the kept ones are dropped first
+    assert b.target.upstream_model == "other" and router.resolve("local/llama3") is not a
+    assert router.resolve("local/llama3") == a  # built again, the same route

@@ -72,8 +72,8 @@ def status_class(status: int) -> str:
 class _Series:
     """Totals for one normalised (model, provider, api, status class, error type)."""
 
-    __slots__ = ("cached", "completion", "dur", "dur_sum", "labels", "prompt", "requests", "tin", "tin_sum", "tout",
-                 "tout_sum", "ttft", "ttft_sum")
+    __slots__ = ("cached", "dur", "dur_sum", "labels", "requests", "tin", "tin_sum", "tout", "tout_sum", "ttft",
+                 "ttft_sum")
 
     def __init__(self, labels: tuple[str, ...]) -> None:
         self.labels = labels
@@ -83,10 +83,10 @@ class _Series:
         self.ttft = [0] * (len(TTFT_BUCKETS) + 1)
         self.ttft_sum = 0.0  # ms
         self.tin = [0] * (len(TOKEN_BUCKETS) + 1)
-        self.tin_sum = 0
+        self.tin_sum = 0  # prompt tokens (llm_proxy_tokens' "prompt" too)
         self.tout = [0] * (len(TOKEN_BUCKETS) + 1)
-        self.tout_sum = 0
-        self.prompt = self.completion = self.cached = 0
+        self.tout_sum = 0  # completion tokens (llm_proxy_tokens' "completion" too)
+        self.cached = 0
 
 
 # What a gauge source yields at each snapshot: (family name, label values, value).
@@ -169,12 +169,10 @@ class Metrics:
         if n is not None:
             s.tin[bisect_left(TOKEN_BUCKETS, n)] += 1
             s.tin_sum += n
-            s.prompt += n
         n = event.completion_tokens
         if n is not None and event.endpoint != "embeddings":
             s.tout[bisect_left(TOKEN_BUCKETS, n)] += 1
             s.tout_sum += n
-            s.completion += n
         n = event.cached_tokens
         if n:
             s.cached += n
@@ -249,7 +247,7 @@ class Metrics:
                 _add(tokens, (op, provider, model, "input"), [*s.tin, s.tin_sum])
             if any(s.tout):
                 _add(tokens, (op, provider, model, "output"), [*s.tout, s.tout_sum])
-            for kind, n in (("prompt", s.prompt), ("completion", s.completion), ("cached", s.cached)):
+            for kind, n in (("prompt", s.tin_sum), ("completion", s.tout_sum), ("cached", s.cached)):
                 if n:
                     _add(tok, (model, provider, api, kind), [n])
         for pair, cell in list(self._upstream.items()):

@@ -10,6 +10,7 @@ from ..providers.base import Provider, Target
 from .resilience import Deployment, Pool
 
 _TIMEOUT_FIELDS = frozenset(TimeoutSettings.model_fields)
+_PASSTHROUGH_ROUTES_MAX = 4096  # passthrough model names whose routes are kept
 
 
 def merge_timeouts(base: TimeoutSettings, *overrides: TimeoutSettings | None) -> TimeoutSettings:
@@ -60,6 +61,7 @@ class Router:
             self._add(m, providers, created)
         # `<id>/<anything>` for providers that pass models through: one deployment per provider.
         self._passthrough: dict[str, Pool] = {}
+        self._passthrough_routes: dict[str, Route] = {}
         for p in settings.providers:
             provider = providers.get(p.id)
             if p.passthrough_models and provider is not None:
@@ -109,9 +111,17 @@ class Router:
         if sep and upstream:
             pool = self._passthrough.get(pid)
             if pool is not None:
-                dep = pool.deployments[0]
-                target = Target(pid, upstream, model)
-                return Route(target, dep.provider, dep.timeouts, model, pool, (target,))
+                # Kept per name (routes are immutable; a frozen dataclass costs ~1.3k instructions a field to build),
+                # bounded: clients choose these names.
+                route = self._passthrough_routes.get(model)
+                if route is None:
+                    dep = pool.deployments[0]
+                    target = Target(pid, upstream, model)
+                    route = Route(target, dep.provider, dep.timeouts, model, pool, (target,))
+                    if len(self._passthrough_routes) >= _PASSTHROUGH_ROUTES_MAX:
+                        self._passthrough_routes.clear()
+                    self._passthrough_routes[model] = route
+                return route
         why = self._unavailable.get(model)
         if why is None and pid in self._disabled:
             why = f"provider '{pid}' is disabled ({self._disabled[pid]})"

@@ -48,16 +48,18 @@ def _json(data: Any, status: int = 200, request_id: str | None = None) -> web.Re
 async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     svc = request.app[SERVICES]
     rid = new_request_id()
-    ctx = RequestContext(rid, request.path, time.time(), time.perf_counter())
-    cid = _client_request_id(request.headers)
+    path = request.path
+    headers = request.headers
+    ctx = RequestContext(rid, path, time.time(), time.perf_counter())
+    cid = _client_request_id(headers)
     if cid is not None:
         ctx.client_request_id = cid
     request[CTX] = ctx
     resp: web.StreamResponse
     try:
         host_check = svc.host_check
-        if host_check is not None and not host_check(request.headers.get(hdrs.HOST)) \
-                and not request.path.startswith(svc.host_exempt):  # probes and scrapes send the pod's address
+        if host_check is not None and not host_check(headers.get(hdrs.HOST)) \
+                and not path.startswith(svc.host_exempt):  # probes and scrapes send the pod's address
             raise ProxyError("Host not allowed on this server (see server.allowed_hosts)", status=421,
                              type="invalid_request_error", code="host_not_allowed")
         resp = await handler(request)
@@ -67,25 +69,18 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         ctx.status, ctx.error_type = 499, "client_disconnected"
         raise
     except Exception as exc:
-        err = as_proxy_error(exc, rid, request.path)
+        err = as_proxy_error(exc, rid, path)
         ctx.status, ctx.error_type = err.status, ledger_error_type(err)
         resp = error_response(err, rid)
     finally:
         # (A proxied request's usage row is the exchange's: web/exchange.py records it.)
         access = svc.access_log
-        if access is not None and not request.path.startswith("/v1/health"):  # probes would flood the log
-            access.log(
-                {
-                    "request_id": rid,
-                    "method": request.method,
-                    "path": request.path,
-                    "status": ctx.status,
-                    "latency_ms": round((time.perf_counter() - ctx.started) * 1000.0, 3),
-                    "model": ctx.model,
-                    "subject": ctx.principal.subject if ctx.principal else None,
-                    "error_type": ctx.error_type,
-                }
-            )
+        if access is not None and not path.startswith("/v1/health"):  # probes would flood the log
+            principal = ctx.principal
+            # Milliseconds to 3 decimals (whole microseconds), as round(ms, 3) gives them at a third of the cost.
+            access.request(rid, request.method, path, ctx.status,
+                           int((time.perf_counter() - ctx.started) * 1e6 + 0.5) / 1000.0, ctx.model,
+                           principal.subject if principal is not None else None, ctx.error_type)
     if not resp.prepared:
         resp.headers["x-request-id"] = rid
     return resp
