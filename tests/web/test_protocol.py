@@ -305,6 +305,40 @@ def test_keepalive_connection_serves_requests_one_after_another(fast: ProxyServe
             assert read_reply(s, until_complete=True).status == 200
 
 
+# ---- a request with a body, then the same connection ----------------------------------------------
+# aiohttp's StreamReader calls the protocol's resume_reading() after each read of a body, which feeds the
+# protocol an empty read: that must not start the next head's header timeout while the connection is only
+# answering (or idle, kept alive).
+
+_CHAT = b'{"model": "openai/gpt-4o", "messages": [{"role": "user", "content": "hi"}]}'
+
+
+def _post_chat(s: Any) -> Reply:
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+              + f"Content-Length: {len(_CHAT)}\r\n\r\n".encode() + _CHAT)
+    return read_reply(s, until_complete=True)
+
+
+def test_an_answer_slower_than_the_header_timeout_keeps_its_connection(fast: ProxyServer, emulator: Emulator) -> None:
+    emulator.script({"responses": [{"content": "slow", "delay_ms": 900}, {"content": "next"}]})
+    with connect(fast.port) as s:
+        first = _post_chat(s)
+        assert first.status == 200, first.raw[:300]
+        assert not first.closed
+        second = _post_chat(s)  # the same connection: no 408 queued while the first was answered
+        assert second.status == 200, second.raw[:300]
+        assert json.loads(second.body)["choices"][0]["message"]["content"] == "next"
+
+
+def test_idle_after_a_request_with_a_body_lasts_the_keepalive_timeout(fast: ProxyServer, emulator: Emulator) -> None:
+    with connect(fast.port) as s:
+        assert _post_chat(s).status == 200
+        served = time.monotonic()
+        assert wait_closed(s, 5) == b""
+        idle = time.monotonic() - served
+    assert 0.8 < idle < 3, idle  # keepalive_timeout (1.0 s), not header_timeout (0.5 s)
+
+
 # ---- connection cap --------------------------------------------------------------------------------
 
 

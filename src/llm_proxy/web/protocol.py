@@ -283,7 +283,10 @@ class GatewayProtocol(RequestHandler):
                 self._body = payload
                 self._body_deadline = self._loop.time() + self._limits.body_timeout
                 self._arm(self._body_deadline)
-        elif in_head:
+        elif in_head and data:
+            # (Not for an empty read: aiohttp's StreamReader resumes reading after each read of a body, which
+            # feeds the protocol b"". No byte of a next head came: a header timeout started then fired while the
+            # answer was still being made, and queued a 408 for the connection's next request.)
             size = self._head_bytes + len(data)
             if size > self._limits.max_header_bytes:
                 self._reject(431, _HeadTooLarge())
