@@ -229,7 +229,7 @@ def exchange_handler(ingress: Ingress) -> Handler:
                     ctx.status, ctx.error_type = 499, "client_disconnected"
                 return resp
             try:
-                await resp.prepare(request)
+                writer = await resp.prepare(request)
             except ConnectionError:  # the client left before the headers went out (incl. "closing transport")
                 result.close()
                 ctx.status, ctx.error_type = 499, "client_disconnected"
@@ -240,6 +240,10 @@ def exchange_handler(ingress: Ingress) -> Handler:
             ctx.status = 200
             try:
                 last = b""
+                # Frames go to the response's writer (what prepare() returns) itself: resp.write() only checks
+                # that the response is prepared and not ended, which holds until write_eof below.
+                assert writer is not None
+                write = writer.write
                 # aclosing: the upstream is released the moment we stop, not when the generator is collected.
                 async with aclosing(result.frames()) as frames:
                     if framer.identity:  # the neutral frames are the client's: nothing called per frame
@@ -247,7 +251,7 @@ def exchange_handler(ingress: Ingress) -> Handler:
                             if result.final:
                                 last = f
                             else:
-                                await resp.write(f)
+                                await write(f)
                     else:
                         feed = framer.feed
                         async for f in frames:
@@ -256,7 +260,7 @@ def exchange_handler(ingress: Ingress) -> Handler:
                             else:
                                 out = feed(f)
                                 if out:
-                                    await resp.write(out)
+                                    await write(out)
                 if last and not framer.identity:
                     last = framer.feed(last)
                 # Record before the last write: once the client has the terminator, a kill -9 must not lose
