@@ -135,16 +135,19 @@ def upstream() -> Iterator[RawUpstream]:
     up.close()
 
 
-@pytest.fixture(scope="module")
-def px(upstream: RawUpstream) -> Iterator[ProxyServer]:
-    text = f"""
+def _config(upstream: RawUpstream, more: str = "") -> str:
+    return f"""
 providers:
   - {{id: raw, type: openai, base_url: "http://127.0.0.1:{upstream.port}/v1", api_key: k, max_response_bytes: {CAP}}}
 models:
   - {{id: m, provider: raw, upstream_model: up}}
 auth: {{mode: none, allow_unauthenticated: true}}
-"""
-    with ProxyServer(native_config(text), usage=MemoryUsageSink()) as server:
+""" + more
+
+
+@pytest.fixture(scope="module")
+def px(upstream: RawUpstream) -> Iterator[ProxyServer]:
+    with ProxyServer(native_config(_config(upstream)), usage=MemoryUsageSink()) as server:
         yield server
 
 
@@ -296,8 +299,9 @@ def test_parameters_in_range_pass(px: ProxyServer) -> None:
 def test_a_stream_read_whole_goes_out_in_one_write_after_its_row(
     px: ProxyServer, scenario: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The headers, the frames, [DONE] and the chunked body's end in one socket write; the usage row is recorded
-    before that write (a kill -9 after the client has its end must not lose it)."""
+    """The headers, the frames and [DONE] in one socket write, as one content-length framed response (the whole
+    answer is in hand: no chunk framing); the usage row is recorded before that write (a kill -9 after the client
+    has its end must not lose it)."""
     from aiohttp import http_writer
 
     sink = px.services.usage
@@ -327,5 +331,65 @@ def test_a_stream_read_whole_goes_out_in_one_write_after_its_row(
     mine = [(data, rows) for data, rows in writes if b"data: " in data or data.startswith(b"HTTP/1.1 200")]
     assert len(mine) == 1, [d[:40] for d, _ in mine]
     data, rows = mine[0]
-    assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"\r\ncontent-type: text/event-stream" in head
+    assert b"transfer-encoding" not in head.lower() and b"\r\ncontent-length: %d" % len(body) in head.lower()
+    assert body == b"".join([*HELLO, _event({}, "stop"), USAGE, b"data: [DONE]\n\n"]).replace(b'"model":"up"',
+                                                                                                b'"model":"m"')
     assert rows == before + 1  # the row was in the sink when the write went out
+
+
+@pytest.fixture(scope="module")
+def px_limited(upstream: RawUpstream) -> Iterator[ProxyServer]:
+    limits = "limits:\n  store: memory\n  rules:\n    - {name: rpm, per: user, requests_per_minute: 1000}\n"
+    with ProxyServer(native_config(_config(upstream, limits)), usage=MemoryUsageSink()) as server:
+        yield server
+
+
+def _plain_response(head: bytes, body: bytes) -> None:
+    """A whole answer sent as one plain response: content-length framed, no chunk framing."""
+    assert b"transfer-encoding" not in head.lower()
+    assert b"\r\ncontent-length: %d\r\n" % len(body) in head.lower() + b"\r\n"
+
+
+def test_a_whole_stream_sent_as_one_response_keeps_its_headers_and_another_api_framing(
+    px_limited: ProxyServer,
+) -> None:
+    """The whole answer in hand (one content-length framed response): the limits' headers and the request id are
+    on it, its body is every event; an ingress with its own framing (Anthropic Messages) frames it whole too, and
+    each usage row is the answer's."""
+    import http.client
+
+    def post(path: str, body: dict[str, object]) -> tuple[bytes, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", px_limited.port, timeout=20)
+        try:
+            conn.request("POST", path, orjson.dumps(body), {"content-type": "application/json",
+                                                            "anthropic-version": "2023-06-01"})
+            resp = conn.getresponse()
+            assert resp.status == 200
+            head = b"".join(b"%s: %s\r\n" % (k.lower().encode(), v.encode()) for k, v in resp.getheaders())
+            return head, resp.read()
+        finally:
+            conn.close()
+
+    head, body = post("/v1/chat/completions", {"model": "m", "messages": _msg("whole"), "stream": True,
+                                               "stream_options": {"include_usage": True}})
+    _plain_response(head, body)
+    assert b"x-ratelimit-limit-requests: 1000\r\n" in head and b"x-ratelimit-remaining-requests: " in head
+    assert b"content-type: text/event-stream" in head and b"x-request-id: req_" in head
+    assert body == b"".join([*HELLO, _event({}, "stop"), USAGE, b"data: [DONE]\n\n"]).replace(b'"model":"up"',
+                                                                                            b'"model":"m"')
+    rid = next(ln[14:] for ln in head.split(b"\r\n") if ln.startswith(b"x-request-id: ")).decode()
+    row = _row(px_limited, rid)
+    assert (row.status, row.total_tokens, row.streamed, row.client_api) == (200, 5, True, "openai.chat")
+
+    head, body = post("/v1/messages", {"model": "m", "max_tokens": 20, "messages": _msg("whole"), "stream": True})
+    _plain_response(head, body)
+    assert b"x-ratelimit-limit-requests: 1000\r\n" in head and b"content-type: text/event-stream" in head
+    events = [orjson.loads(ln[6:]) for ln in body.split(b"\n") if ln.startswith(b"data: ")]
+    assert events[0]["type"] == "message_start" and events[-1]["type"] == "message_stop"
+    text = "".join(e["delta"].get("text", "") for e in events if e["type"] == "content_block_delta")
+    assert text == "hello" and body.endswith(b"\n\n")
+    rid = next(ln[14:] for ln in head.split(b"\r\n") if ln.startswith(b"x-request-id: ")).decode()
+    row = _row(px_limited, rid)
+    assert (row.status, row.total_tokens, row.client_api) == (200, 5, "anthropic.messages")

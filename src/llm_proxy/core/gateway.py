@@ -159,7 +159,7 @@ class UsageEstimate:
     model reported usage is trusted to again, so normal upstreams hold no frames; if one then does not, that
     row has no counts (NULL, reported as such) and the next streams are estimated."""
 
-    __slots__ = ("body", "endpoint", "keep", "reports", "target", "want_usage")
+    __slots__ = ("_known", "body", "endpoint", "keep", "reports", "target", "want_usage")
 
     def __init__(self, endpoint: str, body: dict[str, Any], target: Target, want_usage: bool,
                  reports: dict[tuple[str, str], bool]) -> None:
@@ -168,9 +168,12 @@ class UsageEstimate:
         self.target = target
         self.want_usage = want_usage
         self.reports = reports
-        self.keep = reports.get((target.provider_id, target.upstream_model)) is not True
+        self._known = known = reports.get((target.provider_id, target.upstream_model))
+        self.keep = known is not True
 
     def reported(self, yes: bool) -> None:
+        if yes is self._known:  # what the last stream said (the usual case): nothing to write
+            return
         reports = self.reports
         if len(reports) >= _REPORTS_MAX:
             reports.clear()
@@ -255,10 +258,11 @@ class StreamSession:
         self._dep = dep  # tracked for least_busy and the circuit breaker (None: single deployment)
         self._done = done  # upstream ended and decoder closed during the pre-read
         self._finished = False
-        # The relayed frames (references, up to _KEEP_BYTES), for an estimate if no usage arrives.
+        # The relayed frames (references, up to _KEEP_BYTES), for an estimate if no usage arrives; only while the
+        # upstream is not known to report it (UsageEstimate.keep), None otherwise.
         self._estimate = estimate
         self._estimated: Usage | None = None
-        self._seen: list[bytes] = []
+        self._seen: list[bytes] | None = [] if estimate is not None and estimate.keep else None
         self._kept = self._relayed = 0
         self.final = False  # the upstream has finished: the blob frames() yields now is the last
 
@@ -270,19 +274,19 @@ class StreamSession:
 
     async def finish(self) -> bytes:
         """All the stream's bytes when it is `whole`, usage settled and the upstream released (`final` set)."""
-        seen = self._seen if self._estimate is not None and self._estimate.keep else None
-        clean = False
+        pending = self._pending
+        self._pending = None
+        blob = (pending[0] if len(pending) == 1 else b"".join(pending)) if pending else b""
+        seen = self._seen
         try:
-            pending = self._pending
-            self._pending = None
-            blob = (pending[0] if len(pending) == 1 else b"".join(pending)) if pending else b""
-            if blob and seen is not None:
-                self._keep(seen, blob)
-            blob = await self._end(blob, seen)
-            clean = True
-            return blob
-        finally:
-            self._finish(clean, False)
+            if seen is not None and self._decoder.usage is None:  # (no usage: estimated)
+                if blob:
+                    self._keep(seen, blob)
+                return await self._end(blob, seen)
+            return self._ended(blob)
+        except BaseException:
+            self._finish(False, False)
+            raise
 
     async def frames(self) -> AsyncGenerator[bytes, None]:
         """The frames as they come, a blob per upstream read. The last blob is held until the upstream has
@@ -291,10 +295,7 @@ class StreamSession:
         it may be b"". A stream cut short ends in a ProxyError after its last frames instead."""
         ctx = self._ctx
         decoder = self._decoder
-        est = self._estimate
-        # Frames kept (references) for an estimate in case no usage arrives: only while the upstream is not
-        # known to report it (UsageEstimate.keep).
-        seen = self._seen if est is not None and est.keep else None
+        seen = self._seen  # frames kept (references) for an estimate in case no usage arrives
         clean = failed = False
         try:
             # Frames decoded from one upstream read go out in one write: one syscall, not one per event.
@@ -364,18 +365,28 @@ class StreamSession:
         """The upstream has finished: an estimate of its usage if it reported none, then its release."""
         decoder = self._decoder
         est = self._estimate
+        if est is not None and decoder.error is None and decoder.usage is None and seen is not None:
+            # The upstream reported no usage (llama.cpp, no stream_options support): estimate it.
+            est.reported(False)
+            self._seen = None
+            try:
+                self._estimated, usage_frame = await est.stream_usage(seen, self._relayed, self._kept)
+            except Exception:  # an estimate must never break an answer that is complete
+                log.exception("usage estimate failed", extra={"request_id": self._ctx.request_id})
+                usage_frame = None
+            if usage_frame is not None:
+                blob += usage_frame
+            self._finish(True, False)
+            self.final = True
+            return blob
+        return self._ended(blob)
+
+    def _ended(self, blob: bytes) -> bytes:
+        """_end when nothing is to be estimated (the upstream reported usage, or no frames were kept)."""
+        est = self._estimate
+        decoder = self._decoder
         if est is not None and decoder.error is None:
             est.reported(decoder.usage is not None)
-            if decoder.usage is None and seen is not None:
-                # The upstream reported no usage (llama.cpp, no stream_options support): estimate it.
-                self._seen = []
-                try:
-                    self._estimated, usage_frame = await est.stream_usage(seen, self._relayed, self._kept)
-                except Exception:  # an estimate must never break an answer that is complete
-                    log.exception("usage estimate failed", extra={"request_id": self._ctx.request_id})
-                    usage_frame = None
-                if usage_frame is not None:
-                    blob += usage_frame
         self._finish(True, False)
         self.final = True
         return blob
@@ -402,13 +413,13 @@ class StreamSession:
             # Cut short (client gone, upstream broke) before any usage came: the limits charge an estimate of
             # what was relayed (the row keeps no counts: it records what the upstream reported).
             est, seen, relayed, kept = self._estimate, self._seen, self._relayed, self._kept
-            assert est is not None
+            assert est is not None and seen is not None
 
             async def partial() -> Usage:
                 return (await est.stream_usage(seen, relayed, kept))[0]
 
             ctx.partial_usage = partial
-        self._seen = []
+        self._seen = None
         err = self._decoder.error  # the upstream's own error event, relayed (rebuilt) as the last frame
         if err is not None:
             ctx.status, ctx.error_type = err.status, ledger_error_type(err)

@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion11
+from multidict import CIMultiDict, istr
 
 from ..core.gateway import RequestContext, new_request_id
 from ..errors import BadRequest, PayloadTooLarge, ProxyError, ledger_error_type
@@ -32,7 +33,12 @@ from .state import CTX, SERVICES, Services
 
 _JSON = "application/json"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache", "x-accel-buffering": "no"}
+# A stream's headers (the response copies them; a CIMultiDict's copy is cheaper than building one from a dict).
+_SSE_HEADERS: CIMultiDict[str] = CIMultiDict(
+    {"content-type": "text/event-stream", "cache-control": "no-cache", "x-accel-buffering": "no"}
+)
+_REQUEST_ID = istr("x-request-id")
+_CONTENT_LENGTH = hdrs.CONTENT_LENGTH
 
 
 class _HeldHeaders(web.StreamResponse):
@@ -196,16 +202,43 @@ def exchange_handler(ingress: Ingress) -> Handler:
                                     headers=ctx.limit.headers if ctx.limit is not None else None)
 
             # A stream: its first frame is in hand (StreamSession); the upstream is open until it ends.
-            headers = {**_SSE_HEADERS, "x-request-id": ctx.request_id}
-            if ctx.limit is not None:
-                headers.update(ctx.limit.headers)
             framer = ingress.framer(call)
+            whole = result.whole
             # Headers held back for the first write when that write comes at once: the first frames are in hand
             # and go out as they are (identity framer), or the whole answer is (one write in all).
-            resp = (_HeldHeaders if framer.identity or result.whole else web.StreamResponse)(status=200,
-                                                                                            headers=headers)
+            resp = (_HeldHeaders if whole or framer.identity else web.StreamResponse)(status=200,
+                                                                                    headers=_SSE_HEADERS)
+            headers = resp.headers
+            headers[_REQUEST_ID] = ctx.request_id
+            if ctx.limit is not None:
+                headers.update(ctx.limit.headers)
+            if whole:
+                # The upstream's whole answer came with its first read (usage known, the upstream released):
+                # nothing to relay as it comes. It goes out as one plain response, content-length framed (an SSE
+                # client reads the same events from it: the openai SDK iterates the body's lines whatever its
+                # framing), headers and body in one write.
+                ctx.status = 200
+                try:
+                    answer = await result.finish()
+                    if answer and not framer.identity:
+                        answer = framer.feed(answer)
+                    answer += framer.end()
+                except Exception as exc:  # a framer's fault (logged: a 500): the answer is its error event
+                    err = as_proxy_error(exc, ctx.request_id, request.path)
+                    ctx.status, ctx.error_type = err.status, ledger_error_type(err)
+                    answer = framer.error(err)
+                headers[_CONTENT_LENGTH] = str(len(answer))
+                try:
+                    await resp.prepare(request)  # (writes nothing: the headers go with the answer)
+                    # Recorded before the write: once the client has the answer, a kill -9 must not lose the row.
+                    recorded = True
+                    record(svc, ctx)
+                    await resp.write_eof(answer)
+                except ConnectionError:  # the client left
+                    ctx.status, ctx.error_type = 499, "client_disconnected"
+                return resp
             try:
-                await resp.prepare(request)
+                writer = await resp.prepare(request)
             except ConnectionError:  # the client left before the headers went out (incl. "closing transport")
                 result.close()
                 ctx.status, ctx.error_type = 499, "client_disconnected"
@@ -215,27 +248,28 @@ def exchange_handler(ingress: Ingress) -> Handler:
                 raise
             ctx.status = 200
             try:
-                if result.whole:  # the upstream's whole answer came with its first read: nothing to iterate
-                    last = await result.finish()
-                else:
-                    last = b""
-                    # aclosing: the upstream is released the moment we stop, not when the generator is collected.
-                    async with aclosing(result.frames()) as frames:
-                        if framer.identity:  # the neutral frames are the client's: nothing called per frame
-                            async for f in frames:
-                                if result.final:
-                                    last = f
-                                else:
-                                    await resp.write(f)
-                        else:
-                            feed = framer.feed
-                            async for f in frames:
-                                if result.final:
-                                    last = f
-                                else:
-                                    out = feed(f)
-                                    if out:
-                                        await resp.write(out)
+                last = b""
+                # Frames go to the response's writer (what prepare() returns) itself: resp.write() only checks
+                # that the response is prepared and not ended, which holds until write_eof below.
+                assert writer is not None
+                write = writer.write
+                # aclosing: the upstream is released the moment we stop, not when the generator is collected.
+                async with aclosing(result.frames()) as frames:
+                    if framer.identity:  # the neutral frames are the client's: nothing called per frame
+                        async for f in frames:
+                            if result.final:
+                                last = f
+                            else:
+                                await write(f)
+                    else:
+                        feed = framer.feed
+                        async for f in frames:
+                            if result.final:
+                                last = f
+                            else:
+                                out = feed(f)
+                                if out:
+                                    await write(out)
                 if last and not framer.identity:
                     last = framer.feed(last)
                 # Record before the last write: once the client has the terminator, a kill -9 must not lose
