@@ -112,3 +112,111 @@ def test_an_error_event_among_null_usage_chunks_is_rebuilt() -> None:
     raw = b"".join(frames)
     assert b"sk-secret" not in raw and d.error is not None
     assert [e.get("model") for e in _events(frames)] == ["public", None, "public"]
+
+
+# The usage chunk and [DONE] at the end of a read take a fast path of their own (_usage_fast): what it relays
+# must be what the slow path (the splitter and _frames, event by event) relays.
+
+def _slow(body: bytes, want_usage: bool) -> tuple[bytes, object]:
+    """What the client gets, and the usage read, when every event goes through the splitter and _frames."""
+    d = OpenAIStreamDecoder("public", want_usage)
+    frames = d._frames(d._split.feed(body))
+    frames.extend(d.close())
+    return b"".join(frames), d.usage
+
+
+@pytest.mark.parametrize("want_usage", [True, False])
+def test_a_usage_chunk_with_choices_keeps_them_and_hides_the_usage_only_if_not_asked(want_usage: bool) -> None:
+    usage = USAGE_CHUNK.replace(b'"choices":[]', b'"choices":[{"index":0,"delta":{"content":"!"},'
+                                b'"finish_reason":null}]')
+    body = _chunk("Hel") + _chunk(None, "stop") + usage + DONE
+    d = OpenAIStreamDecoder("public", want_usage)
+    frames = d.feed(body)
+    assert (b"".join(frames), d.usage) == _slow(body, want_usage)
+    events = _events(frames)
+    assert events[-1]["choices"] and ("usage" in events[-1]) is want_usage and events[-1]["model"] == "public"
+    assert d.done and d.usage is not None and d.usage.total_tokens == 7
+
+
+@pytest.mark.parametrize("want_usage", [True, False])
+def test_an_error_event_where_the_usage_chunk_would_be_is_rebuilt(want_usage: bool) -> None:
+    error = (b'data: {"id":"c1","model":"gpt-up-2024","error":{"message":"bad sk-secret","type":"x"},'
+             b'"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}\n\n')
+    d = OpenAIStreamDecoder("public", want_usage, ["sk-secret"], "up")
+    raw = b"".join(d.feed(_chunk("a") + _chunk(None, "stop") + error + DONE))
+    assert b"sk-secret" not in raw and b"gpt-up-2024" not in raw and d.error is not None
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        USAGE_CHUNK.replace(b"\n\n", b"\r\n\r\n"),  # CRLF
+        USAGE_CHUNK.replace(b"}}\n\n", b"}}\r\n\n"),  # a CR the JSON would take for white space
+        USAGE_CHUNK.replace(b'"choices":[],', b'"choices":[],\n'),  # the usage on a line (a field) of its own
+        USAGE_CHUNK.replace(b"data: ", b"note: "),  # not a data line
+        USAGE_CHUNK.replace(b'"choices":[],', b'"choices":[],\ndata: "x":1,'),  # two data lines: one payload
+        b": keep-alive\n" + USAGE_CHUNK,  # a comment line in the event
+        USAGE_CHUNK.replace(b'"model":"gpt-up-2024"', b'"model" : "gpt-up-2024"'),  # not the learnt bytes
+        USAGE_CHUNK.replace(b'"created":1,', b'"created":1,"meta":{"model":"gpt-up-2024"},'),  # nested first
+        USAGE_CHUNK.replace(b'"id":"c1"', b'"model":"alias","id":"c1"'),  # another `model` key first
+        USAGE_CHUNK.replace(b'"model":"gpt-up-2024"', b'"model":"gpt-up-2024\\"x"'),  # an escape in the name
+        USAGE_CHUNK.replace(b'"model":"gpt-up-2024"', b'"model":"gpt-up-2025"'),  # another model
+        USAGE_CHUNK.replace(b"}}\n\n", b"}\n\n"),  # not JSON
+    ],
+)
+@pytest.mark.parametrize("want_usage", [True, False])
+def test_a_usage_chunk_off_the_plain_shape_is_relayed_as_the_slow_path_relays_it(usage: bytes, want_usage: bool
+                                                                               ) -> None:
+    body = _chunk("Hel") + _chunk(None, "stop") + usage + DONE
+    d = OpenAIStreamDecoder("public", want_usage)
+    frames = d.feed(body)
+    frames.extend(d.close())
+    assert (b"".join(frames), d.usage) == _slow(body, want_usage)
+    assert d.done
+
+
+@pytest.mark.parametrize("want_usage", [True, False])
+def test_the_usage_chunk_rewritten_in_place_is_the_model_rewritten_and_nothing_else(want_usage: bool) -> None:
+    # A model name with an escape, learnt from the chunks: the usage chunk's bytes are the upstream's but for it.
+    model = 'gpt-"up"\\2024'
+    usage = USAGE_CHUNK.replace(b'"model":"gpt-up-2024"', b'"model":' + orjson.dumps(model))
+    body = _chunk("Hel", model=model) + _chunk(None, "stop", model=model) + usage + DONE
+    d = OpenAIStreamDecoder('pub"lic', want_usage)
+    frames = d.feed(body)
+    assert d.done and d.close() == []
+    raw = b"".join(frames)
+    assert b"gpt-" not in raw and raw.count(b'"model":"pub\\"lic"') == (3 if want_usage else 2)
+    if want_usage:
+        assert frames[-1] == usage.replace(b'"model":' + orjson.dumps(model), b'"model":"pub\\"lic"')
+    else:
+        assert b'"usage":{' not in raw
+
+
+def test_a_usage_chunk_split_across_reads_is_read_once_whole() -> None:
+    at = len(BODY) - len(DONE) - len(USAGE_CHUNK) // 2
+    d = OpenAIStreamDecoder("public", True)
+    frames = d.feed(BODY[:at]) + d.feed(BODY[at:])
+    assert _events(frames) == _expected(True) and d.done and d.usage is not None and d.usage.total_tokens == 7
+
+
+@pytest.mark.parametrize("brk", [b"\n", b"\r"])  # (a lone CR ends an SSE line too)
+@pytest.mark.parametrize("want_usage", [True, False])
+def test_a_chunk_broken_over_two_lines_among_plain_chunks_is_relayed_as_the_slow_path_relays_it(
+        want_usage: bool, brk: bytes) -> None:
+    broken = _chunk("b").replace(b'"created":1,', b'"created":1,' + brk)
+    body = _chunk("a") + broken + _chunk(None, "stop") + USAGE_CHUNK + DONE
+    d = OpenAIStreamDecoder("public", want_usage)
+    frames = d.feed(body)
+    assert (b"".join(frames), d.usage) == _slow(body, want_usage)
+
+
+def test_two_usage_chunks_at_the_end_of_a_read_are_both_hidden_when_not_asked() -> None:
+    with_usage = _chunk("x").replace(b'"usage":null', b'"usage":{"prompt_tokens":1,"completion_tokens":1,'
+                                     b'"total_tokens":2}')
+    body = _chunk("a") + with_usage + USAGE_CHUNK + DONE
+    cache: dict[str, tuple[bytes, bytes, bool]] = {}
+    OpenAIStreamDecoder("public", False, learned=cache, upstream_model="up").feed(BODY)  # learnt: null-usage
+    d = OpenAIStreamDecoder("public", False, learned=cache, upstream_model="up")
+    frames = d.feed(body)
+    assert (b"".join(frames), d.usage) == _slow(body, False)
+    assert b'"usage":{' not in b"".join(frames) and d.usage is not None and d.usage.total_tokens == 7
