@@ -29,6 +29,7 @@ from llm_proxy.providers.http import (
     ProxyEnv,
     TooLarge,
     UpstreamClient,
+    UpstreamResponse,
     _Conn,
     _Pool,
 )
@@ -211,6 +212,58 @@ async def test_a_non_streamed_body_is_never_paused() -> None:  # its reader wait
     body = b"y" * (3 * MAX_BUFFERED)
     conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
     assert conn.complete and not t.paused and conn.take() == body
+
+
+async def test_a_responses_chunks_end_as_a_generator_would() -> None:
+    """chunks() is an iterator object, not an async generator: it ends for good at the body's end, at aclose()
+    and after raising, and a bad Content-Encoding is the first read's error (not the call's)."""
+    loop = asyncio.get_running_loop()
+
+    def response(raw: bytes) -> tuple[UpstreamResponse, _Conn, FakeTransport]:
+        conn, t = _conn(stream=True)
+        conn.data_received(raw)
+        return UpstreamResponse(conn, conn.pool, "p", loop.time() + 5, 5.0, loop.time() + 10), conn, t
+
+    resp, conn, _ = response(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+    chunks = resp.chunks()
+    assert await anext(chunks) == b"ab" and not resp.finished()
+    loop.call_soon(conn.data_received, b"cd")  # arrives while the reader waits
+    assert await anext(chunks) == b"cd" and resp.finished()
+    for _ in range(2):
+        with pytest.raises(StopAsyncIteration):
+            await anext(chunks)
+
+    resp, conn, _ = response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nab")
+    chunks = resp.chunks()
+    assert await anext(chunks) == b"ab"
+    await chunks.aclose()
+    with pytest.raises(StopAsyncIteration):
+        await anext(chunks)
+
+    resp, conn, t = response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n")
+    chunks = resp.chunks()
+    assert await anext(chunks) == b"ab"
+    loop.call_soon(conn.data_received, b"zz\r\n")  # not a chunk size
+    with pytest.raises(ProxyError, match="invalid HTTP response"):
+        await anext(chunks)
+    assert t.aborted
+    with pytest.raises(StopAsyncIteration):
+        await anext(chunks)
+
+    resp, conn, t = response(b"HTTP/1.1 200 OK\r\nContent-Encoding: br\r\nContent-Length: 2\r\n\r\nab")
+    chunks = resp.chunks()  # no error yet
+    with pytest.raises(ProxyError, match="unsupported Content-Encoding 'br'"):
+        await anext(chunks)
+    assert t.aborted
+
+    resp, conn, _ = response(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n")
+    chunks = resp.chunks()
+    task = asyncio.ensure_future(anext(chunks))
+    loop.call_soon(task.cancel)  # runs after the task's first step, which leaves it waiting for the body
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    with pytest.raises(StopAsyncIteration):
+        await anext(chunks)
 
 
 # ---- a scripted server on a real port ----------------------------------------------------------------
