@@ -29,6 +29,7 @@ from llm_proxy.providers.http import (
     ProxyEnv,
     TooLarge,
     UpstreamClient,
+    UpstreamResponse,
     _Conn,
     _Pool,
 )
@@ -145,6 +146,41 @@ async def test_malformed_responses_drop_the_connection(raw: bytes) -> None:
     assert isinstance(conn._exc, BadResponse) and t.aborted and not conn.reusable
 
 
+async def test_lines_parsed_before_are_judged_the_same_the_next_time() -> None:
+    """The parser keeps what it made of the status and header lines it has seen (by their bytes): a head made of
+    such lines is still refused when they conflict or frame the body wrongly, and still read as it was."""
+    for _ in range(2):  # the second round: every line below is a known one
+        for raw in (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nhello!",
+                    b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+                    b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"):
+            conn, _ = _conn()
+            conn.data_received(raw)
+            assert conn.complete and conn._exc is None
+        assert http_mod._HEADER_LINES and http_mod._STATUS_LINES
+        for raw in (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+                    b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+                    b"HTTP/1.1 200 OK\r\n Content-Length: 5\r\n\r\nhello"):
+            conn, t = _conn()
+            conn.data_received(raw)
+            assert not conn.reusable
+            if raw.startswith(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nTransfer"):
+                assert conn.complete and conn.take() == b"ok"  # read, never reused
+            else:
+                assert isinstance(conn._exc, BadResponse) and t.aborted, raw
+        conn, _ = _conn()
+        conn.data_received(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+        assert conn.complete and not conn.reusable and conn.headers == {"connection": "close", "content-length": "2"}
+        conn, _ = _conn()
+        conn.data_received(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        assert conn.complete and not conn.reusable and conn.status == 200
+        conn, _ = _conn()
+        conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello")
+        assert conn.complete and conn.reusable and conn.headers["content-length"] == "5, 5"
+
+
 async def test_chunked_with_content_length_is_read_but_never_reused() -> None:
     conn, _ = _conn()
     conn.data_received(
@@ -176,6 +212,58 @@ async def test_a_non_streamed_body_is_never_paused() -> None:  # its reader wait
     body = b"y" * (3 * MAX_BUFFERED)
     conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
     assert conn.complete and not t.paused and conn.take() == body
+
+
+async def test_a_responses_chunks_end_as_a_generator_would() -> None:
+    """chunks() is an iterator object, not an async generator: it ends for good at the body's end, at aclose()
+    and after raising, and a bad Content-Encoding is the first read's error (not the call's)."""
+    loop = asyncio.get_running_loop()
+
+    def response(raw: bytes) -> tuple[UpstreamResponse, _Conn, FakeTransport]:
+        conn, t = _conn(stream=True)
+        conn.data_received(raw)
+        return UpstreamResponse(conn, conn.pool, "p", loop.time() + 5, 5.0, loop.time() + 10), conn, t
+
+    resp, conn, _ = response(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+    chunks = resp.chunks()
+    assert await anext(chunks) == b"ab" and not resp.finished()
+    loop.call_soon(conn.data_received, b"cd")  # arrives while the reader waits
+    assert await anext(chunks) == b"cd" and resp.finished()
+    for _ in range(2):
+        with pytest.raises(StopAsyncIteration):
+            await anext(chunks)
+
+    resp, conn, _ = response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nab")
+    chunks = resp.chunks()
+    assert await anext(chunks) == b"ab"
+    await chunks.aclose()
+    with pytest.raises(StopAsyncIteration):
+        await anext(chunks)
+
+    resp, conn, t = response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n")
+    chunks = resp.chunks()
+    assert await anext(chunks) == b"ab"
+    loop.call_soon(conn.data_received, b"zz\r\n")  # not a chunk size
+    with pytest.raises(ProxyError, match="invalid HTTP response"):
+        await anext(chunks)
+    assert t.aborted
+    with pytest.raises(StopAsyncIteration):
+        await anext(chunks)
+
+    resp, conn, t = response(b"HTTP/1.1 200 OK\r\nContent-Encoding: br\r\nContent-Length: 2\r\n\r\nab")
+    chunks = resp.chunks()  # no error yet
+    with pytest.raises(ProxyError, match="unsupported Content-Encoding 'br'"):
+        await anext(chunks)
+    assert t.aborted
+
+    resp, conn, _ = response(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n")
+    chunks = resp.chunks()
+    task = asyncio.ensure_future(anext(chunks))
+    loop.call_soon(task.cancel)  # runs after the task's first step, which leaves it waiting for the body
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    with pytest.raises(StopAsyncIteration):
+        await anext(chunks)
 
 
 # ---- a scripted server on a real port ----------------------------------------------------------------
@@ -453,6 +541,45 @@ async def test_timeouts_first_byte_idle_and_total(script: Script) -> None:
 
     await first_chunk_then(short, "without data mid-stream")
     await first_chunk_then(TimeoutSettings(connect=2, first_byte=5, idle=5, total=0.3), "total")
+    release.set()
+    await client.close()
+
+
+async def test_each_request_on_a_kept_alive_connection_gets_its_own_timeouts(script: Script) -> None:
+    """A connection keeps one timer across waits and requests (re-armed when it fires early): a later request's
+    longer first-byte timeout is not cut by an earlier request's shorter one, and a shorter one still fires."""
+    client = await _client(script.base)
+    url = script.url
+    loop = asyncio.get_running_loop()
+
+    def late(raw: bytes, delay: float) -> Action:
+        async def act(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+            await asyncio.sleep(delay)  # an upstream slow to answer (the point of the test, not synchronisation)
+            w.write(raw)
+            await w.drain()
+            return True
+
+        return act
+
+    release = asyncio.Event()
+
+    async def silent(_r: asyncio.StreamReader, _w: asyncio.StreamWriter) -> bool:
+        await release.wait()
+        return False
+
+    short = TimeoutSettings(connect=2, first_byte=0.2, idle=0.2, total=10)
+    long = TimeoutSettings(connect=2, first_byte=3, idle=3, total=10)
+    script.actions.extend([reply(ok(b"quick")), late(ok(b"slow"), 0.5), late(ok(b"slow stream"), 0.5), silent])
+    assert await _get(client, url, short) == (200, b"quick")  # arms the connection's timer at +0.2 s
+    assert await _get(client, url, long) == (200, b"slow")  # that timer fires early and is re-armed
+    resp = await client.send("p", _req(url, stream=True), long)
+    assert b"".join([c async for c in resp.chunks()]) == b"slow stream"
+    resp.release()
+    assert script.connections == 1
+    started = loop.time()
+    with pytest.raises(UpstreamTimeout, match="first byte"):
+        await _get(client, url, short)  # the timer armed for `long` is due too late: re-armed earlier
+    assert loop.time() - started < 2
     release.set()
     await client.close()
 

@@ -792,7 +792,7 @@ class Gateway:
             if resp.status >= 400:
                 raise await _error_status(ctx, provider, target, resp)
             if not stream:
-                raw = await resp.read()
+                raw = resp.body() if resp.complete else await resp.read()  # (send() returns it whole)
                 ctx.upstream_ended = time.perf_counter()
                 resp.release()
                 try:

@@ -8,7 +8,8 @@ pool per provider and origin with a connection limit, TLS through the standard `
 `HTTPS_PROXY` / `HTTP_PROXY` / `NO_PROXY` environment (CONNECT tunnels; plain-http upstreams in absolute
 form). It has no cookies, redirects or compression negotiation (it never sends Accept-Encoding; a gzip or
 deflate body is still decoded, within the same size cap as a plain one). A non-streamed body is capped at the
-provider's `max_response_bytes`. Timers are lazy: one per wait, re-armed only if data arrived meanwhile.
+provider's `max_response_bytes`. Timers are lazy: one per connection, kept across waits and requests, re-armed
+when it fires before the current wait's deadline (`_Conn._on_timer`).
 
 The package, by job: this module is the connection (`_Conn`: one `asyncio.Protocol`, the response parser and
 the waits; here, so that the tunables below are the package's own and the connection reads them); `pool` the
@@ -38,6 +39,46 @@ _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
+# What the strict parser made of a status line / header line it has checked before, by the line's bytes: most
+# of a response head repeats from one response to the next (the server, the content type, often the length),
+# and a hit costs one dict look-up instead of a split, a regex match and two decodes. Only what parsed without
+# error is kept (a bad line is checked, and refused, every time), lines of at most _CACHED_LINE bytes, at
+# most _CACHED_LINES of them (emptied when full: a server sending ever new lines only costs the misses).
+_CACHED_LINE = 200
+_CACHED_LINES = 512
+_STATUS_LINES: dict[bytes, tuple[int, bool]] = {}
+_HEADER_LINES: dict[bytes, tuple[str, str]] = {}
+
+
+def _status_line(line: bytes) -> tuple[int, bool]:
+    """(status, whether HTTP/1.1) of a response's first line; BadResponse if it is not one."""
+    parts = line.split(b" ", 2)
+    if len(parts) < 2 or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0") or len(parts[1]) != 3 or not parts[1].isdigit():
+        raise BadResponse("bad status line")
+    status = int(parts[1])
+    if status < 100:
+        raise BadResponse("bad status line")
+    out = (status, parts[0] == b"HTTP/1.1")
+    if len(line) <= _CACHED_LINE:
+        if len(_STATUS_LINES) >= _CACHED_LINES:
+            _STATUS_LINES.clear()
+        _STATUS_LINES[line] = out
+    return out
+
+
+def _header_line(line: bytes) -> tuple[str, str]:
+    """(lower-case name, value without surrounding blanks) of a header line; BadResponse if it is not one."""
+    name, sep, value = line.partition(b":")
+    if not sep or not _TOKEN.fullmatch(name):
+        raise BadResponse("bad header line")
+    out = (name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1"))
+    if len(line) <= _CACHED_LINE:
+        if len(_HEADER_LINES) >= _CACHED_LINES:
+            _HEADER_LINES.clear()
+        _HEADER_LINES[line] = out
+    return out
+
+
 # Parser states
 _IDLE, _HEAD, _LEN, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILER, _EOF_BODY, _DONE = range(9)
 
@@ -61,7 +102,11 @@ class _Conn(asyncio.Protocol):
         self._got = False  # any byte of the current response
         self._exc: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None  # see _on_timer
+        self._timer_at = 0.0
+        self._at: float | None = None  # the current wait's deadline and longest silence (see wait)
+        self._gap: float | None = None
+        self._since = 0.0
         self._last_rx = 0.0
         self._paused = False
         self._tunnelling = False
@@ -128,7 +173,6 @@ class _Conn(asyncio.Protocol):
         self.buffered = 0
         self.complete = False
         self.reusable = False
-        self._last_rx = self.loop.time()
         self.transport.write(payload)  # type: ignore[union-attr]
 
     async def tunnel(self, host: str, port: int, auth: str | None, ctx: ssl.SSLContext | None) -> None:
@@ -261,19 +305,19 @@ class _Conn(asyncio.Protocol):
 
     def _parse_head(self, head: bytes) -> None:
         lines = head.split(b"\r\n")
-        parts = lines[0].split(b" ", 2)
-        if len(parts) < 2 or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0") or len(parts[1]) != 3 or not parts[1].isdigit():
-            raise BadResponse("bad status line")
-        status = int(parts[1])
-        if status < 100:
-            raise BadResponse("bad status line")
+        it = iter(lines)
+        first = next(it)
+        st = _STATUS_LINES.get(first)
+        if st is None:
+            st = _status_line(first)
+        status, keep = st
         headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep or not _TOKEN.fullmatch(name):
-                raise BadResponse("bad header line")
-            k = name.decode("ascii").lower()
-            v = value.strip(b" \t").decode("latin-1")
+        seen = _HEADER_LINES.get
+        for line in it:
+            kv = seen(line)
+            if kv is None:
+                kv = _header_line(line)
+            k, v = kv
             if k in headers:
                 if k == "content-length" and headers[k] != v:
                     raise BadResponse("conflicting Content-Length")
@@ -291,8 +335,9 @@ class _Conn(asyncio.Protocol):
             self._state = _IDLE
             self._wake()
             return
-        conn_tokens = headers.get("connection", "").lower()
-        keep = parts[0] == b"HTTP/1.1" and "close" not in conn_tokens
+        conn_tokens = headers.get("connection")
+        if keep and conn_tokens is not None and "close" in conn_tokens.lower():
+            keep = False
         te = headers.get("transfer-encoding")
         if status == 204 or status == 304:
             self.reusable = keep
@@ -303,11 +348,14 @@ class _Conn(asyncio.Protocol):
             self.reusable = keep and "content-length" not in headers
             self._state = _CHUNK_SIZE
         elif (cl := headers.get("content-length")) is not None:
-            cl_b = cl.encode("latin-1").split(b",", 1)[0].strip()
-            if not _DIGITS.fullmatch(cl_b):
-                raise BadResponse("bad Content-Length")
+            if len(cl) <= 18 and cl.isdigit() and cl.isascii():  # what _DIGITS takes, without the regex
+                self._left = int(cl)
+            else:
+                cl_b = cl.encode("latin-1").split(b",", 1)[0].strip()
+                if not _DIGITS.fullmatch(cl_b):
+                    raise BadResponse("bad Content-Length")
+                self._left = int(cl_b)
             self.reusable = keep
-            self._left = int(cl_b)
             if self._left > self.cap and not self.flow:
                 raise TooLarge(f"Content-Length {self._left} over {self.cap} bytes")
             self._state = _LEN
@@ -366,42 +414,59 @@ class _Conn(asyncio.Protocol):
             self._timer = None
             t.cancel()
 
-    def _on_timer(self, at: float | None, gap: float | None, since: float) -> None:
+    def _on_timer(self) -> None:
+        """The connection's one timer: time out the current wait if its deadline has passed, re-arm otherwise.
+
+        It is not cancelled when a wait ends: the next wait (of this response or of the next request on the
+        connection) keeps it when it is due no later than that wait's own deadline, so it fires early and
+        re-arms itself here. That saves a timer handle per wait; a timer with no live wait goes dormant."""
         self._timer = None
         w = self._waiter
         if w is None or w.done():
             return
-        now = self.loop.time()
-        when = at
+        when = self._at
+        gap = self._gap
         if gap is not None:
-            quiet_from = self._last_rx if self._last_rx > since else since
-            if quiet_from + gap > now and (at is None or at > now):
-                when = quiet_from + gap if at is None or quiet_from + gap < at else at
-                self._timer = self.loop.call_at(when, self._on_timer, at, gap, since)
-                return
+            quiet_from = self._last_rx if self._last_rx > self._since else self._since
+            if when is None or quiet_from + gap < when:
+                when = quiet_from + gap
+        if when is None:  # a wait without a deadline (a CONNECT, bounded by the caller)
+            return
+        if when > self.loop.time():
+            self._timer_at = when
+            self._timer = self.loop.call_at(when, self._on_timer)
+            return
         self._waiter = None
         w.set_exception(TimeoutError())
 
-    async def wait(self, at: float | None, gap: float | None, on_data: bool) -> None:
-        """Wait for the next event (headers, completion, and with on_data any body bytes).
+    def wait(self, at: float | None, gap: float | None, on_data: bool) -> asyncio.Future[None]:
+        """The next event to await (headers, completion, and with on_data any body bytes).
 
-        `at`: a loop time that must not pass; `gap`: the longest time without received data."""
+        `at`: a loop time that must not pass; `gap`: the longest time without received data. A plain method
+        returning the future (no coroutine per wait): a waiter left behind by a cancelled task is a done
+        future, which the wake-ups and the timer skip."""
         if self._exc is not None:
             raise self._exc
         loop = self.loop
         w = self._waiter = loop.create_future()
         self._wake_on_data = on_data
+        self._at = at
+        self._gap = gap
         if at is not None or gap is not None:
-            now = loop.time()
-            when = at
-            if gap is not None and (when is None or now + gap < when):
+            now = self._since = loop.time()
+            if gap is None:
+                when: float = at  # type: ignore[assignment]
+            else:
                 when = now + gap
-            self._timer = loop.call_at(when, self._on_timer, at, gap, now)  # type: ignore[arg-type]
-        try:
-            await w
-        finally:
-            self._waiter = None
-            self._cancel_timer()
+                if at is not None and at < when:
+                    when = at
+            t = self._timer
+            if t is None or self._timer_at > when:  # (an armed timer due no later than `when` will do)
+                if t is not None:
+                    t.cancel()
+                self._timer_at = when
+                self._timer = loop.call_at(when, self._on_timer)
+        return w
 
     def take(self) -> bytes:
         """Body bytes received so far and not yet taken."""

@@ -6,8 +6,9 @@ import asyncio
 import logging
 import ssl
 import zlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Coroutine
 from functools import lru_cache
+from typing import Any
 from urllib.parse import urlsplit
 
 from ...config import ProviderSettings, TimeoutSettings
@@ -20,6 +21,8 @@ from .pool import _Pool
 from .proxy_env import ProxyEnv
 
 log = logging.getLogger("llm_proxy.upstream")
+
+_TARGETS_PER_PROVIDER = 1024  # URLs whose pool and request line a provider keeps (UpstreamClient._pool)
 
 
 def _ssl_context(settings: ProviderSettings) -> ssl.SSLContext:
@@ -50,18 +53,40 @@ def _origin(url: str) -> tuple[str, str, int, str, bytes]:
     return scheme, u.hostname, port, f"{scheme}://{u.hostname}:{port}", line
 
 
-def _payload(req: UpstreamRequest, line: bytes) -> bytes:
-    hdrs = req.headers
-    parts = [req.method.encode("ascii"), line]
-    for k, v in hdrs.items():
-        lk = k.lower()
-        if lk == "host" or lk == "content-length":
-            continue
-        parts.append(f"{k}: {v}\r\n".encode("latin-1"))
-    joined = "".join(hdrs.values()) + "".join(hdrs)
-    if "\r" in joined or "\n" in joined or "\0" in joined:
+# The request header lines encoded before, by (name, value): most of a request's headers are the provider's own
+# and repeat on every request (content type, credentials). Bounded like the parser's caches (emptied when full);
+# the ids the gateway stamps on each request are never kept (each is new).
+_CACHED_LINE = 256
+_CACHED_LINES = 256
+_REQUEST_LINES: dict[tuple[str, str], bytes] = {}
+_PER_REQUEST = frozenset({"x-request-id", "x-client-request-id", "traceparent"})
+_METHODS = {"POST": b"POST", "GET": b"GET"}
+
+
+def _header(item: tuple[str, str]) -> bytes:
+    """One request header line, or b"" for the ones the client writes itself (Host, Content-Length)."""
+    k, v = item
+    if "\r" in k or "\n" in k or "\0" in k or "\r" in v or "\n" in v or "\0" in v:
         # Never let a header value (a key read from a Secret with a trailing newline, say) split the request.
         raise ProxyError("An upstream request header contains a line break", code="bad_upstream_header")
+    lk = k.lower()
+    if lk == "host" or lk == "content-length":
+        return b""
+    out = f"{k}: {v}\r\n".encode("latin-1")
+    if lk not in _PER_REQUEST and len(out) <= _CACHED_LINE:
+        if len(_REQUEST_LINES) >= _CACHED_LINES:
+            _REQUEST_LINES.clear()
+        _REQUEST_LINES[item] = out
+    return out
+
+
+def _payload(req: UpstreamRequest, line: bytes) -> bytes:
+    method = req.method
+    parts = [_METHODS.get(method) or method.encode("ascii"), line]
+    known = _REQUEST_LINES.get
+    for item in req.headers.items():
+        got = known(item)
+        parts.append(got if got is not None else _header(item))
     body = req.body
     parts.append(b"content-length: %d\r\n\r\n" % len(body))
     if body:
@@ -112,10 +137,22 @@ class UpstreamResponse:
 
     async def read(self) -> bytes:
         conn = self._conn
+        if not conn.complete or conn.flow:
+            try:
+                conn.whole()
+                while not conn.complete:
+                    await conn.wait(self._total_at, self._idle, False)
+            except (OSError, TimeoutError, BadResponse) as exc:
+                self.close()
+                raise _map(exc, self._provider_id, "mid-response") from None
+        return self.body()
+
+    def body(self) -> bytes:
+        """The body of a response that is all in (`complete`: a non-streamed one as send() returns it), without
+        a coroutine; decoded if it came compressed. read() is this after waiting for the end."""
+        conn = self._conn
+        assert conn.complete
         try:
-            conn.whole()
-            while not conn.complete:
-                await conn.wait(self._total_at, self._idle, False)
             raw = conn.take()
             dec = _decoder_for(self.headers)
             if dec is None:
@@ -125,57 +162,21 @@ class UpstreamResponse:
             if len(out) > cap or dec.unconsumed_tail:
                 raise TooLarge(f"over {cap} bytes once decoded")
             return out
-        except (OSError, TimeoutError, BadResponse) as exc:
+        except (OSError, BadResponse) as exc:
             self.close()
             raise _map(exc, self._provider_id, "mid-response") from None
 
-    async def chunks(self) -> AsyncGenerator[bytes, None]:
+    @property
+    def complete(self) -> bool:
+        """The whole body is in (body() may be called)."""
+        return self._conn.complete
+
+    def chunks(self) -> AsyncGenerator[bytes, None]:
         """Body bytes as they arrive (what one socket read brought, or all that piled up meanwhile).
 
         The first chunk must arrive by the first-byte deadline and each later one within `idle` of the
         moment the consumer asked for it; `total` bounds the whole. Iterate it from one task."""
-        conn = self._conn
-        at = self._first_byte_at
-        total_at = self._total_at
-        idle = self._idle
-        first = True
-        try:
-            dec = _decoder_for(self.headers)
-            self._inflating = dec is not None
-            while True:
-                if conn.buffered:
-                    data = conn.take()
-                    if dec is not None:  # in bounded pieces: a small read may inflate to a lot
-                        data = _inflate(dec, data, INFLATE_PIECE, final=False)
-                        while dec.unconsumed_tail:
-                            first = False
-                            yield data
-                            data = _inflate(dec, dec.unconsumed_tail, INFLATE_PIECE, final=False)
-                        if not data:
-                            continue
-                    first = False
-                    yield data
-                    continue
-                if conn.complete:
-                    return
-                if first and at is not None:
-                    await conn.wait(at if at < total_at else total_at, None, True)
-                else:
-                    await conn.wait(total_at, idle, True)
-        except TimeoutError:
-            self.close()
-            if first and at is not None and conn.loop.time() < total_at:
-                raise UpstreamTimeout(
-                    f"Upstream provider '{self._provider_id}' timed out waiting for the first byte"
-                ) from None
-            if conn.loop.time() >= total_at:
-                raise UpstreamTimeout(f"Upstream provider '{self._provider_id}' timed out (total)") from None
-            raise UpstreamTimeout(
-                f"Upstream provider '{self._provider_id}' timed out after {idle:g}s without data mid-stream"
-            ) from None
-        except (OSError, BadResponse) as exc:
-            self.close()
-            raise _map(exc, self._provider_id, "mid-stream") from None
+        return _Chunks(self)
 
     def finished(self) -> bool:
         """The body has ended and chunks() gave all of it (False while inflating: it may have pieces to come)."""
@@ -193,6 +194,90 @@ class UpstreamResponse:
         self._pool.release(self._conn)
 
 
+class _Chunks(AsyncGenerator[bytes, None]):
+    """UpstreamResponse.chunks(): an async iterator object rather than an async generator, which costs a stream
+    the loop's first-iteration hook (a WeakSet entry), a finalizer, and a GeneratorExit thrown in to close it.
+    It behaves as the generator did: it ends (StopAsyncIteration from then on) at the body's end, at aclose() and
+    after raising; asend() ignores its value; athrow() ends it with the exception given."""
+
+    __slots__ = ("_at", "_dec", "_done", "_first", "_resp", "_started")
+
+    def __init__(self, resp: UpstreamResponse) -> None:
+        self._resp = resp
+        self._at = resp._first_byte_at
+        self._first = True
+        self._started = False  # the body's decoder is looked up at the first read (its errors are the read's)
+        self._dec: zlib._Decompress | None = None
+        self._done = False
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._done:
+            raise StopAsyncIteration
+        resp = self._resp
+        conn = resp._conn
+        try:
+            if not self._started:
+                self._started = True
+                self._dec = _decoder_for(resp.headers)
+                resp._inflating = self._dec is not None
+            dec = self._dec
+            while True:
+                if dec is not None and dec.unconsumed_tail:  # what the last piece left (in bounded pieces)
+                    data = _inflate(dec, dec.unconsumed_tail, INFLATE_PIECE, final=False)
+                    if data:
+                        return data
+                    continue
+                if conn.buffered:
+                    data = conn.take()
+                    if dec is not None:  # in bounded pieces: a small read may inflate to a lot
+                        data = _inflate(dec, data, INFLATE_PIECE, final=False)
+                        if not data:
+                            continue
+                    self._first = False
+                    return data
+                if conn.complete:
+                    self._done = True
+                    raise StopAsyncIteration
+                at = self._at
+                total_at = resp._total_at
+                if self._first and at is not None:
+                    await conn.wait(at if at < total_at else total_at, None, True)
+                else:
+                    await conn.wait(total_at, resp._idle, True)
+        except TimeoutError:
+            self._done = True
+            resp.close()
+            pid = resp._provider_id
+            total_at = resp._total_at
+            if self._first and self._at is not None and conn.loop.time() < total_at:
+                raise UpstreamTimeout(f"Upstream provider '{pid}' timed out waiting for the first byte") from None
+            if conn.loop.time() >= total_at:
+                raise UpstreamTimeout(f"Upstream provider '{pid}' timed out (total)") from None
+            raise UpstreamTimeout(
+                f"Upstream provider '{pid}' timed out after {resp._idle:g}s without data mid-stream"
+            ) from None
+        except (OSError, BadResponse) as exc:
+            self._done = True
+            resp.close()
+            raise _map(exc, resp._provider_id, "mid-stream") from None
+        except BaseException:  # cancelled (the caller's task): ended, as a generator would be
+            self._done = True
+            raise
+
+    def asend(self, value: None) -> Coroutine[Any, Any, bytes]:
+        return self.__anext__()
+
+    async def athrow(self, typ: Any, val: Any = None, tb: Any = None) -> bytes:
+        self._done = True
+        raise typ if val is None else val
+
+    async def aclose(self) -> None:
+        self._done = True
+
+
 class UpstreamClient:
     """Connection pools per provider and origin (each provider may have its own TLS trust and limit)."""
 
@@ -200,6 +285,8 @@ class UpstreamClient:
         self._settings: dict[str, ProviderSettings] = {}
         self._ssl: dict[str, ssl.SSLContext] = {}
         self._pools: dict[tuple[str, str], _Pool] = {}
+        # provider -> URL -> its pool and request line (what _pool works out, kept until close())
+        self._targets: dict[str, dict[str, tuple[_Pool, bytes]]] = {}
         self._closed = False
         self._proxies = ProxyEnv()
 
@@ -222,8 +309,16 @@ class UpstreamClient:
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
+        self._targets.clear()
 
     def _pool(self, provider_id: str, url: str) -> tuple[_Pool, bytes]:
+        by_url = self._targets.get(provider_id)
+        if by_url is not None:
+            hit = by_url.get(url)
+            if hit is not None:
+                return hit
+        else:
+            by_url = self._targets[provider_id] = {}
         scheme, host, port, origin, line = _origin(url)
         key = (provider_id, origin)
         pool = self._pools.get(key)
@@ -242,6 +337,9 @@ class UpstreamClient:
             line = b" " + url.split("#", 1)[0].encode() + line[line.index(b" HTTP/1.1") :]
             if pool.proxy.auth:
                 line += b"proxy-authorization: " + pool.proxy.auth.encode("latin-1") + b"\r\n"
+        if len(by_url) >= _TARGETS_PER_PROVIDER:  # (passthrough providers may put the client's model in the URL)
+            by_url.clear()
+        by_url[url] = (pool, line)
         return pool, line
 
     async def send(
@@ -267,10 +365,15 @@ class UpstreamClient:
                 first_at = total_at
         fresh = False
         while True:
-            try:
-                conn, reused = await pool.acquire(timeouts.connect, fresh)
-            except (OSError, TimeoutError) as exc:
-                raise _map(exc, provider_id, "connecting") from None
+            # An idle pooled connection without a coroutine (pool.acquire would take the same one first).
+            conn = None if fresh else pool.take_idle()
+            if conn is not None:
+                reused = True
+            else:
+                try:
+                    conn, reused = await pool.acquire(timeouts.connect, fresh)
+                except (OSError, TimeoutError) as exc:
+                    raise _map(exc, provider_id, "connecting") from None
             conn.start(payload, req.stream)
             try:
                 if req.stream:
