@@ -40,6 +40,20 @@ class Usage:
     def from_openai(cls, data: Any) -> Usage | None:
         if not isinstance(data, dict):
             return None
+        get = data.get
+        prompt = get("prompt_tokens")
+        completion = get("completion_tokens")
+        total = get("total_tokens")
+        details = get("prompt_tokens_details")
+        # The usual report: three non-zero ints (not bools), cached tokens as an int or absent. The same values the
+        # general path below gives, without its int() calls and `or` defaults.
+        if type(prompt) is int and type(completion) is int and type(total) is int and total:
+            if details is None:
+                return cls(prompt, completion, total)
+            if type(details) is dict:
+                cached = details.get("cached_tokens")
+                if type(cached) is int:
+                    return cls(prompt, completion, total, cached)
         prompt = int(data.get("prompt_tokens") or 0)
         completion = int(data.get("completion_tokens") or 0)
         total = int(data.get("total_tokens") or (prompt + completion))

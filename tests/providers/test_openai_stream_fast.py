@@ -220,3 +220,57 @@ def test_two_usage_chunks_at_the_end_of_a_read_are_both_hidden_when_not_asked() 
     frames = d.feed(body)
     assert (b"".join(frames), d.usage) == _slow(body, False)
     assert b'"usage":{' not in b"".join(frames) and d.usage is not None and d.usage.total_tokens == 7
+
+
+# Per-stream work the provider saves: the public model's bytes cached, the secrets read only for an error event.
+
+def test_provider_decoder_scrubs_the_key_current_when_the_error_event_comes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from llm_proxy.config import ProviderSettings
+    from llm_proxy.providers.base import Target
+    from llm_proxy.providers.openai_compat import OpenAICompatProvider
+
+    key_file = tmp_path / "key"
+    key_file.write_text("sk-old-secret-key")
+    provider = OpenAICompatProvider(ProviderSettings(id="up", type="openai", base_url="http://x/v1",
+                                                     api_key_file=str(key_file)))
+    provider.key.recheck_seconds = 0.0
+    target = Target("up", "gpt-up-2024", "public")
+    first = provider.stream_decoder("chat.completions", target, True)
+    second = provider.stream_decoder("chat.completions", target, True)
+    assert first._to is second._to  # the public model's bytes made once per provider
+    key_file.write_text("sk-new-secret-key-rotated")
+    import os
+    os.utime(key_file, (1, 1))  # a distinct mtime, whatever the clock's resolution
+    error = b'data: {"error":{"message":"bad sk-new-secret-key-rotated","type":"x","code":"c"}}\n\n'
+    raw = b"".join(first.feed(_chunk("a") + error))
+    assert b"sk-new-secret-key-rotated" not in raw and first.error is not None
+    assert b"".join(second.feed(BODY)) == b"".join(OpenAIStreamDecoder("public", True).feed(BODY))
+
+
+@pytest.mark.parametrize("usage", [
+    {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+    {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7, "prompt_tokens_details": {"cached_tokens": 1}},
+    {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7, "prompt_tokens_details": {"cached_tokens": None}},
+    {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7, "prompt_tokens_details": None},
+    {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 0},
+    {"prompt_tokens": 5, "completion_tokens": 2},
+    {"prompt_tokens": True, "completion_tokens": 2, "total_tokens": 3},
+    {"prompt_tokens": 5.0, "completion_tokens": "2", "total_tokens": 7},
+    {"prompt_tokens": None, "completion_tokens": 2, "total_tokens": 2, "prompt_tokens_details": {}},
+])
+def test_usage_from_openai_fast_path_matches_the_general_one(usage: dict[str, object]) -> None:
+    from llm_proxy.types import Usage
+
+    def general(data: dict[str, object]) -> Usage:
+        prompt = int(data.get("prompt_tokens") or 0)  # type: ignore[call-overload]
+        completion = int(data.get("completion_tokens") or 0)  # type: ignore[call-overload]
+        total = int(data.get("total_tokens") or (prompt + completion))  # type: ignore[call-overload]
+        details = data.get("prompt_tokens_details")
+        cached = int(details["cached_tokens"]) if isinstance(details, dict) and details.get(
+            "cached_tokens") is not None else None
+        return Usage(prompt, completion, total, cached)
+
+    got = Usage.from_openai(usage)
+    assert got == general(usage)
+    assert got is not None and all(type(v) is int for v in (got.prompt_tokens, got.completion_tokens,
+                                                             got.total_tokens))

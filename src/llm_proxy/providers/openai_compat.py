@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -42,6 +42,12 @@ _USAGE_OBJ = re.compile(rb'"usage"\s*:\s*\{')
 _FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')  # a choice's finish_reason with a value (not null)
 # In an SSE data line this can only be a key or a value, never content (quotes in strings are escaped).
 _ERROR_KEY = b'"error"'
+
+
+def model_json_bytes(public_model: str) -> tuple[bytes, bytes]:
+    """A public model's name as JSON, and as the `"model":<json>` member a stream's chunks get."""
+    model_json = orjson.dumps(public_model)
+    return model_json, b'"model":' + model_json
 
 
 def rewrite_model(payload: bytes, model_json: bytes) -> bytes:
@@ -116,23 +122,29 @@ class OpenAIStreamDecoder:
     """
 
     __slots__ = ("_buf", "_cache", "_cache_key", "_cached", "_from", "_last", "_lead", "_model_json", "_next_lead",
-                 "_null_end", "_provider_id", "_secrets", "_split", "_to", "_want_usage", "done", "error", "usage")
+                 "_null_end", "_provider_id", "_secrets", "_splitter", "_to", "_want_usage", "done", "error", "usage")
 
-    def __init__(self, public_model: str, client_wants_usage: bool, secrets: list[str | None] | None = None,
+    def __init__(self, public_model: str, client_wants_usage: bool,
+                 secrets: list[str | None] | Callable[[], list[str | None]] | None = None,
                  provider_id: str = "openai", learned: dict[str, Learned] | None = None,
-                 upstream_model: str = "") -> None:
-        self._secrets = secrets or []
+                 upstream_model: str = "", model_bytes: tuple[bytes, bytes] | None = None) -> None:
+        # The secrets to scrub from an error event: a list, or (from the provider) a callable read only when an
+        # error event comes, so that a stream neither builds the list nor reads the key (and a key rotated
+        # mid-stream is still the one scrubbed).
+        self._secrets = secrets
         self._provider_id = provider_id
         self.error: ProxyError | None = None
-        self._split = SSESplitter()
-        self._model_json = orjson.dumps(public_model)
+        self._splitter: SSESplitter | None = None  # built when an event leaves the fast paths (see _split)
+        # The public model as JSON and as `"model":<json>`: the provider's cached bytes, or made here.
+        if model_bytes is None:
+            model_bytes = model_json_bytes(public_model)
+        self._model_json, self._to = model_bytes
         self._want_usage = client_wants_usage
         self.usage: Usage | None = None
         self._buf = b""
         self._from: bytes | None = None  # the upstream's `"model":"..."` bytes, once seen
         self._lead = self._next_lead = b""  # `data: {"<first key>` of its chunks (see _learn)
         self._null_end = False  # its chunks end with `"usage":null}` (see _NULL_USAGE_END)
-        self._to = b'"model":' + self._model_json
         self._last = b""  # the latest read, for close()'s look for a finish_reason
         self.done: bool | None = False
         # The provider's cache of what _learn finds (None: learn per stream), and this stream's key in it.
@@ -146,11 +158,18 @@ class OpenAIStreamDecoder:
                 self._from, self._lead, self._null_end = hit
                 self._next_lead = (_NULL_USAGE_END if self._null_end else b"\n\n") + self._lead
 
+    @property
+    def _split(self) -> SSESplitter:
+        split = self._splitter
+        if split is None:
+            split = self._splitter = SSESplitter()
+        return split
+
     def feed(self, data: bytes) -> list[bytes]:
         self._last = data
-        split = self._split
-        if split._buf:  # part of an event is in the splitter (SSESplitter.pending, without the call)
-            return self._frames(split.feed(data))
+        pending = self._splitter
+        if pending is not None and pending._buf:  # part of an event is in the splitter (SSESplitter.pending)
+            return self._frames(pending.feed(data))
         buf = self._buf + data if self._buf else data
         end = buf.rfind(b"\n\n")
         if end < 0:
@@ -182,14 +201,14 @@ class OpenAIStreamDecoder:
                 self._from = None
                 fast = self._fast(buf, cut)
             if fast is None:
-                return self._frames(split.feed(buf[:end]))
+                return self._frames(self._split.feed(buf[:end]))
             if cut == end:
                 return [fast]
         stop = end - 14 if done else end  # the usage chunk's end
         if usage:
             kept = self._usage_fast(buf, cut, stop)
             if kept is None:  # not a plain one-line JSON event: the splitter and _frames, as any other event
-                out = self._frames(split.feed(buf[cut:end]))
+                out = self._frames(self._split.feed(buf[cut:end]))
                 if fast is not None:
                     out.insert(0, fast)
                 return out
@@ -205,9 +224,10 @@ class OpenAIStreamDecoder:
         if self.done:  # (the usual end: [DONE] came; nothing after it is relayed)
             return []
         rest, self._buf = self._buf, b""
+        split = self._split
         if rest:
-            self._split.feed(rest)
-        out = self._frames(self._split.close())
+            split.feed(rest)
+        out = self._frames(split.close())
         if not self.done:  # no [DONE]: finished all the same if a whole event of the last read had a finish_reason
             last = self._last
             end = last.rfind(b"\n\n")
@@ -353,7 +373,10 @@ class OpenAIStreamDecoder:
                 return None
             # Not JSON but it mentions an error: relaying it could echo anything; say so in our words instead.
             data = {"error": None}
-        self.error = error_from_openai_data(status_in_body(data), {}, data, self._provider_id, self._secrets)
+        secrets = self._secrets
+        if callable(secrets):
+            secrets = secrets()
+        self.error = error_from_openai_data(status_in_body(data), {}, data, self._provider_id, secrets or [])
         return frame(self.error.body())
 
     def _usage_chunk(self, payload: bytes) -> bytes | None:
@@ -391,6 +414,7 @@ class OpenAICompatProvider:
         self.native = native if native is not None else (
             settings.type == "openai" and urlsplit(self.base_url).hostname == "api.openai.com")
         self._learned: dict[str, Learned] = {}  # what its streams' decoders learn, by upstream model
+        self._model_bytes: dict[str, tuple[bytes, bytes]] = {}  # model_json_bytes by public model (bounded)
 
     def missing_credentials(self) -> list[str]:
         return []
@@ -431,8 +455,15 @@ class OpenAICompatProvider:
         return orjson.dumps(data), Usage.from_openai(data.get("usage"))
 
     def stream_decoder(self, endpoint: Endpoint, target: Target, client_wants_usage: bool) -> OpenAIStreamDecoder:
-        return OpenAIStreamDecoder(target.public_model, client_wants_usage, self.secrets(), self.id, self._learned,
-                                   target.upstream_model)
+        public = target.public_model
+        model_bytes = self._model_bytes.get(public)
+        if model_bytes is None:
+            if len(self._model_bytes) >= _LEARNED_MAX:  # (passthrough providers take model names from clients)
+                self._model_bytes.clear()
+            model_bytes = self._model_bytes[public] = model_json_bytes(public)
+        # self.secrets, not its list: read only if an error event comes (see OpenAIStreamDecoder.__init__).
+        return OpenAIStreamDecoder(public, client_wants_usage, self.secrets, self.id, self._learned,
+                                   target.upstream_model, model_bytes)
 
     def native_request(self, api: str, body: dict[str, Any], target: Target, stream: bool) -> UpstreamRequest | None:
         """A Responses request as it came, for the upstream model (providers/base.py NativeProvider)."""
