@@ -98,7 +98,7 @@ async def _both(body: bytes = b'{"ok":true}', kind: Kind = JSON, status: int = 2
         req, transport, writer = _request(**request)
         await _send(resp, req)
         out.append((resp, transport, writer))
-    return out[0], out[1]  # type: ignore[return-value]
+    return out[0], out[1]
 
 
 @pytest.fixture
@@ -235,7 +235,7 @@ async def test_control_characters_in_extra_headers_are_refused(bad: str) -> None
 
 async def test_non_text_header_values_are_refused() -> None:
     with pytest.raises(TypeError):
-        Reply(b"{}", JSON, headers={"x-n": 1})  # type: ignore[dict-item]
+        Reply(b"{}", JSON, headers={"x-n": 1})
 
 
 async def test_a_client_gone_before_the_write_is_a_connection_error_then_nothing_more() -> None:
