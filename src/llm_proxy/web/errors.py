@@ -7,15 +7,13 @@ import logging
 from aiohttp import web
 
 from ..errors import ProxyError, internal_error
+from .response import JSON, Reply
 
 log = logging.getLogger("llm_proxy.web")
 
-_JSON = "application/json"
-
 
 def error_response(err: ProxyError, request_id: str) -> web.Response:
-    headers = {**err.headers, "x-request-id": request_id}
-    return web.Response(status=err.status, body=err.body(), content_type=_JSON, headers=headers)
+    return Reply(err.body(), JSON, status=err.status, headers=err.headers, request_id=request_id)
 
 
 def from_http_exception(exc: web.HTTPException) -> ProxyError:

@@ -29,6 +29,7 @@ from .errors import as_proxy_error
 from .guard import Handler, authenticate
 from .json_depth import deeper_than
 from .protocol import BodyTimeout
+from .response import JSON, SSE, Reply
 from .state import CTX, SERVICES, Services
 
 _JSON = "application/json"
@@ -38,7 +39,6 @@ _SSE_HEADERS: CIMultiDict[str] = CIMultiDict(
     {"content-type": "text/event-stream", "cache-control": "no-cache", "x-accel-buffering": "no"}
 )
 _REQUEST_ID = istr("x-request-id")
-_CONTENT_LENGTH = hdrs.CONTENT_LENGTH
 
 
 class _HeldHeaders(web.StreamResponse):
@@ -129,8 +129,7 @@ async def read_json(request: web.Request, svc: Services) -> dict[str, Any]:
 
 
 def _error_response(ingress: Ingress, err: ProxyError, request_id: str) -> web.Response:
-    return web.Response(status=err.status, body=ingress.error_body(err), content_type=_JSON,
-                        headers={**err.headers, "x-request-id": request_id})
+    return Reply(ingress.error_body(err), JSON, status=err.status, headers=err.headers, request_id=request_id)
 
 
 def expect_handler(ingress: Ingress) -> Handler:
@@ -198,21 +197,12 @@ def exchange_handler(ingress: Ingress) -> Handler:
                 ctx.status = 200
                 if svc.store_completions:
                     ctx.completion = ingress.capture(call, result)  # picked up by the ledger (its `extra`)
-                return web.Response(body=reply, content_type=_JSON,
-                                    headers=ctx.limit.headers if ctx.limit is not None else None)
+                # (x-request-id: the middleware's.)
+                return Reply(reply, JSON, headers=ctx.limit.headers if ctx.limit is not None else None)
 
             # A stream: its first frame is in hand (StreamSession); the upstream is open until it ends.
             framer = ingress.framer(call)
-            whole = result.whole
-            # Headers held back for the first write when that write comes at once: the first frames are in hand
-            # and go out as they are (identity framer), or the whole answer is (one write in all).
-            resp = (_HeldHeaders if whole or framer.identity else web.StreamResponse)(status=200,
-                                                                                    headers=_SSE_HEADERS)
-            headers = resp.headers
-            headers[_REQUEST_ID] = ctx.request_id
-            if ctx.limit is not None:
-                headers.update(ctx.limit.headers)
-            if whole:
+            if result.whole:
                 # The upstream's whole answer came with its first read (usage known, the upstream released):
                 # nothing to relay as it comes. It goes out as one plain response, content-length framed (an SSE
                 # client reads the same events from it: the openai SDK iterates the body's lines whatever its
@@ -227,16 +217,23 @@ def exchange_handler(ingress: Ingress) -> Handler:
                     err = as_proxy_error(exc, ctx.request_id, request.path)
                     ctx.status, ctx.error_type = err.status, ledger_error_type(err)
                     answer = framer.error(err)
-                headers[_CONTENT_LENGTH] = str(len(answer))
+                single = Reply(answer, SSE, headers=ctx.limit.headers if ctx.limit is not None else None,
+                               request_id=ctx.request_id)
+                # Recorded before the write: once the client has the answer, a kill -9 must not lose the row.
+                recorded = True
+                record(svc, ctx)
                 try:
-                    await resp.prepare(request)  # (writes nothing: the headers go with the answer)
-                    # Recorded before the write: once the client has the answer, a kill -9 must not lose the row.
-                    recorded = True
-                    record(svc, ctx)
-                    await resp.write_eof(answer)
+                    await single.prepare(request)  # (the head and the answer, in one write)
                 except ConnectionError:  # the client left
                     ctx.status, ctx.error_type = 499, "client_disconnected"
-                return resp
+                return single
+            # Headers held back for the first write when that write comes at once: the first frames are in hand
+            # and go out as they are (identity framer).
+            resp = (_HeldHeaders if framer.identity else web.StreamResponse)(status=200, headers=_SSE_HEADERS)
+            headers = resp.headers
+            headers[_REQUEST_ID] = ctx.request_id
+            if ctx.limit is not None:
+                headers.update(ctx.limit.headers)
             try:
                 writer = await resp.prepare(request)
             except ConnectionError:  # the client left before the headers went out (incl. "closing transport")

@@ -22,6 +22,7 @@ from ..ingress.openapi import document
 from .errors import as_proxy_error, error_response
 from .exchange import mount
 from .guard import Handler, protected
+from .response import Reply
 from .state import CTX, SERVICES, Services
 
 log = logging.getLogger("llm_proxy.access")
@@ -82,7 +83,10 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
                            int((time.perf_counter() - ctx.started) * 1e6 + 0.5) / 1000.0, ctx.model,
                            principal.subject if principal is not None else None, ctx.error_type)
     if not resp.prepared:
-        resp.headers["x-request-id"] = rid
+        if isinstance(resp, Reply):  # (its headers are not a CIMultiDict unless someone asks for them)
+            resp.request_id = rid
+        else:
+            resp.headers["x-request-id"] = rid
     return resp
 
 
