@@ -54,11 +54,10 @@ class Usage:
                 cached = details.get("cached_tokens")
                 if type(cached) is int:
                     return cls(prompt, completion, total, cached)
-        prompt = int(data.get("prompt_tokens") or 0)
-        completion = int(data.get("completion_tokens") or 0)
-        total = int(data.get("total_tokens") or (prompt + completion))
+        prompt = int(prompt or 0)
+        completion = int(completion or 0)
+        total = int(total or (prompt + completion))
         cached = None
-        details = data.get("prompt_tokens_details")
         if isinstance(details, dict) and details.get("cached_tokens") is not None:
             cached = int(details["cached_tokens"])
         return cls(prompt, completion, total, cached)

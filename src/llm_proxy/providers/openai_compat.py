@@ -288,12 +288,11 @@ class OpenAIStreamDecoder:
             return None
         if not isinstance(data, dict):
             return None
-        if not self._want_usage:
-            if data.get("choices"):
-                return None  # its usage is taken out and the rest re-serialised, by _usage_chunk
-            self.usage = Usage.from_openai(data.get("usage")) or self.usage
-            return b""  # the extra chunk we asked for on the client's behalf
+        if not self._want_usage and data.get("choices"):
+            return None  # its usage is taken out and the rest re-serialised, by _usage_chunk
         self.usage = Usage.from_openai(data.get("usage")) or self.usage
+        if not self._want_usage:
+            return b""  # the extra chunk we asked for on the client's behalf
         # Relayed in the upstream's bytes with `model` rewritten, as rewrite_model would: the learnt `"model":"..."`
         # bytes are the first `"model"` of the chunk at depth 1 (nothing before them opens an object or array),
         # so they are what its regex would find and replace.

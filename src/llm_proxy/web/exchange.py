@@ -34,10 +34,9 @@ from .state import CTX, SERVICES, Services
 
 _JSON = "application/json"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-# A stream's headers (the response copies them; a CIMultiDict's copy is cheaper than building one from a dict).
-_SSE_HEADERS: CIMultiDict[str] = CIMultiDict(
-    {"content-type": "text/event-stream", "cache-control": "no-cache", "x-accel-buffering": "no"}
-)
+# A relayed stream's headers, the same as a whole stream's Reply gets (the response copies them; a CIMultiDict's
+# copy is cheaper than building one from a dict).
+_SSE_HEADERS: CIMultiDict[str] = CIMultiDict(SSE.pairs)
 _REQUEST_ID = istr("x-request-id")
 
 
